@@ -1,0 +1,244 @@
+//! Sealed blocks in append-only segments.
+//!
+//! A record is `len(4) kind(1) block_id(16) nonce||ciphertext||tag`. Records are
+//! appended to the current segment until it reaches the segment size; a new
+//! session always starts a new segment, so a torn tail left by a crash is never
+//! written after. Nothing here overwrites a byte that was written before.
+
+use std::collections::BTreeSet;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use super::tree::{Node, NodeStore};
+use crate::cache::{BlockCache, Plain};
+use crate::crypto::{Sealer, random_array};
+use crate::error::{Error, Result};
+use crate::format::{
+    self, BlockKind, BlockPtr, RECORD_HEADER_LEN, SEGMENT_DIR, SEGMENT_HEADER_LEN, block_aad,
+    segment_file_name,
+};
+use crate::store::Storage;
+
+struct Writer {
+    /// (segment id, current length) of the segment being appended to.
+    current: Option<(u64, u64)>,
+    next_segment: u64,
+    unsynced: BTreeSet<u64>,
+    new_files: bool,
+}
+
+const NODE_CACHE_SHARDS: usize = 16;
+/// Tree nodes are zero-padded to a multiple of this before sealing.
+const NODE_PAD: usize = 512;
+
+pub struct BlockIo {
+    pub storage: Arc<dyn Storage>,
+    sealer: Sealer,
+    pub volume_id: [u8; 16],
+    segment_size: u64,
+    writer: Mutex<Writer>,
+    pub data_cache: BlockCache,
+    nodes: Vec<Mutex<LruCache<u128, Arc<Node>>>>,
+}
+
+impl BlockIo {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        sealer: Sealer,
+        volume_id: [u8; 16],
+        segment_size: u32,
+        next_segment: u64,
+        cache_bytes: usize,
+    ) -> Self {
+        BlockIo {
+            storage,
+            sealer,
+            volume_id,
+            segment_size: segment_size as u64,
+            writer: Mutex::new(Writer {
+                current: None,
+                next_segment,
+                unsynced: BTreeSet::new(),
+                new_files: false,
+            }),
+            data_cache: BlockCache::new(cache_bytes),
+            nodes: (0..NODE_CACHE_SHARDS)
+                .map(|_| Mutex::new(LruCache::new(NonZeroUsize::new(512).unwrap())))
+                .collect(),
+        }
+    }
+
+    pub fn next_segment(&self) -> u64 {
+        let w = self.writer.lock();
+        w.next_segment
+    }
+
+    pub fn current_segment(&self) -> Option<u64> {
+        self.writer.lock().current.map(|c| c.0)
+    }
+
+    /// Seals a block (no I/O): returns the record bytes, block id and tag.
+    pub fn seal(&self, kind: BlockKind, plaintext: &[u8]) -> (Vec<u8>, [u8; 16], [u8; 16]) {
+        let block_id: [u8; 16] = random_array();
+        let sealed_len = self.sealer.sealed_len(plaintext.len());
+        let mut rec = Vec::with_capacity(RECORD_HEADER_LEN + sealed_len);
+        rec.extend_from_slice(&((1 + 16 + sealed_len) as u32).to_le_bytes());
+        rec.push(kind as u8);
+        rec.extend_from_slice(&block_id);
+        let aad = block_aad(&self.volume_id, &block_id, kind);
+        self.sealer.seal_into(&aad, plaintext, &mut rec);
+        let tag: [u8; 16] = rec[rec.len() - 16..].try_into().unwrap();
+        (rec, block_id, tag)
+    }
+
+    /// Appends a sealed record; returns where it lives.
+    pub fn append(&self, rec: &[u8], block_id: [u8; 16], tag: [u8; 16]) -> Result<BlockPtr> {
+        let mut w = self.writer.lock();
+        let need_new = match w.current {
+            None => true,
+            Some((_, len)) => len + rec.len() as u64 > self.segment_size && len > SEGMENT_HEADER_LEN as u64,
+        };
+        if need_new {
+            let id = w.next_segment;
+            w.next_segment += 1;
+            let name = segment_file_name(id);
+            self.storage
+                .append(&name, &format::encode_segment_header(&self.volume_id, id))
+                .map_err(|e| Error::io(format!("segment {name}"), e))?;
+            w.current = Some((id, SEGMENT_HEADER_LEN as u64));
+            w.new_files = true;
+            w.unsynced.insert(id);
+        }
+        let (id, len) = w.current.unwrap();
+        let name = segment_file_name(id);
+        if let Err(e) = self.storage.append(&name, rec) {
+            // A partial append may have left a torn tail: never append after it.
+            w.current = None;
+            return Err(Error::io(format!("segment {name}"), e));
+        }
+        w.current = Some((id, len + rec.len() as u64));
+        w.unsynced.insert(id);
+        Ok(BlockPtr {
+            segment: id,
+            offset: len as u32,
+            len: rec.len() as u32,
+            block_id,
+            tag,
+        })
+    }
+
+    pub fn write_block(&self, kind: BlockKind, plaintext: &[u8]) -> Result<BlockPtr> {
+        let (rec, id, tag) = self.seal(kind, plaintext);
+        self.append(&rec, id, tag)
+    }
+
+    /// Reads the raw record a pointer names and checks that it is the record
+    /// the pointer expects (length, id, tag), without decrypting.
+    pub fn read_raw(&self, p: &BlockPtr, kind: BlockKind) -> Result<Vec<u8>> {
+        let name = segment_file_name(p.segment);
+        let what = || format!("{kind:?} {p:?}");
+        if (p.len as usize) < RECORD_HEADER_LEN + 16 || p.len > (format::MAX_BLOCK_SIZE + 4096) * 2 {
+            return Err(Error::integrity(what(), "record length out of range"));
+        }
+        let mut rec = vec![0u8; p.len as usize];
+        match self.storage.read_at(&name, p.offset as u64, &mut rec) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::integrity(what(), format!("segment file {name} is missing")));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(Error::integrity(what(), format!("segment file {name} is truncated")));
+            }
+            Err(e) => return Err(Error::io(name, e)),
+        }
+        let len = u32::from_le_bytes(rec[0..4].try_into().unwrap()) as usize;
+        if len + 4 != rec.len() || rec[4] != kind as u8 || rec[5..21] != p.block_id {
+            return Err(Error::integrity(what(), "the record at this place is not the expected block"));
+        }
+        if rec[rec.len() - 16..] != p.tag {
+            return Err(Error::integrity(what(), "the block's tag does not match its parent"));
+        }
+        Ok(rec)
+    }
+
+    /// Reads and decrypts a block.
+    pub fn read_block(&self, p: &BlockPtr, kind: BlockKind) -> Result<Vec<u8>> {
+        let rec = self.read_raw(p, kind)?;
+        let aad = block_aad(&self.volume_id, &p.block_id, kind);
+        self.sealer
+            .open(&aad, &rec[RECORD_HEADER_LEN..])
+            .map_err(|e| Error::integrity(format!("{kind:?} {p:?}"), e))
+    }
+
+    /// Data block through the decrypted-block cache.
+    pub fn read_data(&self, p: &BlockPtr) -> Result<Arc<Plain>> {
+        let id = p.id_u128();
+        if let Some(v) = self.data_cache.get(id) {
+            return Ok(v);
+        }
+        let v = Arc::new(Plain(self.read_block(p, BlockKind::Data)?));
+        self.data_cache.insert(id, v.clone());
+        Ok(v)
+    }
+
+    /// Copies a record to the current segment unchanged (the cleaner's move).
+    pub fn copy(&self, p: &BlockPtr, kind: BlockKind) -> Result<BlockPtr> {
+        let rec = self.read_raw(p, kind)?;
+        self.append(&rec, p.block_id, p.tag)
+    }
+
+    /// Makes every appended record durable.
+    pub fn sync(&self) -> Result<()> {
+        let mut w = self.writer.lock();
+        let ids: Vec<u64> = w.unsynced.iter().copied().collect();
+        for id in ids {
+            let name = segment_file_name(id);
+            self.storage
+                .sync(&name)
+                .map_err(|e| Error::io(format!("segment {name}"), e))?;
+            w.unsynced.remove(&id);
+        }
+        if w.new_files {
+            self.storage
+                .sync_dir(SEGMENT_DIR)
+                .map_err(|e| Error::io("segment directory", e))?;
+            w.new_files = false;
+        }
+        Ok(())
+    }
+
+    fn node_shard(&self, id: u128) -> &Mutex<LruCache<u128, Arc<Node>>> {
+        &self.nodes[(id as usize) % NODE_CACHE_SHARDS]
+    }
+
+    pub fn forget_caches(&self) {
+        for s in &self.nodes {
+            s.lock().clear();
+        }
+        self.data_cache.clear();
+    }
+}
+
+impl NodeStore for BlockIo {
+    fn load(&self, p: &BlockPtr) -> Result<Arc<Node>> {
+        let id = p.id_u128();
+        if let Some(n) = self.node_shard(id).lock().get(&id) {
+            return Ok(n.clone());
+        }
+        let b = self.read_block(p, BlockKind::Node)?;
+        let n = Arc::new(Node::decode(&b).map_err(|e| Error::integrity(format!("tree node {p:?}"), e))?);
+        self.node_shard(id).lock().put(id, n.clone());
+        Ok(n)
+    }
+
+    fn store(&self, node: Node) -> Result<BlockPtr> {
+        let mut b = node.encode();
+        b.resize(format::round_up(b.len(), NODE_PAD), 0);
+        let p = self.write_block(BlockKind::Node, &b)?;
+        self.node_shard(p.id_u128()).lock().put(p.id_u128(), Arc::new(node));
+        Ok(p)
+    }
+}

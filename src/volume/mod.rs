@@ -1,0 +1,1685 @@
+//! The filesystem core: a POSIX tree in sealed blocks. Knows nothing of FUSE.
+//!
+//! State lives in one copy-on-write tree (see `tree`) keyed by inode number and
+//! a tag (`format::tag`): inodes, directory entries (by name and by readdir
+//! cookie), file block maps, xattrs and symlink targets. Writes go to an
+//! in-memory dirty-block map; `commit` seals dirty data, writes dirty tree nodes,
+//! syncs the segments and then replaces the root record atomically. Until the
+//! root record is replaced, a crash leaves the previous commit in force.
+//!
+//! Concurrency: one `RwLock` over the mutable state. Readers (lookup, getattr,
+//! read, readdir) share it; the block and node caches they consult are sharded,
+//! so reads of cached blocks run in parallel.
+
+pub mod blocks;
+pub mod fsck;
+pub mod tree;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::RwLock;
+
+use crate::cache::{CacheStats, Plain};
+use crate::crypto::{self, CipherKind, SecretKey, Sealer, derive_subkey, labels};
+use crate::error::{Error, Result};
+use crate::format::{
+    self, BlockKind, BlockPtr, DirEntry, FileKind, Header, Inode, RootPayload, SnapshotRecord,
+    Timestamp, XattrValue, key, tag,
+};
+use crate::kms::{EncryptionContext, Kms, WrappedKey};
+use crate::store::Storage;
+use blocks::BlockIo;
+use tree::{NodeStore, Tree};
+
+pub const ROOT_INO: u64 = 1;
+pub const NAME_MAX: usize = 255;
+pub const SYMLINK_MAX: usize = 4095;
+/// Largest file: 2^50 bytes (1 PiB), well past the 1 TiB promise.
+pub const MAX_FILE_SIZE: u64 = 1 << 50;
+/// Dirty data beyond this is sealed and appended (not committed) to bound memory.
+const DIRTY_MAX: usize = 64 << 20;
+
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    pub cipher: CipherKind,
+    pub block_size: u32,
+    pub segment_size: u32,
+    /// CMK id or alias; None = the keystore's service key.
+    pub cmk: Option<String>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            cipher: CipherKind::Aes256GcmSiv,
+            block_size: format::DEFAULT_BLOCK_SIZE,
+            segment_size: format::DEFAULT_SEGMENT_SIZE,
+            cmk: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub read_only: bool,
+    pub cache_bytes: usize,
+    /// Open this snapshot (read-only) instead of the live tree.
+    pub snapshot: Option<String>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: false,
+            cache_bytes: 256 << 20,
+            snapshot: None,
+        }
+    }
+}
+
+/// Attributes of an inode as the mount reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub inode: Inode,
+    pub block_size: u32,
+}
+
+impl Attr {
+    /// Allocated 512-byte sectors (holes cost nothing).
+    pub fn sectors(&self) -> u64 {
+        self.inode.blocks * self.block_size as u64 / 512
+    }
+    pub fn mode(&self) -> u32 {
+        self.inode.kind.mode_bits() | self.inode.perm
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSet {
+    Now,
+    At(Timestamp),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+    pub ctime: Option<Timestamp>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirItem {
+    pub ino: u64,
+    /// Offset to resume after this entry.
+    pub offset: u64,
+    pub kind: FileKind,
+    pub name: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatFs {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub stored_bytes: u64,
+    pub block_size: u32,
+    pub files: u64,
+    pub name_max: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CleanStats {
+    pub segments_removed: u64,
+    pub blocks_moved: u64,
+    pub bytes_moved: u64,
+    pub bytes_freed: u64,
+}
+
+/// Plaintext of one block waiting to be sealed (full block size; wiped on drop).
+type DirtyMap = BTreeMap<(u64, u64), Plain>;
+
+struct State {
+    tree: Tree,
+    next_ino: u64,
+    generation: u64,
+    snapshots: Vec<SnapshotRecord>,
+    dirty: DirtyMap,
+    dirty_bytes: usize,
+    /// Open handles per inode (unlinked inodes live until the last close).
+    open: HashMap<u64, u32>,
+    changed: bool,
+}
+
+pub struct Volume {
+    io: Arc<BlockIo>,
+    st: RwLock<State>,
+    header: Header,
+    root_sealer: Sealer,
+    read_only: bool,
+    snapshot: Option<String>,
+    poisoned: AtomicBool,
+    _lock: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        return Err(Error::Invalid("bad file name".into()));
+    }
+    if name.len() > NAME_MAX {
+        return Err(Error::NameTooLong);
+    }
+    Ok(())
+}
+
+fn ctx_for(volume_id: &[u8; 16]) -> EncryptionContext {
+    EncryptionContext::for_volume(volume_id)
+}
+
+/// Reads and authenticates a header copy; returns it with the unwrapped DK.
+fn read_header(
+    storage: &dyn Storage,
+    kms: &dyn Kms,
+    name: &str,
+) -> Result<(Header, SecretKey)> {
+    let b = storage.read(name).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Format(format!(
+                "{} is not a kmsfs volume ({name} is missing); create one with `kmsfs init`",
+                storage.describe()
+            ))
+        } else {
+            Error::io(name, e)
+        }
+    })?;
+    if let Ok(v) = Header::peek_version(&b)
+        && v > format::FORMAT_VERSION
+    {
+        return Err(Error::Format(format!(
+            "volume format version {v} is newer than this kmsfs supports (version {}); upgrade kmsfs to open it",
+            format::FORMAT_VERSION
+        )));
+    }
+    let h = Header::decode(&b).map_err(|e| Error::integrity(format!("volume header {name}"), e))?;
+    let wrapped = WrappedKey {
+        cmk_id: h.cmk_id.clone(),
+        cmk_version: h.cmk_version,
+        ciphertext: h.wrapped_dk.clone(),
+    };
+    let dk = kms.decrypt(&wrapped, &ctx_for(&h.volume_id))?;
+    let mac_key = derive_subkey(&dk, labels::HEADER_MAC);
+    let body = &b[..format::HEADER_LEN - format::HEADER_MAC_LEN];
+    let mac = crypto::hmac_sha256(&mac_key, body);
+    if !crypto::ct_eq(&mac, &b[format::HEADER_LEN - format::HEADER_MAC_LEN..]) {
+        return Err(Error::integrity(
+            format!("volume header {name}"),
+            "header MAC does not verify",
+        ));
+    }
+    Ok((h, dk))
+}
+
+fn sign_header(h: &Header, dk: &SecretKey) -> Vec<u8> {
+    let mut b = h.encode_unsigned();
+    let mac_key = derive_subkey(dk, labels::HEADER_MAC);
+    let mac = crypto::hmac_sha256(&mac_key, &b[..format::HEADER_LEN - format::HEADER_MAC_LEN]);
+    let n = b.len();
+    b[n - format::HEADER_MAC_LEN..].copy_from_slice(&mac);
+    b
+}
+
+fn write_durably(storage: &dyn Storage, name: &str, data: &[u8]) -> Result<()> {
+    let tmp = format!("{name}.tmp");
+    storage.write_file(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
+    storage.sync(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    storage.rename(&tmp, name).map_err(|e| Error::io(name, e))?;
+    storage.sync_dir("").map_err(|e| Error::io("volume directory", e))
+}
+
+impl Volume {
+    /// Creates a new, empty volume in an empty backing store.
+    pub fn init(storage: Arc<dyn Storage>, kms: &dyn Kms, opts: &CreateOptions) -> Result<[u8; 16]> {
+        if storage.exists(format::HEADER_FILE) || storage.exists(format::ROOT_FILE) {
+            return Err(Error::Exists);
+        }
+        if !(format::MIN_BLOCK_SIZE..=format::MAX_BLOCK_SIZE).contains(&opts.block_size)
+            || !opts.block_size.is_power_of_two()
+        {
+            return Err(Error::Invalid(format!(
+                "block size {} must be a power of two from 4 KiB to 1 MiB",
+                opts.block_size
+            )));
+        }
+        if !(format::MIN_SEGMENT_SIZE..=format::MAX_SEGMENT_SIZE).contains(&opts.segment_size)
+            || opts.segment_size < opts.block_size * 2
+        {
+            return Err(Error::Invalid(format!(
+                "segment size {} must be 1 MiB to 1 GiB and at least two blocks",
+                opts.segment_size
+            )));
+        }
+        let volume_id: [u8; 16] = crypto::random_array();
+        let (dk, wrapped) = kms.generate_data_key(opts.cmk.as_deref(), &ctx_for(&volume_id))?;
+        let header = Header {
+            version: format::FORMAT_VERSION,
+            volume_id,
+            cipher: opts.cipher as u8,
+            block_size: opts.block_size,
+            segment_size: opts.segment_size,
+            created: now().secs,
+            cmk_id: wrapped.cmk_id.clone(),
+            cmk_version: wrapped.cmk_version,
+            wrapped_dk: wrapped.ciphertext.clone(),
+        };
+        let hb = sign_header(&header, &dk);
+        storage
+            .create_dir(format::SEGMENT_DIR)
+            .map_err(|e| Error::io("segment directory", e))?;
+        write_durably(&*storage, format::HEADER_BACKUP_FILE, &hb)?;
+        write_durably(&*storage, format::HEADER_FILE, &hb)?;
+        let vol = Volume::assemble(storage, header, dk, None, false, OpenOptions::default(), None)?;
+        {
+            let mut st = vol.st.write();
+            let t = now();
+            let root = Inode {
+                kind: FileKind::Dir,
+                perm: 0o755,
+                uid: 0,
+                gid: 0,
+                nlink: 2,
+                size: 0,
+                rdev: 0,
+                atime: t,
+                mtime: t,
+                ctime: t,
+                crtime: t,
+                parent: ROOT_INO,
+                next_cookie: 3,
+                flags: 0,
+                blocks: 0,
+            };
+            vol.put_inode(&mut st, ROOT_INO, &root)?;
+            st.next_ino = ROOT_INO + 1;
+        }
+        vol.commit()?;
+        Ok(volume_id)
+    }
+
+    /// Opens a volume: authenticates the header, unwraps the DK through the KMS,
+    /// authenticates the root record.
+    pub fn open(storage: Arc<dyn Storage>, kms: &dyn Kms, opts: OpenOptions) -> Result<Volume> {
+        let primary = read_header(&*storage, kms, format::HEADER_FILE);
+        let backup = || read_header(&*storage, kms, format::HEADER_BACKUP_FILE);
+        let root_bytes = storage.read(format::ROOT_FILE).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Format(format!(
+                    "{}: the root record {} is missing: the volume was never completely created, or the file was deleted. Run `kmsfs fsck` for details",
+                    storage.describe(),
+                    format::ROOT_FILE
+                ))
+            } else {
+                Error::io(format::ROOT_FILE, e)
+            }
+        })?;
+        let (root_vid, _, _, _) = format::split_root(&root_bytes)
+            .map_err(|e| Error::integrity(format!("root record {}", format::ROOT_FILE), e))?;
+        // Use the primary header unless it is damaged or belongs to another volume.
+        let (header, dk, repair) = match primary {
+            Ok((h, dk)) if h.volume_id == root_vid => (h, dk, false),
+            Ok((h, _)) => match backup() {
+                Ok((b, dk)) if b.volume_id == root_vid => {
+                    log::warn!("{}: primary header is from another volume; using the backup", storage.describe());
+                    (b, dk, true)
+                }
+                _ => {
+                    return Err(Error::integrity(
+                        "volume header",
+                        format!(
+                            "the header names volume {} but the root record belongs to volume {}: the header was replaced with another volume's. Restore {} from {}",
+                            format::hex(&h.volume_id),
+                            format::hex(&root_vid),
+                            format::HEADER_FILE,
+                            format::HEADER_BACKUP_FILE
+                        ),
+                    ));
+                }
+            },
+            Err(e @ Error::Kms(_)) | Err(e @ Error::Format(_)) => return Err(e),
+            Err(e) => match backup() {
+                Ok((b, dk)) if b.volume_id == root_vid => {
+                    log::warn!("{}: primary header damaged ({e}); using the backup", storage.describe());
+                    (b, dk, true)
+                }
+                _ => return Err(e),
+            },
+        };
+        let read_only = opts.read_only || opts.snapshot.is_some();
+        let lock = if read_only {
+            None
+        } else {
+            Some(crate::store::lock_volume(&*storage)?)
+        };
+        if repair && !read_only {
+            let hb = sign_header(&header, &dk);
+            write_durably(&*storage, format::HEADER_FILE, &hb)?;
+        }
+        let vol = Volume::assemble(storage, header, dk, Some(&root_bytes), read_only, opts, lock)?;
+        if !read_only {
+            vol.purge_orphans()?;
+        }
+        Ok(vol)
+    }
+
+    fn assemble(
+        storage: Arc<dyn Storage>,
+        header: Header,
+        dk: SecretKey,
+        root_bytes: Option<&[u8]>,
+        read_only: bool,
+        opts: OpenOptions,
+        lock: Option<Box<dyn std::any::Any + Send + Sync>>,
+    ) -> Result<Volume> {
+        let cipher = CipherKind::from_u8(header.cipher).ok_or_else(|| {
+            Error::Format(format!("unknown cipher id {} in the volume header", header.cipher))
+        })?;
+        let sealer = Sealer::new(cipher, &derive_subkey(&dk, labels::BLOCK));
+        let root_sealer = Sealer::new(cipher, &derive_subkey(&dk, labels::ROOT));
+        drop(dk);
+        let (payload, generation) = match root_bytes {
+            Some(b) => {
+                let (vid, generation, prefix, sealed) = format::split_root(b)
+                    .map_err(|e| Error::integrity("root record", e))?;
+                if vid != header.volume_id {
+                    return Err(Error::integrity("root record", "belongs to another volume"));
+                }
+                let plain = root_sealer
+                    .open(prefix, sealed)
+                    .map_err(|e| Error::integrity("root record", e))?;
+                (
+                    Some(RootPayload::decode(&plain).map_err(|e| Error::integrity("root record", e))?),
+                    generation,
+                )
+            }
+            None => (None, 0),
+        };
+        // Never reuse a segment id: a crash may have left files the root does not know.
+        let mut next_segment = payload.as_ref().map(|p| p.next_segment).unwrap_or(1);
+        if let Ok(names) = storage.list(format::SEGMENT_DIR) {
+            for n in names {
+                if let Some(id) = format::parse_segment_file_name(&n) {
+                    next_segment = next_segment.max(id + 1);
+                }
+            }
+        }
+        let io = Arc::new(BlockIo::new(
+            storage,
+            sealer,
+            header.volume_id,
+            header.segment_size,
+            next_segment,
+            opts.cache_bytes,
+        ));
+        let (tree, next_ino, snapshots) = match &payload {
+            None => (Tree::new_empty(), ROOT_INO + 1, Vec::new()),
+            Some(p) => {
+                let (tree, next_ino) = match &opts.snapshot {
+                    None => (Tree::from_ptr(p.tree), p.next_ino),
+                    Some(name) => {
+                        let s = p.snapshots.iter().find(|s| &s.name == name).ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "no snapshot named {name:?}; list them with `kmsfs snapshot list`"
+                            ))
+                        })?;
+                        (Tree::from_ptr(s.tree), s.next_ino)
+                    }
+                };
+                (tree, next_ino, p.snapshots.clone())
+            }
+        };
+        Ok(Volume {
+            io,
+            st: RwLock::new(State {
+                tree,
+                next_ino,
+                generation,
+                snapshots,
+                dirty: BTreeMap::new(),
+                dirty_bytes: 0,
+                open: HashMap::new(),
+                changed: false,
+            }),
+            header,
+            root_sealer,
+            read_only,
+            snapshot: opts.snapshot,
+            poisoned: AtomicBool::new(false),
+            _lock: lock,
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+    pub fn volume_id(&self) -> [u8; 16] {
+        self.header.volume_id
+    }
+    pub fn block_size(&self) -> u32 {
+        self.header.block_size
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    pub fn generation(&self) -> u64 {
+        self.st.read().generation
+    }
+    pub fn cache_stats(&self) -> CacheStats {
+        self.io.data_cache.stats()
+    }
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.io.storage
+    }
+    pub fn snapshots(&self) -> Vec<SnapshotRecord> {
+        self.st.read().snapshots.clone()
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly(match &self.snapshot {
+                Some(s) => format!("snapshot {s} is read-only"),
+                None => "the volume is mounted read-only".into(),
+            }));
+        }
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(Error::Io {
+                what: "volume".into(),
+                source: std::io::Error::other(
+                    "an earlier write to the backing store failed; unmount and mount again",
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    // ----- tree helpers -------------------------------------------------------
+
+    fn nodes(&self) -> &dyn NodeStore {
+        &*self.io
+    }
+
+    fn get_inode(&self, st: &State, ino: u64) -> Result<Inode> {
+        match st.tree.get(self.nodes(), &key(ino, tag::INODE, &[]))? {
+            Some(b) => Inode::decode(&b).map_err(|e| Error::integrity(format!("inode {ino}"), e)),
+            None => Err(Error::NotFound),
+        }
+    }
+
+    fn put_inode(&self, st: &mut State, ino: u64, i: &Inode) -> Result<()> {
+        st.tree.insert(self.nodes(), &key(ino, tag::INODE, &[]), i.encode())?;
+        st.changed = true;
+        Ok(())
+    }
+
+    fn attr(&self, ino: u64, inode: Inode) -> Attr {
+        Attr {
+            ino,
+            inode,
+            block_size: self.header.block_size,
+        }
+    }
+
+    fn get_entry(&self, st: &State, parent: u64, name: &[u8]) -> Result<Option<DirEntry>> {
+        match st.tree.get(self.nodes(), &key(parent, tag::DIRENT, name))? {
+            Some(b) => Ok(Some(
+                DirEntry::decode(&b).map_err(|e| Error::integrity(format!("directory {parent} entry"), e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn dir_inode(&self, st: &State, ino: u64) -> Result<Inode> {
+        let i = self.get_inode(st, ino)?;
+        if i.kind != FileKind::Dir {
+            return Err(Error::NotDir);
+        }
+        Ok(i)
+    }
+
+    fn add_entry(&self, st: &mut State, parent: u64, pi: &mut Inode, name: &[u8], ino: u64, kind: FileKind) -> Result<()> {
+        let cookie = pi.next_cookie;
+        pi.next_cookie += 1;
+        let e = DirEntry { ino, kind, cookie };
+        let n = self.nodes();
+        st.tree.insert(n, &key(parent, tag::DIRENT, name), e.encode())?;
+        st.tree.insert(n, &key(parent, tag::DIRCOOKIE, &cookie.to_be_bytes()), name.to_vec())?;
+        st.changed = true;
+        Ok(())
+    }
+
+    fn del_entry(&self, st: &mut State, parent: u64, name: &[u8], e: &DirEntry) -> Result<()> {
+        let n = self.nodes();
+        st.tree.remove(n, &key(parent, tag::DIRENT, name))?;
+        st.tree.remove(n, &key(parent, tag::DIRCOOKIE, &e.cookie.to_be_bytes()))?;
+        st.changed = true;
+        Ok(())
+    }
+
+    fn dir_is_empty(&self, st: &State, ino: u64) -> Result<bool> {
+        let mut empty = true;
+        st.tree.range(self.nodes(), &key(ino, tag::DIRENT, &[]), &key(ino, tag::DIRENT + 1, &[]), &mut |_, _| {
+            empty = false;
+            Ok(false)
+        })?;
+        Ok(empty)
+    }
+
+    /// Removes an inode and everything it owns (blocks, xattrs, target).
+    fn destroy_inode(&self, st: &mut State, ino: u64) -> Result<()> {
+        let n = self.nodes();
+        let keys: Vec<Vec<u8>> = st
+            .tree
+            .collect(n, &key(ino, 0, &[]), &key(ino + 1, 0, &[]), usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        for k in keys {
+            st.tree.remove(n, &k)?;
+        }
+        st.tree.remove(n, &key(0, tag::ORPHAN, &ino.to_be_bytes()))?;
+        let drop_keys: Vec<(u64, u64)> = st.dirty.range((ino, 0)..=(ino, u64::MAX)).map(|(k, _)| *k).collect();
+        for k in drop_keys {
+            if let Some(p) = st.dirty.remove(&k) {
+                st.dirty_bytes -= p.0.len();
+            }
+        }
+        st.changed = true;
+        Ok(())
+    }
+
+    /// After unlink: drop the inode now, or when its last handle closes.
+    fn maybe_destroy(&self, st: &mut State, ino: u64, inode: &Inode) -> Result<()> {
+        if inode.nlink > 0 {
+            return Ok(());
+        }
+        if st.open.get(&ino).copied().unwrap_or(0) > 0 {
+            st.tree.insert(self.nodes(), &key(0, tag::ORPHAN, &ino.to_be_bytes()), Vec::new())?;
+            return Ok(());
+        }
+        self.destroy_inode(st, ino)
+    }
+
+    fn purge_orphans(&self) -> Result<()> {
+        let mut st = self.st.write();
+        let orphans = st.tree.collect(
+            self.nodes(),
+            &key(0, tag::ORPHAN, &[]),
+            &key(0, tag::ORPHAN + 1, &[]),
+            usize::MAX,
+        )?;
+        for (k, _) in orphans {
+            let ino = u64::from_be_bytes(k[9..17].try_into().unwrap());
+            self.destroy_inode(&mut st, ino)?;
+        }
+        Ok(())
+    }
+
+    // ----- namespace ----------------------------------------------------------
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let st = self.st.read();
+        Ok(self.attr(ino, self.get_inode(&st, ino)?))
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(Error::NameTooLong);
+        }
+        let st = self.st.read();
+        self.dir_inode(&st, parent)?;
+        let e = self.get_entry(&st, parent, name)?.ok_or(Error::NotFound)?;
+        Ok(self.attr(e.ino, self.get_inode(&st, e.ino)?))
+    }
+
+    /// Creates a file, directory, device node, fifo, socket or symlink.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        symlink: Option<&[u8]>,
+    ) -> Result<Attr> {
+        self.writable()?;
+        check_name(name)?;
+        let kind = if symlink.is_some() {
+            FileKind::Symlink
+        } else {
+            FileKind::from_mode(mode).unwrap_or(FileKind::File)
+        };
+        if let Some(t) = symlink
+            && (t.is_empty() || t.len() > SYMLINK_MAX)
+        {
+            return Err(Error::NameTooLong);
+        }
+        let mut st = self.st.write();
+        let mut pi = self.dir_inode(&st, parent)?;
+        if pi.nlink == 0 {
+            return Err(Error::NotFound);
+        }
+        if self.get_entry(&st, parent, name)?.is_some() {
+            return Err(Error::Exists);
+        }
+        let mut perm = if kind == FileKind::Symlink { 0o777 } else { mode & 0o7777 };
+        let mut gid = gid;
+        if pi.perm & libc::S_ISGID != 0 {
+            gid = pi.gid;
+            if kind == FileKind::Dir {
+                perm |= libc::S_ISGID;
+            }
+        }
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        let t = now();
+        let inode = Inode {
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink: if kind == FileKind::Dir { 2 } else { 1 },
+            size: symlink.map(|s| s.len() as u64).unwrap_or(0),
+            rdev: if matches!(kind, FileKind::CharDev | FileKind::BlockDev) { rdev } else { 0 },
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            parent: if kind == FileKind::Dir { parent } else { 0 },
+            next_cookie: 3,
+            flags: 0,
+            blocks: 0,
+        };
+        self.put_inode(&mut st, ino, &inode)?;
+        if let Some(target) = symlink {
+            st.tree.insert(self.nodes(), &key(ino, tag::SYMLINK, &[]), target.to_vec())?;
+        }
+        self.add_entry(&mut st, parent, &mut pi, name, ino, kind)?;
+        if kind == FileKind::Dir {
+            pi.nlink += 1;
+        }
+        pi.mtime = t;
+        pi.ctime = t;
+        self.put_inode(&mut st, parent, &pi)?;
+        Ok(self.attr(ino, inode))
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        self.mknod(parent, name, libc::S_IFDIR | (mode & 0o7777), uid, gid, 0, None)
+    }
+
+    pub fn create(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        self.mknod(parent, name, libc::S_IFREG | (mode & 0o7777), uid, gid, 0, None)
+    }
+
+    pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> Result<Attr> {
+        self.mknod(parent, name, libc::S_IFLNK | 0o777, uid, gid, 0, Some(target))
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let st = self.st.read();
+        let i = self.get_inode(&st, ino)?;
+        if i.kind != FileKind::Symlink {
+            return Err(Error::Invalid("not a symlink".into()));
+        }
+        st.tree
+            .get(self.nodes(), &key(ino, tag::SYMLINK, &[]))?
+            .ok_or_else(|| Error::integrity(format!("symlink {ino}"), "target missing"))
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
+        self.writable()?;
+        check_name(newname)?;
+        let mut st = self.st.write();
+        let mut i = self.get_inode(&st, ino)?;
+        if i.kind == FileKind::Dir {
+            return Err(Error::Permission("hard links to directories are not allowed".into()));
+        }
+        if i.nlink >= 65000 {
+            return Err(Error::TooManyLinks);
+        }
+        let mut pi = self.dir_inode(&st, newparent)?;
+        if self.get_entry(&st, newparent, newname)?.is_some() {
+            return Err(Error::Exists);
+        }
+        let t = now();
+        self.add_entry(&mut st, newparent, &mut pi, newname, ino, i.kind)?;
+        pi.mtime = t;
+        pi.ctime = t;
+        self.put_inode(&mut st, newparent, &pi)?;
+        i.nlink += 1;
+        i.ctime = t;
+        st.tree.remove(self.nodes(), &key(0, tag::ORPHAN, &ino.to_be_bytes()))?;
+        self.put_inode(&mut st, ino, &i)?;
+        Ok(self.attr(ino, i))
+    }
+
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.writable()?;
+        let mut st = self.st.write();
+        let mut pi = self.dir_inode(&st, parent)?;
+        let e = self.get_entry(&st, parent, name)?.ok_or(Error::NotFound)?;
+        if e.kind == FileKind::Dir {
+            return Err(Error::IsDir);
+        }
+        let t = now();
+        self.del_entry(&mut st, parent, name, &e)?;
+        pi.mtime = t;
+        pi.ctime = t;
+        self.put_inode(&mut st, parent, &pi)?;
+        let mut i = self.get_inode(&st, e.ino)?;
+        i.nlink = i.nlink.saturating_sub(1);
+        i.ctime = t;
+        self.put_inode(&mut st, e.ino, &i)?;
+        self.maybe_destroy(&mut st, e.ino, &i)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.writable()?;
+        if name == b"." {
+            return Err(Error::Invalid("cannot remove '.'".into()));
+        }
+        if name == b".." {
+            return Err(Error::NotEmpty);
+        }
+        let mut st = self.st.write();
+        let mut pi = self.dir_inode(&st, parent)?;
+        let e = self.get_entry(&st, parent, name)?.ok_or(Error::NotFound)?;
+        if e.kind != FileKind::Dir {
+            return Err(Error::NotDir);
+        }
+        if !self.dir_is_empty(&st, e.ino)? {
+            return Err(Error::NotEmpty);
+        }
+        let t = now();
+        self.del_entry(&mut st, parent, name, &e)?;
+        pi.nlink -= 1;
+        pi.mtime = t;
+        pi.ctime = t;
+        self.put_inode(&mut st, parent, &pi)?;
+        let mut i = self.get_inode(&st, e.ino)?;
+        i.nlink = 0;
+        self.put_inode(&mut st, e.ino, &i)?;
+        self.maybe_destroy(&mut st, e.ino, &i)
+    }
+
+    /// True when `dir` is `anc` or lies below it.
+    fn is_within(&self, st: &State, mut dir: u64, anc: u64) -> Result<bool> {
+        for _ in 0..100_000 {
+            if dir == anc {
+                return Ok(true);
+            }
+            if dir == ROOT_INO {
+                return Ok(false);
+            }
+            dir = self.get_inode(st, dir)?.parent;
+        }
+        Err(Error::integrity("directory tree", "parent chain loops"))
+    }
+
+    pub fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], flags: RenameFlags) -> Result<()> {
+        self.writable()?;
+        check_name(newname)?;
+        if flags.noreplace && flags.exchange {
+            return Err(Error::Invalid("RENAME_NOREPLACE and RENAME_EXCHANGE together".into()));
+        }
+        let mut st = self.st.write();
+        self.dir_inode(&st, parent)?;
+        self.dir_inode(&st, newparent)?;
+        let src = self.get_entry(&st, parent, name)?.ok_or(Error::NotFound)?;
+        let dst = self.get_entry(&st, newparent, newname)?;
+        let t = now();
+        if flags.exchange {
+            let dst = dst.ok_or(Error::NotFound)?;
+            if src.kind == FileKind::Dir && self.is_within(&st, newparent, src.ino)? {
+                return Err(Error::Invalid("cannot move a directory into itself".into()));
+            }
+            if dst.kind == FileKind::Dir && self.is_within(&st, parent, dst.ino)? {
+                return Err(Error::Invalid("cannot move a directory into itself".into()));
+            }
+            let n = self.nodes();
+            let a = DirEntry { ino: dst.ino, kind: dst.kind, cookie: src.cookie };
+            let b = DirEntry { ino: src.ino, kind: src.kind, cookie: dst.cookie };
+            st.tree.insert(n, &key(parent, tag::DIRENT, name), a.encode())?;
+            st.tree.insert(n, &key(newparent, tag::DIRENT, newname), b.encode())?;
+            if parent != newparent {
+                let sd = (src.kind == FileKind::Dir) as i64 - (dst.kind == FileKind::Dir) as i64;
+                for (ino, newp) in [(src.ino, newparent), (dst.ino, parent)] {
+                    let mut i = self.get_inode(&st, ino)?;
+                    if i.kind == FileKind::Dir {
+                        i.parent = newp;
+                    }
+                    i.ctime = t;
+                    self.put_inode(&mut st, ino, &i)?;
+                }
+                let mut p1 = self.get_inode(&st, parent)?;
+                p1.nlink = (p1.nlink as i64 - sd) as u32;
+                p1.mtime = t;
+                p1.ctime = t;
+                self.put_inode(&mut st, parent, &p1)?;
+                let mut p2 = self.get_inode(&st, newparent)?;
+                p2.nlink = (p2.nlink as i64 + sd) as u32;
+                p2.mtime = t;
+                p2.ctime = t;
+                self.put_inode(&mut st, newparent, &p2)?;
+            } else {
+                for ino in [src.ino, dst.ino, parent] {
+                    let mut i = self.get_inode(&st, ino)?;
+                    i.ctime = t;
+                    if ino == parent {
+                        i.mtime = t;
+                    }
+                    self.put_inode(&mut st, ino, &i)?;
+                }
+            }
+            st.changed = true;
+            return Ok(());
+        }
+        if let Some(d) = &dst {
+            if flags.noreplace {
+                return Err(Error::Exists);
+            }
+            if d.ino == src.ino {
+                return Ok(()); // same file: POSIX says do nothing
+            }
+            match (src.kind == FileKind::Dir, d.kind == FileKind::Dir) {
+                (true, false) => return Err(Error::NotDir),
+                (false, true) => return Err(Error::IsDir),
+                (true, true) if !self.dir_is_empty(&st, d.ino)? => return Err(Error::NotEmpty),
+                _ => {}
+            }
+        }
+        if src.kind == FileKind::Dir && self.is_within(&st, newparent, src.ino)? {
+            return Err(Error::Invalid("cannot move a directory into itself".into()));
+        }
+        // Remove the replaced entry.
+        if let Some(d) = dst {
+            self.del_entry(&mut st, newparent, newname, &d)?;
+            let mut di = self.get_inode(&st, d.ino)?;
+            if d.kind == FileKind::Dir {
+                di.nlink = 0;
+                let mut np = self.get_inode(&st, newparent)?;
+                np.nlink -= 1;
+                self.put_inode(&mut st, newparent, &np)?;
+            } else {
+                di.nlink = di.nlink.saturating_sub(1);
+            }
+            di.ctime = t;
+            self.put_inode(&mut st, d.ino, &di)?;
+            self.maybe_destroy(&mut st, d.ino, &di)?;
+        }
+        self.del_entry(&mut st, parent, name, &src)?;
+        let mut np = self.get_inode(&st, newparent)?;
+        self.add_entry(&mut st, newparent, &mut np, newname, src.ino, src.kind)?;
+        if src.kind == FileKind::Dir && parent != newparent {
+            np.nlink += 1;
+            let mut op = self.get_inode(&st, parent)?;
+            op.nlink -= 1;
+            op.mtime = t;
+            op.ctime = t;
+            self.put_inode(&mut st, parent, &op)?;
+        } else if parent != newparent {
+            let mut op = self.get_inode(&st, parent)?;
+            op.mtime = t;
+            op.ctime = t;
+            self.put_inode(&mut st, parent, &op)?;
+        }
+        np.mtime = t;
+        np.ctime = t;
+        self.put_inode(&mut st, newparent, &np)?;
+        let mut si = self.get_inode(&st, src.ino)?;
+        if si.kind == FileKind::Dir {
+            si.parent = newparent;
+        }
+        si.ctime = t;
+        self.put_inode(&mut st, src.ino, &si)?;
+        Ok(())
+    }
+
+    /// Directory entries after `offset` ("." and ".." first), up to `max`.
+    pub fn readdir(&self, ino: u64, offset: u64, max: usize) -> Result<Vec<DirItem>> {
+        let st = self.st.read();
+        let i = self.dir_inode(&st, ino)?;
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push(DirItem { ino, offset: 1, kind: FileKind::Dir, name: b".".to_vec() });
+        }
+        if offset < 2 {
+            out.push(DirItem { ino: i.parent.max(1), offset: 2, kind: FileKind::Dir, name: b"..".to_vec() });
+        }
+        let start = offset.max(2) + 1;
+        let n = self.nodes();
+        let mut names = Vec::new();
+        st.tree.range(
+            n,
+            &key(ino, tag::DIRCOOKIE, &start.to_be_bytes()),
+            &key(ino, tag::DIRCOOKIE + 1, &[]),
+            &mut |k, v| {
+                let cookie = u64::from_be_bytes(k[9..17].try_into().unwrap());
+                names.push((cookie, v.to_vec()));
+                Ok(names.len() + out.len() < max)
+            },
+        )?;
+        for (cookie, name) in names {
+            let e = self
+                .get_entry(&st, ino, &name)?
+                .ok_or_else(|| Error::integrity(format!("directory {ino}"), "cookie without entry"))?;
+            out.push(DirItem { ino: e.ino, offset: cookie, kind: e.kind, name });
+        }
+        Ok(out)
+    }
+
+    // ----- attributes ---------------------------------------------------------
+
+    pub fn setattr(&self, ino: u64, s: &SetAttr) -> Result<Attr> {
+        self.writable()?;
+        let mut st = self.st.write();
+        let mut i = self.get_inode(&st, ino)?;
+        let t = now();
+        if let Some(size) = s.size {
+            if i.kind == FileKind::Dir {
+                return Err(Error::IsDir);
+            }
+            if i.kind != FileKind::File {
+                return Err(Error::Invalid("truncate of a special file".into()));
+            }
+            self.truncate_locked(&mut st, ino, &mut i, size)?;
+            i.mtime = t;
+        }
+        if let Some(m) = s.mode {
+            i.perm = m & 0o7777;
+        }
+        if s.uid.is_some() || s.gid.is_some() {
+            if let Some(u) = s.uid {
+                i.uid = u;
+            }
+            if let Some(g) = s.gid {
+                i.gid = g;
+            }
+            // As local filesystems do: a change of owner drops set-id bits of files.
+            if s.mode.is_none() && i.kind == FileKind::File {
+                i.perm &= !libc::S_ISUID;
+                if i.perm & 0o010 != 0 {
+                    i.perm &= !libc::S_ISGID;
+                }
+            }
+        }
+        match s.atime {
+            Some(TimeSet::Now) => i.atime = t,
+            Some(TimeSet::At(x)) => i.atime = x,
+            None => {}
+        }
+        match s.mtime {
+            Some(TimeSet::Now) => i.mtime = t,
+            Some(TimeSet::At(x)) => i.mtime = x,
+            None => {}
+        }
+        i.ctime = s.ctime.unwrap_or(t);
+        self.put_inode(&mut st, ino, &i)?;
+        Ok(self.attr(ino, i))
+    }
+
+    /// Drops set-user-id (and group-executable set-group-id) after a write by a non-owner.
+    pub fn kill_suid(&self, ino: u64) -> Result<()> {
+        self.writable()?;
+        let mut st = self.st.write();
+        let mut i = self.get_inode(&st, ino)?;
+        let before = i.perm;
+        i.perm &= !libc::S_ISUID;
+        if i.perm & 0o010 != 0 {
+            i.perm &= !libc::S_ISGID;
+        }
+        if i.perm != before {
+            i.ctime = now();
+            self.put_inode(&mut st, ino, &i)?;
+        }
+        Ok(())
+    }
+
+    // ----- file data ------------------------------------------------------------
+
+    pub fn open_file(&self, ino: u64) -> Result<Attr> {
+        let mut st = self.st.write();
+        let i = self.get_inode(&st, ino)?;
+        *st.open.entry(ino).or_insert(0) += 1;
+        Ok(self.attr(ino, i))
+    }
+
+    pub fn release(&self, ino: u64) -> Result<()> {
+        let mut st = self.st.write();
+        let left = match st.open.get_mut(&ino) {
+            Some(n) => {
+                *n -= 1;
+                *n
+            }
+            None => return Ok(()),
+        };
+        if left == 0 {
+            st.open.remove(&ino);
+            if !self.read_only
+                && let Ok(i) = self.get_inode(&st, ino)
+                && i.nlink == 0
+            {
+                self.destroy_inode(&mut st, ino)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn block_key(ino: u64, blk: u64) -> Vec<u8> {
+        key(ino, tag::BLOCK, &blk.to_be_bytes())
+    }
+
+    fn block_ptr(&self, st: &State, ino: u64, blk: u64) -> Result<Option<BlockPtr>> {
+        match st.tree.get(self.nodes(), &Self::block_key(ino, blk))? {
+            Some(v) => Ok(Some(
+                BlockPtr::from_bytes(&v).map_err(|e| Error::integrity(format!("inode {ino} block map"), e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Copies block `blk` (from `from` for `out.len()` bytes) into `out`.
+    fn read_block_into(&self, st: &State, ino: u64, blk: u64, from: usize, out: &mut [u8]) -> Result<()> {
+        if let Some(p) = st.dirty.get(&(ino, blk)) {
+            out.copy_from_slice(&p.0[from..from + out.len()]);
+            return Ok(());
+        }
+        match self.block_ptr(st, ino, blk)? {
+            None => out.fill(0),
+            Some(p) => {
+                let plain = self.io.read_data(&p).map_err(|e| match e {
+                    Error::Integrity { what, detail } => Error::Integrity {
+                        what: format!("inode {ino} block {blk} ({what})"),
+                        detail,
+                    },
+                    e => e,
+                })?;
+                let have = plain.0.len().saturating_sub(from).min(out.len());
+                out[..have].copy_from_slice(&plain.0[from..from + have]);
+                out[have..].fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let st = self.st.read();
+        let i = self.get_inode(&st, ino)?;
+        if i.kind == FileKind::Dir {
+            return Err(Error::IsDir);
+        }
+        if offset >= i.size {
+            return Ok(Vec::new());
+        }
+        let end = (offset + size as u64).min(i.size);
+        let bs = self.header.block_size as u64;
+        let mut out = vec![0u8; (end - offset) as usize];
+        let mut pos = offset;
+        while pos < end {
+            let blk = pos / bs;
+            let from = (pos % bs) as usize;
+            let n = ((bs - from as u64).min(end - pos)) as usize;
+            let o = (pos - offset) as usize;
+            self.read_block_into(&st, ino, blk, from, &mut out[o..o + n])?;
+            pos += n as u64;
+        }
+        Ok(out)
+    }
+
+    /// Current plaintext of a block as a full-size buffer (for read-modify-write).
+    fn load_block_full(&self, st: &State, ino: u64, blk: u64) -> Result<Vec<u8>> {
+        let mut b = vec![0u8; self.header.block_size as usize];
+        self.read_block_into(st, ino, blk, 0, &mut b)?;
+        Ok(b)
+    }
+
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.writable()?;
+        let end = offset.checked_add(data.len() as u64).ok_or(Error::FileTooBig)?;
+        if end > MAX_FILE_SIZE {
+            return Err(Error::FileTooBig);
+        }
+        let bs = self.header.block_size as u64;
+        {
+            let mut st = self.st.write();
+            let mut i = self.get_inode(&st, ino)?;
+            if i.kind != FileKind::File {
+                return Err(if i.kind == FileKind::Dir { Error::IsDir } else { Error::Invalid("not a regular file".into()) });
+            }
+            let mut pos = offset;
+            while pos < end {
+                let blk = pos / bs;
+                let from = (pos % bs) as usize;
+                let n = ((bs - from as u64).min(end - pos)) as usize;
+                let src = &data[(pos - offset) as usize..(pos - offset) as usize + n];
+                if let Some(p) = st.dirty.get_mut(&(ino, blk)) {
+                    p.0[from..from + n].copy_from_slice(src);
+                } else {
+                    let mut buf = if n == bs as usize {
+                        vec![0u8; bs as usize]
+                    } else {
+                        self.load_block_full(&st, ino, blk)?
+                    };
+                    buf[from..from + n].copy_from_slice(src);
+                    st.dirty.insert((ino, blk), Plain(buf));
+                    st.dirty_bytes += bs as usize;
+                }
+                pos += n as u64;
+            }
+            if end > i.size {
+                i.size = end;
+            }
+            let t = now();
+            i.mtime = t;
+            i.ctime = t;
+            self.put_inode(&mut st, ino, &i)?;
+            if st.dirty_bytes > DIRTY_MAX {
+                self.flush_data(&mut st)?;
+            }
+        }
+        Ok(data.len() as u32)
+    }
+
+    fn truncate_locked(&self, st: &mut State, ino: u64, i: &mut Inode, size: u64) -> Result<()> {
+        if size > MAX_FILE_SIZE {
+            return Err(Error::FileTooBig);
+        }
+        let bs = self.header.block_size as u64;
+        if size < i.size {
+            let first_gone = size.div_ceil(bs);
+            self.drop_blocks(st, ino, i, first_gone, u64::MAX)?;
+            if !size.is_multiple_of(bs) {
+                let blk = size / bs;
+                let mut b = self.load_block_full(st, ino, blk)?;
+                b[(size % bs) as usize..].fill(0);
+                if st.dirty.insert((ino, blk), Plain(b)).is_none() {
+                    st.dirty_bytes += bs as usize;
+                }
+            }
+        }
+        i.size = size;
+        Ok(())
+    }
+
+    /// Removes blocks [from, to) from the block map and the dirty map.
+    fn drop_blocks(&self, st: &mut State, ino: u64, i: &mut Inode, from: u64, to: u64) -> Result<()> {
+        let n = self.nodes();
+        let keys = st.tree.collect(
+            n,
+            &Self::block_key(ino, from),
+            &if to == u64::MAX { key(ino, tag::BLOCK + 1, &[]) } else { Self::block_key(ino, to) },
+            usize::MAX,
+        )?;
+        for (k, _) in keys {
+            st.tree.remove(n, &k)?;
+            i.blocks = i.blocks.saturating_sub(1);
+        }
+        let dk: Vec<(u64, u64)> = st.dirty.range((ino, from)..(ino, to)).map(|(k, _)| *k).collect();
+        for k in dk {
+            if let Some(p) = st.dirty.remove(&k) {
+                st.dirty_bytes -= p.0.len();
+            }
+        }
+        st.changed = true;
+        Ok(())
+    }
+
+    /// fallocate: mode 0 and KEEP_SIZE reserve (sizes only: a log-structured
+    /// store allocates at write time); PUNCH_HOLE and ZERO_RANGE make holes.
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        self.writable()?;
+        let end = offset.checked_add(len).ok_or(Error::FileTooBig)?;
+        if end > MAX_FILE_SIZE {
+            return Err(Error::FileTooBig);
+        }
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            return Err(Error::NotSupported("this fallocate mode".into()));
+        }
+        if punch && !keep {
+            return Err(Error::Invalid("PUNCH_HOLE needs KEEP_SIZE".into()));
+        }
+        let mut st = self.st.write();
+        let mut i = self.get_inode(&st, ino)?;
+        if i.kind != FileKind::File {
+            return Err(Error::Invalid("not a regular file".into()));
+        }
+        if punch || zero {
+            let bs = self.header.block_size as u64;
+            let zend = end.min(i.size.max(if zero && !keep { end } else { 0 }));
+            let first_full = offset.div_ceil(bs);
+            let last_full = zend / bs;
+            if first_full < last_full {
+                self.drop_blocks(&mut st, ino, &mut i, first_full, last_full)?;
+            }
+            // Partial blocks at the edges: zero the bytes in place.
+            let mut pos = offset;
+            while pos < zend {
+                let blk = pos / bs;
+                let from = (pos % bs) as usize;
+                let n = ((bs - from as u64).min(zend - pos)) as usize;
+                if n as u64 != bs && pos < i.size {
+                    let mut b = self.load_block_full(&st, ino, blk)?;
+                    b[from..from + n].fill(0);
+                    if st.dirty.insert((ino, blk), Plain(b)).is_none() {
+                        st.dirty_bytes += bs as usize;
+                    }
+                }
+                pos += n as u64;
+            }
+        }
+        if !keep && end > i.size {
+            i.size = end;
+        }
+        i.ctime = now();
+        if punch || zero {
+            i.mtime = i.ctime;
+        }
+        self.put_inode(&mut st, ino, &i)?;
+        Ok(())
+    }
+
+    /// Seals all dirty blocks and records them in the block map (not a commit).
+    fn flush_data(&self, st: &mut State) -> Result<()> {
+        if st.dirty.is_empty() {
+            return Ok(());
+        }
+        let bs = self.header.block_size as usize;
+        let dirty = std::mem::take(&mut st.dirty);
+        st.dirty_bytes = 0;
+        // Group by inode so each inode's size is read once.
+        let mut jobs: Vec<((u64, u64), Plain, usize)> = Vec::with_capacity(dirty.len());
+        let mut sizes: HashMap<u64, u64> = HashMap::new();
+        for ((ino, blk), p) in dirty {
+            let size = match sizes.get(&ino) {
+                Some(s) => *s,
+                None => {
+                    let s = self.get_inode(st, ino).map(|i| i.size).unwrap_or(0);
+                    sizes.insert(ino, s);
+                    s
+                }
+            };
+            let start = blk * bs as u64;
+            if start >= size {
+                continue;
+            }
+            let len = (size - start).min(bs as u64) as usize;
+            let stored = format::round_up(len, format::PAD_QUANTUM).min(bs);
+            jobs.push(((ino, blk), p, stored));
+        }
+        // Seal in parallel (AEAD is the cost), append in order.
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4);
+        let chunk = jobs.len().div_ceil(threads).max(1);
+        let io = &self.io;
+        let sealed: Vec<Vec<(Vec<u8>, [u8; 16], [u8; 16])>> = std::thread::scope(|s| {
+            let hs: Vec<_> = jobs
+                .chunks(chunk)
+                .map(|c| {
+                    s.spawn(move || {
+                        c.iter()
+                            .map(|(_, p, stored)| io.seal(BlockKind::Data, &p.0[..*stored]))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("sealing thread")).collect()
+        });
+        let mut inode_updates: HashMap<u64, Inode> = HashMap::new();
+        let mut failed = None;
+        for (((ino, blk), p, stored), (rec, id, tag)) in jobs.into_iter().zip(sealed.into_iter().flatten()) {
+            if failed.is_some() {
+                // Keep what could not be written, so nothing is lost.
+                st.dirty_bytes += p.0.len();
+                st.dirty.insert((ino, blk), p);
+                continue;
+            }
+            match self.io.append(&rec, id, tag) {
+                Ok(ptr) => {
+                    let old = st.tree.insert(self.nodes(), &Self::block_key(ino, blk), ptr.to_bytes().to_vec())?;
+                    if old.is_none() {
+                        let i = match inode_updates.get_mut(&ino) {
+                            Some(i) => i,
+                            None => {
+                                let i = self.get_inode(st, ino)?;
+                                inode_updates.entry(ino).or_insert(i)
+                            }
+                        };
+                        i.blocks += 1;
+                    }
+                    let mut plain = p;
+                    plain.0.truncate(stored);
+                    self.io.data_cache.insert(ptr.id_u128(), Arc::new(plain));
+                }
+                Err(e) => {
+                    st.dirty_bytes += p.0.len();
+                    st.dirty.insert((ino, blk), p);
+                    failed = Some(e);
+                }
+            }
+        }
+        for (ino, i) in inode_updates {
+            self.put_inode(st, ino, &i)?;
+        }
+        st.changed = true;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    // ----- xattrs ---------------------------------------------------------------
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        self.writable()?;
+        if name.is_empty() || name.len() > NAME_MAX {
+            return Err(if name.is_empty() { Error::Invalid("empty xattr name".into()) } else { Error::NameTooLong });
+        }
+        if value.len() > format::XATTR_VALUE_MAX {
+            return Err(Error::TooBig(format!("xattr values are limited to {} bytes", format::XATTR_VALUE_MAX)));
+        }
+        let mut st = self.st.write();
+        let mut i = self.get_inode(&st, ino)?;
+        let k = key(ino, tag::XATTR, name);
+        let exists = st.tree.get(self.nodes(), &k)?.is_some();
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(Error::Exists);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(Error::NoXattr);
+        }
+        let v = if value.len() > format::XATTR_INLINE_MAX {
+            XattrValue::Block(self.io.write_block(BlockKind::Xattr, value)?)
+        } else {
+            XattrValue::Inline(value.to_vec())
+        };
+        st.tree.insert(self.nodes(), &k, v.encode())?;
+        i.ctime = now();
+        self.put_inode(&mut st, ino, &i)?;
+        Ok(())
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        let st = self.st.read();
+        self.get_inode(&st, ino)?;
+        let v = st.tree.get(self.nodes(), &key(ino, tag::XATTR, name))?.ok_or(Error::NoXattr)?;
+        match XattrValue::decode(&v).map_err(|e| Error::integrity(format!("inode {ino} xattr"), e))? {
+            XattrValue::Inline(v) => Ok(v),
+            XattrValue::Block(p) => self.io.read_block(&p, BlockKind::Xattr),
+        }
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>> {
+        let st = self.st.read();
+        self.get_inode(&st, ino)?;
+        Ok(st
+            .tree
+            .collect(self.nodes(), &key(ino, tag::XATTR, &[]), &key(ino, tag::XATTR + 1, &[]), usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| k[9..].to_vec())
+            .collect())
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.writable()?;
+        let mut st = self.st.write();
+        let mut i = self.get_inode(&st, ino)?;
+        if st.tree.remove(self.nodes(), &key(ino, tag::XATTR, name))?.is_none() {
+            return Err(Error::NoXattr);
+        }
+        i.ctime = now();
+        self.put_inode(&mut st, ino, &i)?;
+        Ok(())
+    }
+
+    // ----- durability -------------------------------------------------------------
+
+    /// Makes everything written so far durable, atomically.
+    pub fn commit(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut st = self.st.write();
+        self.commit_locked(&mut st)
+    }
+
+    fn commit_locked(&self, st: &mut State) -> Result<()> {
+        if !st.changed && st.dirty.is_empty() && !st.tree.is_dirty() {
+            return Ok(());
+        }
+        self.flush_data(st)?;
+        let tree = st.tree.flush(self.nodes())?;
+        self.io.sync()?;
+        let payload = RootPayload {
+            tree,
+            next_ino: st.next_ino,
+            next_segment: self.io.next_segment(),
+            committed: now().secs,
+            snapshots: st.snapshots.clone(),
+        };
+        let generation = st.generation + 1;
+        let plain = payload.encode();
+        let sealed_len = self.root_sealer.sealed_len(plain.len()) as u32;
+        let prefix = format::root_prefix(&self.header.volume_id, generation, sealed_len);
+        let mut rec = prefix.clone();
+        self.root_sealer.seal_into(&prefix, &plain, &mut rec);
+        write_durably(&*self.io.storage, format::ROOT_FILE, &rec)?;
+        st.generation = generation;
+        st.changed = false;
+        Ok(())
+    }
+
+    /// fsync of one file: a commit of the volume (cheap when nothing changed).
+    pub fn fsync(&self, _ino: u64) -> Result<()> {
+        self.commit()
+    }
+
+    pub fn has_changes(&self) -> bool {
+        let st = self.st.read();
+        st.changed || !st.dirty.is_empty()
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        let (total, free) = self.io.storage.space().map_err(|e| Error::io("backing store", e))?;
+        let stored = self.stored_bytes()?;
+        Ok(StatFs {
+            total_bytes: total,
+            free_bytes: free,
+            stored_bytes: stored,
+            block_size: self.header.block_size,
+            files: self.st.read().next_ino,
+            name_max: NAME_MAX as u32,
+        })
+    }
+
+    /// Bytes held by segment files.
+    pub fn stored_bytes(&self) -> Result<u64> {
+        let s = &self.io.storage;
+        let mut n = 0;
+        for f in s.list(format::SEGMENT_DIR).map_err(|e| Error::io("segment directory", e))? {
+            n += s.len(&format!("{}/{f}", format::SEGMENT_DIR)).unwrap_or(0);
+        }
+        Ok(n)
+    }
+
+    /// Commits and releases the volume.
+    pub fn close(self) -> Result<()> {
+        self.commit()
+    }
+
+    /// Every tree to keep alive: the live one and each snapshot's.
+    fn all_trees(&self, st: &State) -> Vec<Tree> {
+        let mut v = vec![st.tree.clone()];
+        for s in &st.snapshots {
+            v.push(Tree::from_ptr(s.tree));
+        }
+        v
+    }
+
+    /// Reclaims space: deletes segments nothing references and moves the live
+    /// blocks out of segments that are mostly dead (live share below `max_live`).
+    pub fn clean(&self, max_live: f64) -> Result<CleanStats> {
+        self.writable()?;
+        let mut st = self.st.write();
+        self.commit_locked(&mut st)?;
+        let n = self.nodes();
+        let storage = &self.io.storage;
+        // Live bytes per segment, by walking every root once (shared blocks count once).
+        let mut live: HashMap<u64, u64> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for t in self.all_trees(&st) {
+            let mut err = None;
+            let mut data_live = Vec::new();
+            t.walk(
+                n,
+                &mut |p| {
+                    if seen.insert(p.block_id) {
+                        *live.entry(p.segment).or_default() += p.len as u64;
+                        true
+                    } else {
+                        false
+                    }
+                },
+                &mut |k, v| {
+                    if let Some(p) = value_ptr(k, v) {
+                        data_live.push(p);
+                    }
+                    Ok(())
+                },
+                &mut |p, e| {
+                    err.get_or_insert((*p, e));
+                },
+            )?;
+            if let Some((_, e)) = err {
+                return Err(e);
+            }
+            for p in data_live {
+                if seen.insert(p.block_id) {
+                    *live.entry(p.segment).or_default() += p.len as u64;
+                }
+            }
+        }
+        let current = self.io.current_segment();
+        let mut stats = CleanStats::default();
+        let mut victims = std::collections::HashSet::new();
+        let mut empty = Vec::new();
+        for f in storage.list(format::SEGMENT_DIR).map_err(|e| Error::io("segment directory", e))? {
+            let Some(id) = format::parse_segment_file_name(&f) else { continue };
+            if Some(id) == current {
+                continue;
+            }
+            let size = storage.len(&format::segment_file_name(id)).unwrap_or(0);
+            let l = live.get(&id).copied().unwrap_or(0);
+            if l == 0 {
+                empty.push((id, size));
+            } else if (l as f64) < max_live * size as f64 {
+                victims.insert(id);
+                stats.bytes_freed += size - l;
+            }
+        }
+        if !victims.is_empty() {
+            let io = self.io.clone();
+            let moved: std::cell::RefCell<(HashMap<[u8; 16], BlockPtr>, CleanStats)> =
+                std::cell::RefCell::new((HashMap::new(), CleanStats::default()));
+            let move_block = |p: &BlockPtr, kind: BlockKind| -> Result<Option<BlockPtr>> {
+                if !victims.contains(&p.segment) {
+                    return Ok(None);
+                }
+                let mut m = moved.borrow_mut();
+                if let Some(np) = m.0.get(&p.block_id) {
+                    return Ok(Some(*np));
+                }
+                let np = io.copy(p, kind)?;
+                m.1.blocks_moved += 1;
+                m.1.bytes_moved += p.len as u64;
+                m.0.insert(p.block_id, np);
+                Ok(Some(np))
+            };
+            let relocate_tree = |t: &mut Tree| -> Result<()> {
+                t.relocate(
+                    n,
+                    &mut |p| move_block(p, BlockKind::Node),
+                    &mut |_| true,
+                    &mut |k, v| {
+                        let Some(p) = value_ptr(k, v) else { return Ok(None) };
+                        let data = k[8] == tag::BLOCK;
+                        let kind = if data { BlockKind::Data } else { BlockKind::Xattr };
+                        Ok(move_block(&p, kind)?.map(|np| {
+                            if data { np.to_bytes().to_vec() } else { XattrValue::Block(np).encode() }
+                        }))
+                    },
+                )
+            };
+            let mut live_tree = st.tree.clone();
+            relocate_tree(&mut live_tree)?;
+            st.tree = live_tree;
+            let mut snaps = st.snapshots.clone();
+            for s in &mut snaps {
+                let mut t = Tree::from_ptr(s.tree);
+                relocate_tree(&mut t)?;
+                s.tree = t.flush(n)?;
+            }
+            st.snapshots = snaps;
+            let m = moved.borrow();
+            stats.blocks_moved = m.1.blocks_moved;
+            stats.bytes_moved = m.1.bytes_moved;
+            st.changed = true;
+            self.commit_locked(&mut st)?;
+        }
+        // Only now, with a root that no longer needs them on disk, delete.
+        let mut removed = false;
+        for id in victims.iter().copied().chain(empty.iter().map(|e| e.0)) {
+            let name = format::segment_file_name(id);
+            if let Ok(sz) = storage.len(&name) {
+                if !victims.contains(&id) {
+                    stats.bytes_freed += sz;
+                }
+                storage.remove(&name).map_err(|e| Error::io(&name, e))?;
+                stats.segments_removed += 1;
+                removed = true;
+            }
+        }
+        if removed {
+            storage.sync_dir(format::SEGMENT_DIR).map_err(|e| Error::io("segment directory", e))?;
+        }
+        Ok(stats)
+    }
+}
+
+/// The block pointer held in a leaf value, if the entry holds one.
+pub(crate) fn value_ptr(k: &[u8], v: &[u8]) -> Option<BlockPtr> {
+    match k.get(8) {
+        Some(&tag::BLOCK) => BlockPtr::from_bytes(v).ok(),
+        Some(&tag::XATTR) => match XattrValue::decode(v) {
+            Ok(XattrValue::Block(p)) => Some(p),
+            _ => None,
+        },
+        _ => None,
+    }
+}
