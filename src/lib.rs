@@ -17,3 +17,5 @@ pub mod cache;
 pub mod format;
 pub mod store;
 pub mod volume;
+pub mod fuse;
+pub mod cli;

@@ -1,3 +1,3 @@
 fn main() {
-    println!("kmsfs");
+    std::process::exit(kmsfs::cli::main());
 }

@@ -234,11 +234,13 @@ impl NodeStore for BlockIo {
         Ok(n)
     }
 
-    fn store(&self, node: Node) -> Result<BlockPtr> {
+    fn store(&self, node: &Node) -> Result<BlockPtr> {
         let mut b = node.encode();
         b.resize(format::round_up(b.len(), NODE_PAD), 0);
-        let p = self.write_block(BlockKind::Node, &b)?;
+        self.write_block(BlockKind::Node, &b)
+    }
+
+    fn remember(&self, p: &BlockPtr, node: Node) {
         self.node_shard(p.id_u128()).lock().put(p.id_u128(), Arc::new(node));
-        Ok(p)
     }
 }

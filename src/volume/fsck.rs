@@ -57,8 +57,27 @@ impl Volume {
                 r.inodes = f.inodes.len() as u64;
             }
         }
-        // Segment files.
+        // Both header copies.
         let storage = &self.io.storage;
+        for name in [format::HEADER_FILE, format::HEADER_BACKUP_FILE] {
+            match storage.read(name) {
+                Err(e) => r.errors.push(format!("volume header {name}: {e}")),
+                Ok(b) => match format::Header::decode(&b) {
+                    Err(e) => r.errors.push(format!("volume header {name}: {e}")),
+                    Ok(h) if h.volume_id != self.header.volume_id => {
+                        r.errors.push(format!("volume header {name} belongs to another volume"))
+                    }
+                    Ok(_) => {
+                        let body = &b[..format::HEADER_LEN - format::HEADER_MAC_LEN];
+                        let mac = crate::crypto::hmac_sha256(&self.header_mac_key, body);
+                        if !crate::crypto::ct_eq(&mac, &b[format::HEADER_LEN - format::HEADER_MAC_LEN..]) {
+                            r.errors.push(format!("volume header {name}: MAC does not verify (modified)"));
+                        }
+                    }
+                },
+            }
+        }
+        // Segment files.
         let names = storage.list(format::SEGMENT_DIR).unwrap_or_default();
         let mut present = HashSet::new();
         for n in names {

@@ -40,6 +40,12 @@ pub const SYMLINK_MAX: usize = 4095;
 pub const MAX_FILE_SIZE: u64 = 1 << 50;
 /// Dirty data beyond this is sealed and appended (not committed) to bound memory.
 const DIRTY_MAX: usize = 64 << 20;
+/// Free space kept back from file data, so that metadata commits and the
+/// cleaner can still run on a full backing store (a log-structured store needs
+/// room to write before it can free).
+pub fn reserve_bytes(segment_size: u32) -> u64 {
+    (segment_size as u64).min(16 << 20) + (1 << 20)
+}
 
 #[derive(Clone, Debug)]
 pub struct CreateOptions {
@@ -167,6 +173,8 @@ pub struct Volume {
     st: RwLock<State>,
     header: Header,
     root_sealer: Sealer,
+    /// Authenticates the header copies (fsck re-checks both).
+    header_mac_key: SecretKey,
     read_only: bool,
     snapshot: Option<String>,
     poisoned: AtomicBool,
@@ -374,9 +382,16 @@ impl Volume {
         } else {
             Some(crate::store::lock_volume(&*storage)?)
         };
-        if repair && !read_only {
+        if !read_only {
+            // Keep both copies identical and authentic: repair whichever is damaged.
             let hb = sign_header(&header, &dk);
-            write_durably(&*storage, format::HEADER_FILE, &hb)?;
+            if repair {
+                write_durably(&*storage, format::HEADER_FILE, &hb)?;
+            }
+            if storage.read(format::HEADER_BACKUP_FILE).ok().as_deref() != Some(&hb[..]) {
+                log::warn!("{}: backup header damaged or missing; rewriting it", storage.describe());
+                write_durably(&*storage, format::HEADER_BACKUP_FILE, &hb)?;
+            }
         }
         let vol = Volume::assemble(storage, header, dk, Some(&root_bytes), read_only, opts, lock)?;
         if !read_only {
@@ -399,6 +414,7 @@ impl Volume {
         })?;
         let sealer = Sealer::new(cipher, &derive_subkey(&dk, labels::BLOCK));
         let root_sealer = Sealer::new(cipher, &derive_subkey(&dk, labels::ROOT));
+        let header_mac_key = derive_subkey(&dk, labels::HEADER_MAC);
         drop(dk);
         let (payload, generation) = match root_bytes {
             Some(b) => {
@@ -465,6 +481,7 @@ impl Volume {
             }),
             header,
             root_sealer,
+            header_mac_key,
             read_only,
             snapshot: opts.snapshot,
             poisoned: AtomicBool::new(false),
@@ -1167,6 +1184,7 @@ impl Volume {
         let bs = self.header.block_size as u64;
         {
             let mut st = self.st.write();
+            self.check_space(st.dirty_bytes as u64 + data.len() as u64)?;
             let mut i = self.get_inode(&st, ino)?;
             if i.kind != FileKind::File {
                 return Err(if i.kind == FileKind::Dir { Error::IsDir } else { Error::Invalid("not a regular file".into()) });
@@ -1306,11 +1324,25 @@ impl Volume {
         Ok(())
     }
 
+    /// Fails with ENOSPC when writing `bytes` of file data would eat into the reserve.
+    fn check_space(&self, bytes: u64) -> Result<()> {
+        let (_, free) = self.io.storage.space().map_err(|e| Error::io("backing store", e))?;
+        if free < bytes + reserve_bytes(self.header.segment_size) {
+            return Err(Error::NoSpace(format!(
+                "{} has {} bytes free",
+                self.io.storage.describe(),
+                free
+            )));
+        }
+        Ok(())
+    }
+
     /// Seals all dirty blocks and records them in the block map (not a commit).
     fn flush_data(&self, st: &mut State) -> Result<()> {
         if st.dirty.is_empty() {
             return Ok(());
         }
+        self.check_space(st.dirty_bytes as u64)?;
         let bs = self.header.block_size as usize;
         let dirty = std::mem::take(&mut st.dirty);
         st.dirty_bytes = 0;
@@ -1510,7 +1542,7 @@ impl Volume {
         let stored = self.stored_bytes()?;
         Ok(StatFs {
             total_bytes: total,
-            free_bytes: free,
+            free_bytes: free.saturating_sub(reserve_bytes(self.header.segment_size)),
             stored_bytes: stored,
             block_size: self.header.block_size,
             files: self.st.read().next_ino,
@@ -1603,6 +1635,19 @@ impl Volume {
                 stats.bytes_freed += size - l;
             }
         }
+        // Segments nothing references can go at once: the committed root does
+        // not need them. That frees room before anything is copied.
+        let mut removed = false;
+        for (id, size) in &empty {
+            let name = format::segment_file_name(*id);
+            storage.remove(&name).map_err(|e| Error::io(&name, e))?;
+            stats.segments_removed += 1;
+            stats.bytes_freed += size;
+            removed = true;
+        }
+        if removed {
+            storage.sync_dir(format::SEGMENT_DIR).map_err(|e| Error::io("segment directory", e))?;
+        }
         if !victims.is_empty() {
             let io = self.io.clone();
             let moved: std::cell::RefCell<(HashMap<[u8; 16], BlockPtr>, CleanStats)> =
@@ -1654,12 +1699,9 @@ impl Volume {
         }
         // Only now, with a root that no longer needs them on disk, delete.
         let mut removed = false;
-        for id in victims.iter().copied().chain(empty.iter().map(|e| e.0)) {
+        for id in victims.iter().copied() {
             let name = format::segment_file_name(id);
-            if let Ok(sz) = storage.len(&name) {
-                if !victims.contains(&id) {
-                    stats.bytes_freed += sz;
-                }
+            if storage.len(&name).is_ok() {
                 storage.remove(&name).map_err(|e| Error::io(&name, e))?;
                 stats.segments_removed += 1;
                 removed = true;

@@ -40,7 +40,10 @@ pub struct Node {
 /// Where clean nodes come from, and where dirty ones go.
 pub trait NodeStore {
     fn load(&self, ptr: &BlockPtr) -> Result<Arc<Node>>;
-    fn store(&self, node: Node) -> Result<BlockPtr>;
+    /// Writes a node whose children are all clean. On failure nothing changed.
+    fn store(&self, node: &Node) -> Result<BlockPtr>;
+    /// Offers a just-stored node for caching.
+    fn remember(&self, _ptr: &BlockPtr, _node: Node) {}
 }
 
 impl Node {
@@ -438,8 +441,10 @@ impl Tree {
                         let p = go(k, s)?;
                         *k = Child::Clean(p);
                     }
+                    // Store first: if the write fails the node stays dirty, intact.
+                    let p = s.store(b)?;
                     let node = std::mem::take(&mut **b);
-                    let p = s.store(node)?;
+                    s.remember(&p, node);
                     *c = Child::Clean(p);
                     Ok(p)
                 }
@@ -583,7 +588,7 @@ mod tests {
             let b = m.get(&p.segment).ok_or(Error::NotFound)?;
             Ok(Arc::new(Node::decode(b).map_err(|e| Error::decode("node", e))?))
         }
-        fn store(&self, n: Node) -> Result<BlockPtr> {
+        fn store(&self, n: &Node) -> Result<BlockPtr> {
             let mut m = self.m.lock();
             let id = m.len() as u64 + 1;
             m.insert(id, n.encode());

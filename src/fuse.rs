@@ -1,0 +1,974 @@
+//! FUSE translation: kernel requests in, [`Volume`] calls out.
+//!
+//! This layer converts types (inode numbers, attributes, times, flags, errors)
+//! and negotiates the kernel connection; every filesystem rule lives in
+//! `volume`. Every error leaves through `Error::errno()`. No per-handle state is
+//! kept here: the core counts opens per inode, so an unlinked file that is
+//! still open lives until its last release.
+//!
+//! Two things besides translation live here because their lifetime is the
+//! session's: the periodic committer (started in `init`, stopped in `destroy`
+//! before the final commit), and POSIX ACL inheritance, which the kernel leaves
+//! to the daemon once `FUSE_POSIX_ACL` is negotiated (see [`acl`]).
+//!
+//! Kernel caching is safe to turn on (write-back cache, kept page cache,
+//! cached symlinks) because a volume has a single writer, enforced by the
+//! volume lock: nothing changes the tree behind the kernel's back.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
+    TimeOrNow, WriteFlags,
+};
+
+use crate::error::Error;
+use crate::format::{FileKind, Timestamp};
+use crate::volume::{self, Attr, SetAttr, TimeSet, Volume};
+
+/// Attribute and entry validity in the kernel.
+const TTL: Duration = Duration::from_secs(1);
+/// Largest read and write per request, and the readahead window.
+const MAX_IO: u32 = 1 << 20;
+/// Requests the kernel may keep in flight in the background (readahead, write-back).
+const MAX_BACKGROUND: u16 = 64;
+/// Directory entries fetched from the core per readdir request.
+const READDIR_BATCH: usize = 512;
+/// How often the committer makes pending changes durable.
+pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the committer runs the segment cleaner.
+pub const CLEAN_INTERVAL: Duration = Duration::from_secs(300);
+/// Segments whose live share is below this are compacted by the cleaner.
+const CLEAN_MAX_LIVE: f64 = 0.5;
+
+/// How the volume is presented to the kernel.
+#[derive(Clone, Debug, Default)]
+pub struct MountSettings {
+    /// Shown as the mount source (the volume directory).
+    pub fsname: String,
+    pub read_only: bool,
+    pub allow_other: bool,
+    pub default_permissions: bool,
+    /// Generic kernel flags asked for on the command line (nodev, noexec, noatime…).
+    pub flags: Vec<MountOption>,
+    /// Request-handling threads (at least 2).
+    pub threads: usize,
+}
+
+impl MountSettings {
+    /// The fuser session configuration for these settings.
+    pub fn config(&self) -> Config {
+        let mut opts = vec![
+            MountOption::FSName(self.fsname.clone()),
+            MountOption::Subtype("kmsfs".into()),
+            if self.read_only { MountOption::RO } else { MountOption::RW },
+        ];
+        if self.default_permissions {
+            opts.push(MountOption::DefaultPermissions);
+        }
+        opts.extend(self.flags.iter().cloned());
+        let mut c = Config::default();
+        c.mount_options = opts;
+        c.acl = if self.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        c.n_threads = Some(self.threads.max(2));
+        c
+    }
+}
+
+/// The outcome of the final commit in `destroy`, for the daemon's exit status.
+pub type Outcome = Arc<Mutex<Option<Result<(), String>>>>;
+
+/// The filesystem handed to fuser.
+pub struct KmsFs {
+    vol: Arc<Volume>,
+    settings: MountSettings,
+    /// FUSE_POSIX_ACL was negotiated: the kernel enforces ACLs and no longer
+    /// applies the umask, so creations apply it (or the parent's default ACL).
+    posix_acl: bool,
+    committer: Option<Committer>,
+    outcome: Outcome,
+}
+
+impl KmsFs {
+    pub fn new(vol: Arc<Volume>, settings: MountSettings) -> Self {
+        KmsFs {
+            vol,
+            settings,
+            posix_acl: false,
+            committer: None,
+            outcome: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Filled in by `destroy` with the result of the final commit.
+    pub fn outcome(&self) -> Outcome {
+        self.outcome.clone()
+    }
+
+    /// Mode and ACLs of a new node under `parent`; see [`acl::inherit`].
+    fn new_mode(&self, parent: u64, mode: u32, umask: u32) -> (u32, acl::Inherited) {
+        if !self.posix_acl {
+            // The kernel has already applied the umask.
+            return (mode, acl::Inherited::default());
+        }
+        let default = self.vol.getxattr(parent, acl::DEFAULT_XATTR).ok();
+        acl::inherit(default.as_deref(), mode, umask)
+    }
+
+    /// Stores inherited ACLs on a new node. The node exists already; a failure
+    /// here is reported, but the node stays (as on a local filesystem whose
+    /// xattr write fails after the create).
+    fn apply_acl(&self, ino: u64, inh: &acl::Inherited) -> Result<(), Error> {
+        if let Some(a) = &inh.access {
+            self.vol.setxattr(ino, acl::ACCESS_XATTR, a, 0)?;
+        }
+        if let Some(d) = &inh.default {
+            self.vol.setxattr(ino, acl::DEFAULT_XATTR, d, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Creates a node with inherited ACLs and returns its attributes.
+    fn make(
+        &self,
+        parent: u64,
+        mode: u32,
+        umask: u32,
+        create: impl FnOnce(u32) -> Result<Attr, Error>,
+    ) -> Result<Attr, Error> {
+        let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
+        let (mode, mut inh) = self.new_mode(parent, mode, umask);
+        if !is_dir {
+            inh.default = None;
+        }
+        let a = create(mode)?;
+        if inh.access.is_some() || inh.default.is_some() {
+            self.apply_acl(a.ino, &inh)?;
+            return self.vol.getattr(a.ino);
+        }
+        Ok(a)
+    }
+}
+
+/// Converts a core error into the errno for the reply, logging what an
+/// administrator should see (integrity failures with the inode, I/O errors).
+fn errno(e: Error, op: &str, ino: u64) -> Errno {
+    let n = e.errno();
+    match &e {
+        Error::Integrity { .. } => log::warn!("{op} on inode {ino}: {e}"),
+        Error::Io { .. } | Error::NoSpace(_) | Error::Format(_) => {
+            log::warn!("{op} on inode {ino}: {e}")
+        }
+        _ => log::debug!("{op} on inode {ino}: {e}"),
+    }
+    Errno::from_i32(n)
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn to_system_time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(t.nanos as u64)
+    }
+}
+
+fn to_timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        },
+        Err(e) => {
+            // Before 1970: floor to whole seconds, nanoseconds stay positive.
+            let d = e.duration();
+            let (secs, nanos) = if d.subsec_nanos() == 0 {
+                (-(d.as_secs() as i64), 0)
+            } else {
+                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+            };
+            Timestamp { secs, nanos }
+        }
+    }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::At(to_timestamp(t)),
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let i = &a.inode;
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: i.size,
+        blocks: a.sectors(),
+        atime: to_system_time(i.atime),
+        mtime: to_system_time(i.mtime),
+        ctime: to_system_time(i.ctime),
+        crtime: to_system_time(i.crtime),
+        kind: file_type(i.kind),
+        perm: (i.perm & 0o7777) as u16,
+        nlink: i.nlink,
+        uid: i.uid,
+        gid: i.gid,
+        rdev: i.rdev,
+        blksize: a.block_size,
+        flags: 0,
+    }
+}
+
+/// Open flags for files: the page cache stays valid across opens (single writer).
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
+
+impl Filesystem for KmsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(max) = config.set_max_write(MAX_IO) {
+            let _ = config.set_max_write(max);
+        }
+        if let Err(max) = config.set_max_readahead(MAX_IO) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let mut wanted = vec![
+            ("atomic O_TRUNC", InitFlags::FUSE_ATOMIC_O_TRUNC),
+            ("parallel directory operations", InitFlags::FUSE_PARALLEL_DIROPS),
+            ("readdirplus", InitFlags::FUSE_DO_READDIRPLUS),
+            ("adaptive readdirplus", InitFlags::FUSE_READDIRPLUS_AUTO),
+            ("symlink cache", InitFlags::FUSE_CACHE_SYMLINKS),
+        ];
+        if !self.settings.read_only {
+            wanted.push(("write-back cache", InitFlags::FUSE_WRITEBACK_CACHE));
+        }
+        if self.settings.default_permissions {
+            wanted.push(("POSIX ACLs", InitFlags::FUSE_POSIX_ACL));
+        }
+        for (what, flag) in wanted {
+            match config.add_capabilities(flag) {
+                Ok(()) => {
+                    if flag == InitFlags::FUSE_POSIX_ACL {
+                        self.posix_acl = true;
+                    }
+                }
+                Err(_) => log::info!("the kernel does not offer {what}; continuing without it"),
+            }
+        }
+        if !self.settings.read_only {
+            self.committer = Some(Committer::start(self.vol.clone()));
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Some(c) = self.committer.take() {
+            c.stop();
+        }
+        let r = self.vol.commit().map_err(|e| e.to_string());
+        match &r {
+            Ok(()) => log::info!("final commit done; volume closed"),
+            Err(e) => log::error!("final commit failed: {e}"),
+        }
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.vol.lookup(parent.0, name.as_bytes()) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e, "lookup", parent.0)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.vol.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(e, "getattr", ino.0)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let s = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+            ctime: ctime.map(to_timestamp),
+        };
+        match self.vol.setattr(ino.0, &s) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(e, "setattr", ino.0)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.vol.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(e, "readlink", ino.0)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.make(parent.0, mode, umask, |m| {
+            self.vol
+                .mknod(parent.0, name.as_bytes(), m, req.uid(), req.gid(), rdev, None)
+        });
+        match r {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e, "mknod", parent.0)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let mode = libc::S_IFDIR | (mode & 0o7777);
+        let r = self.make(parent.0, mode, umask, |m| {
+            self.vol.mkdir(parent.0, name.as_bytes(), m, req.uid(), req.gid())
+        });
+        match r {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e, "mkdir", parent.0)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.vol.unlink(parent.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e, "unlink", parent.0)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.vol.rmdir(parent.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e, "rmdir", parent.0)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let target = target.as_os_str().as_bytes();
+        match self
+            .vol
+            .symlink(parent.0, link_name.as_bytes(), target, req.uid(), req.gid())
+        {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e, "symlink", parent.0)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let known = RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE;
+        if !known.contains(flags) {
+            // RENAME_WHITEOUT is for overlay filesystems' upper layers.
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let f = volume::RenameFlags {
+            noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+        };
+        match self
+            .vol
+            .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), f)
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e, "rename", parent.0)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        match self.vol.link(ino.0, newparent.0, newname.as_bytes()) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e, "link", ino.0)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // With FUSE_ATOMIC_O_TRUNC the truncation arrives with the open.
+        if flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            let s = SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            };
+            if let Err(e) = self.vol.setattr(ino.0, &s) {
+                reply.error(errno(e, "open", ino.0));
+                return;
+            }
+        }
+        match self.vol.open_file(ino.0) {
+            Ok(_) => reply.opened(FileHandle(0), OPEN_FLAGS),
+            Err(e) => reply.error(errno(e, "open", ino.0)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.vol.read(ino.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(e, "read", ino.0)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && let Err(e) = self.vol.kill_suid(ino.0)
+        {
+            reply.error(errno(e, "write", ino.0));
+            return;
+        }
+        match self.vol.write(ino.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e, "write", ino.0)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Durability comes from fsync and the periodic commit, not from close.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Err(e) = self.vol.release(ino.0) {
+            // The kernel ignores release errors; the log is the only witness.
+            errno(e, "release", ino.0);
+        }
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.vol.fsync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e, "fsync", ino.0)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.vol.readdir(ino.0, offset, READDIR_BATCH) {
+            Ok(items) => {
+                for it in items {
+                    let name = OsStr::from_bytes(&it.name);
+                    if reply.add(INodeNo(it.ino), it.offset, file_type(it.kind), name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(e, "readdir", ino.0)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.vol.readdir(ino.0, offset, READDIR_BATCH) {
+            Ok(items) => {
+                for it in items {
+                    // An entry removed since the listing is simply left out.
+                    let Ok(a) = self.vol.getattr(it.ino) else { continue };
+                    let name = OsStr::from_bytes(&it.name);
+                    if reply.add(INodeNo(it.ino), it.offset, name, &TTL, &file_attr(&a), Generation(0)) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(e, "readdirplus", ino.0)),
+        }
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.vol.fsync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e, "fsyncdir", ino.0)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.vol.statfs() {
+            Ok(s) => {
+                let bs = s.block_size.max(1) as u64;
+                let blocks = s.total_bytes / bs;
+                let free = s.free_bytes / bs;
+                // Inodes cost no fixed space: report as many free as free blocks.
+                reply.statfs(blocks, free, free, s.files.saturating_add(free), free, bs as u32, s.name_max, bs as u32)
+            }
+            Err(e) => reply.error(errno(e, "statfs", 1)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.vol.setxattr(ino.0, name.as_bytes(), value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e, "setxattr", ino.0)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.vol.getxattr(ino.0, name.as_bytes()) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno(e, "getxattr", ino.0)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.vol.listxattr(ino.0) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                if size == 0 {
+                    reply.size(buf.len() as u32);
+                } else if buf.len() > size as usize {
+                    reply.error(Errno::from_i32(libc::ERANGE));
+                } else {
+                    reply.data(&buf);
+                }
+            }
+            Err(e) => reply.error(errno(e, "listxattr", ino.0)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.vol.removexattr(ino.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e, "removexattr", ino.0)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are the kernel's (default_permissions); this only
+        // answers whether the inode exists.
+        match self.vol.getattr(ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(e, "access", ino.0)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mode = libc::S_IFREG | (mode & 0o7777);
+        let r = self
+            .make(parent.0, mode, umask, |m| {
+                self.vol.create(parent.0, name.as_bytes(), m, req.uid(), req.gid())
+            })
+            .and_then(|a| self.vol.open_file(a.ino).map(|_| a));
+        match r {
+            Ok(a) => reply.created(&TTL, &file_attr(&a), Generation(0), FileHandle(0), OPEN_FLAGS),
+            Err(e) => reply.error(errno(e, "create", parent.0)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.vol.fallocate(ino.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e, "fallocate", ino.0)),
+        }
+    }
+}
+
+/// The daemon's background thread: commits every [`COMMIT_INTERVAL`] when
+/// something changed, and runs the cleaner every [`CLEAN_INTERVAL`].
+struct Committer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    handle: JoinHandle<()>,
+}
+
+impl Committer {
+    fn start(vol: Arc<Volume>) -> Self {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let s = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("kmsfs-commit".into())
+            .spawn(move || Self::run(&vol, &s))
+            .expect("spawning the commit thread");
+        Committer { stop, handle }
+    }
+
+    fn run(vol: &Volume, stop: &(Mutex<bool>, Condvar)) {
+        let mut last_clean = Instant::now();
+        let mut stopped = stop.0.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let deadline = Instant::now() + COMMIT_INTERVAL;
+            while !*stopped {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                stopped = stop
+                    .1
+                    .wait_timeout(stopped, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            if *stopped {
+                return;
+            }
+            drop(stopped);
+            if vol.has_changes()
+                && let Err(e) = vol.commit()
+            {
+                log::warn!("periodic commit failed (will retry): {e}");
+            }
+            if last_clean.elapsed() >= CLEAN_INTERVAL {
+                last_clean = Instant::now();
+                match vol.clean(CLEAN_MAX_LIVE) {
+                    Ok(s) if s.segments_removed > 0 => log::info!(
+                        "cleaner: removed {} segments, moved {} blocks ({} bytes), freed {} bytes",
+                        s.segments_removed,
+                        s.blocks_moved,
+                        s.bytes_moved,
+                        s.bytes_freed
+                    ),
+                    Ok(_) => {}
+                    Err(e) => log::warn!("cleaner failed (will retry): {e}"),
+                }
+            }
+            stopped = stop.0.lock().unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn stop(self) {
+        *self.stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.stop.1.notify_all();
+        if self.handle.join().is_err() {
+            log::error!("the commit thread panicked");
+        }
+    }
+}
+
+/// POSIX ACL inheritance for new nodes, as `posix_acl_create` does in the
+/// kernel for local filesystems. Only used when FUSE_POSIX_ACL is negotiated
+/// (the kernel then enforces ACLs from the xattrs, but leaves inheritance and
+/// the umask to the daemon).
+///
+/// Xattr format (linux/posix_acl_xattr.h): u32 LE version 2, then entries of
+/// u16 LE tag, u16 LE permission bits, u32 LE id.
+pub mod acl {
+    pub const ACCESS_XATTR: &[u8] = b"system.posix_acl_access";
+    pub const DEFAULT_XATTR: &[u8] = b"system.posix_acl_default";
+    const VERSION: u32 = 2;
+    const HEADER_LEN: usize = 4;
+    const ENTRY_LEN: usize = 8;
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const GROUP: u16 = 0x08;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+
+    /// ACL xattrs to store on a new node.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Inherited {
+        pub access: Option<Vec<u8>>,
+        pub default: Option<Vec<u8>>,
+    }
+
+    /// The mode of a new node and the ACLs it inherits from its parent's
+    /// default ACL (`parent_default`). Without a usable default ACL the umask
+    /// applies; with one, the umask is ignored and the mode is masked by the ACL.
+    pub fn inherit(parent_default: Option<&[u8]>, mode: u32, umask: u32) -> (u32, Inherited) {
+        let Some(mut entries) = parent_default.and_then(parse) else {
+            return (mode & !(umask & 0o777), Inherited::default());
+        };
+        let default = Some(encode(&entries));
+        let mut mode = mode;
+        let mut not_equiv = false;
+        let (mut group_obj, mut mask) = (None, None);
+        for (i, e) in entries.iter_mut().enumerate() {
+            match e.0 {
+                USER_OBJ => {
+                    e.1 &= ((mode >> 6) & 7) as u16;
+                    mode &= ((e.1 as u32) << 6) | !0o700;
+                }
+                USER | GROUP => not_equiv = true,
+                GROUP_OBJ => group_obj = Some(i),
+                OTHER => {
+                    e.1 &= (mode & 7) as u16;
+                    mode &= (e.1 as u32) | !0o007;
+                }
+                MASK => {
+                    mask = Some(i);
+                    not_equiv = true;
+                }
+                _ => {}
+            }
+        }
+        if let Some(i) = mask.or(group_obj) {
+            let e = &mut entries[i];
+            e.1 &= ((mode >> 3) & 7) as u16;
+            mode &= ((e.1 as u32) << 3) | !0o070;
+        }
+        let access = not_equiv.then(|| encode(&entries));
+        (mode, Inherited { access, default })
+    }
+
+    /// Entries (tag, perm, id) of a well-formed ACL xattr with at least the
+    /// three base entries; None otherwise.
+    fn parse(b: &[u8]) -> Option<Vec<(u16, u16, u32)>> {
+        if b.len() < HEADER_LEN || !(b.len() - HEADER_LEN).is_multiple_of(ENTRY_LEN) {
+            return None;
+        }
+        if u32::from_le_bytes(b[..4].try_into().ok()?) != VERSION {
+            return None;
+        }
+        let entries: Vec<_> = b[HEADER_LEN..]
+            .chunks_exact(ENTRY_LEN)
+            .map(|c| {
+                (
+                    u16::from_le_bytes([c[0], c[1]]),
+                    u16::from_le_bytes([c[2], c[3]]),
+                    u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+                )
+            })
+            .collect();
+        let has = |t| entries.iter().any(|e| e.0 == t);
+        (has(USER_OBJ) && has(GROUP_OBJ) && has(OTHER)).then_some(entries)
+    }
+
+    fn encode(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+        let mut b = VERSION.to_le_bytes().to_vec();
+        for (t, p, id) in entries {
+            b.extend_from_slice(&t.to_le_bytes());
+            b.extend_from_slice(&p.to_le_bytes());
+            b.extend_from_slice(&id.to_le_bytes());
+        }
+        b
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn acl(e: &[(u16, u16, u32)]) -> Vec<u8> {
+            encode(e)
+        }
+
+        #[test]
+        fn no_default_acl_applies_umask() {
+            assert_eq!(inherit(None, 0o100666, 0o022), (0o100644, Inherited::default()));
+            assert_eq!(inherit(Some(b"junk"), 0o40777, 0o027).0, 0o40750);
+        }
+
+        #[test]
+        fn minimal_default_acl_masks_mode_without_access_acl() {
+            let d = acl(&[(USER_OBJ, 7, u32::MAX), (GROUP_OBJ, 5, u32::MAX), (OTHER, 0, u32::MAX)]);
+            let (mode, inh) = inherit(Some(&d), 0o100666, 0o022);
+            assert_eq!(mode, 0o100640);
+            assert_eq!(inh.access, None);
+            assert_eq!(inh.default, Some(d));
+        }
+
+        #[test]
+        fn named_entries_give_an_access_acl_with_the_mask_as_group_bits() {
+            let d = acl(&[
+                (USER_OBJ, 7, u32::MAX),
+                (USER, 7, 1000),
+                (GROUP_OBJ, 5, u32::MAX),
+                (MASK, 7, u32::MAX),
+                (OTHER, 5, u32::MAX),
+            ]);
+            let (mode, inh) = inherit(Some(&d), 0o100644, 0o077);
+            // Umask ignored; group bits come from mask & mode.
+            assert_eq!(mode, 0o100644);
+            let a = parse(inh.access.as_deref().unwrap()).unwrap();
+            assert!(a.contains(&(MASK, 4, u32::MAX)));
+            assert!(a.contains(&(USER_OBJ, 6, u32::MAX)));
+            assert!(a.contains(&(USER, 7, 1000)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_with_nanoseconds() {
+        for t in [
+            Timestamp { secs: 0, nanos: 0 },
+            Timestamp { secs: 1_700_000_000, nanos: 123_456_789 },
+            Timestamp { secs: -1, nanos: 500_000_000 },
+            Timestamp { secs: -86_400, nanos: 0 },
+        ] {
+            assert_eq!(to_timestamp(to_system_time(t)), t);
+        }
+    }
+
+    #[test]
+    fn config_has_threads_and_flags() {
+        let s = MountSettings {
+            fsname: "/srv/vault".into(),
+            read_only: true,
+            allow_other: true,
+            default_permissions: true,
+            flags: vec![MountOption::NoExec],
+            threads: 1,
+        };
+        let c = s.config();
+        assert_eq!(c.n_threads, Some(2));
+        assert_eq!(c.acl, SessionACL::All);
+        assert!(c.mount_options.contains(&MountOption::RO));
+        assert!(c.mount_options.contains(&MountOption::DefaultPermissions));
+        assert!(c.mount_options.contains(&MountOption::NoExec));
+        assert!(c.mount_options.contains(&MountOption::Subtype("kmsfs".into())));
+    }
+}

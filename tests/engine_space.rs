@@ -1,0 +1,114 @@
+//! Space: the cleaner reclaims what no root references, sparse files cost
+//! nothing, and a full backing store gives ENOSPC and stays consistent.
+
+mod engine_common;
+
+use std::sync::Arc;
+
+use engine_common::*;
+use kmsfs::store::{MemStorage, Storage};
+use kmsfs::volume::{ROOT_INO, Volume};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn cleaner_reclaims_overwritten_and_deleted_data() {
+    let env = env();
+    let storage = MemStorage::new();
+    let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let f = v.create(ROOT_INO, b"f", 0o644, 0, 0).unwrap();
+    let keep = v.create(ROOT_INO, b"keep", 0o644, 0, 0).unwrap();
+    v.write(keep.ino, 0, &pattern(9, 300_000)).unwrap();
+    v.write(f.ino, 0, &pattern(1, 4 * MIB as usize)).unwrap();
+    v.commit().unwrap();
+    let first = v.stored_bytes().unwrap();
+    assert!(first > 4 * MIB && first < 5 * MIB, "{first}");
+    // Overwrite 90%: the store grows by about that much.
+    let new = pattern(2, (4 * MIB as usize) * 9 / 10);
+    v.write(f.ino, 0, &new).unwrap();
+    v.commit().unwrap();
+    let grown = v.stored_bytes().unwrap();
+    assert!(grown > first + 3 * MIB, "{grown}");
+    let stats = v.clean(0.5).unwrap();
+    let cleaned = v.stored_bytes().unwrap();
+    assert!(stats.segments_removed >= 2, "{stats:?}");
+    assert!(cleaned < first + MIB, "after cleaning {cleaned}, before {grown}, first {first}");
+    let mut expect = new.clone();
+    expect.extend_from_slice(&pattern(1, 4 * MIB as usize)[new.len()..]);
+    assert_eq!(v.read(f.ino, 0, 8 * MIB as u32).unwrap(), expect);
+    assert_eq!(v.read(keep.ino, 0, MIB as u32).unwrap(), pattern(9, 300_000));
+    assert!(v.fsck().unwrap().is_clean());
+    // Delete the big file: cleaning returns its space.
+    v.unlink(ROOT_INO, b"f").unwrap();
+    v.clean(0.5).unwrap();
+    let after_delete = v.stored_bytes().unwrap();
+    assert!(after_delete < 2 * MIB, "{after_delete}");
+    drop(v);
+    let v = open(&env, Arc::new(storage));
+    assert_eq!(v.read(keep.ino, 0, MIB as u32).unwrap(), pattern(9, 300_000));
+    let r = v.fsck().unwrap();
+    assert!(r.is_clean(), "{:?}", r.errors);
+}
+
+#[test]
+fn sparse_files_cost_no_space() {
+    let env = env();
+    let storage = MemStorage::new();
+    let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let f = v.create(ROOT_INO, b"sparse", 0o644, 0, 0).unwrap();
+    // 1 TiB file with two small islands of data.
+    v.write(f.ino, 0, b"head").unwrap();
+    v.write(f.ino, (1u64 << 40) - 4, b"tail").unwrap();
+    v.commit().unwrap();
+    let a = v.getattr(f.ino).unwrap();
+    assert_eq!(a.inode.size, 1 << 40);
+    assert_eq!(a.inode.blocks, 2);
+    assert!(v.stored_bytes().unwrap() < 64 * 1024);
+    assert_eq!(v.read(f.ino, 1 << 30, 4096).unwrap(), vec![0u8; 4096]);
+    assert_eq!(v.read(f.ino, (1u64 << 40) - 4, 100).unwrap(), b"tail");
+    // Punching a hole frees the block.
+    v.fallocate(f.ino, 0, 4096, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE).unwrap();
+    assert_eq!(v.getattr(f.ino).unwrap().inode.blocks, 1);
+    assert_eq!(v.read(f.ino, 0, 4).unwrap(), vec![0u8; 4]);
+}
+
+#[test]
+fn full_store_gives_enospc_and_stays_consistent() {
+    let env = env();
+    let storage = MemStorage::new();
+    let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let a = v.create(ROOT_INO, b"a", 0o644, 0, 0).unwrap();
+    v.write(a.ino, 0, &pattern(1, 500_000)).unwrap();
+    v.commit().unwrap();
+    storage.set_capacity(Some(storage.used_bytes() + 5 * MIB));
+    let b = v.create(ROOT_INO, b"b", 0o644, 0, 0).unwrap();
+    let mut off = 0u64;
+    let err = loop {
+        let r = v.write(b.ino, off, &pattern(off, 256 * 1024)).and_then(|_| v.commit());
+        match r {
+            Ok(()) => off += 256 * 1024,
+            Err(e) => break e,
+        }
+        assert!(off < 16 * MIB, "never ran out of space");
+    };
+    assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+    assert!(err.to_string().contains("full"), "{err}");
+    let committed_b = off;
+    // A power cut now: the last commit is intact.
+    let after = storage.reboot();
+    after.set_capacity(None);
+    let v2 = Volume::open(Arc::new(after), &env.kms, Default::default()).unwrap();
+    assert!(v2.fsck().unwrap().is_clean());
+    assert_eq!(v2.read(a.ino, 0, MIB as u32).unwrap(), pattern(1, 500_000));
+    assert_eq!(v2.getattr(b.ino).unwrap().inode.size, committed_b);
+    drop(v2);
+    // The running volume recovers once space is freed: delete, clean, write.
+    v.unlink(ROOT_INO, b"b").unwrap();
+    v.commit().unwrap();
+    v.clean(0.5).unwrap();
+    let c = v.create(ROOT_INO, b"c", 0o644, 0, 0).unwrap();
+    v.write(c.ino, 0, &pattern(3, 100_000)).unwrap();
+    v.commit().unwrap();
+    assert_eq!(v.read(c.ino, 0, MIB as u32).unwrap(), pattern(3, 100_000));
+    assert!(v.fsck().unwrap().is_clean());
+}
