@@ -6,7 +6,6 @@
 //! written after. Nothing here overwrites a byte that was written before.
 
 use std::collections::BTreeSet;
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use lru::LruCache;
@@ -41,7 +40,14 @@ pub struct BlockIo {
     segment_size: u64,
     writer: Mutex<Writer>,
     pub data_cache: BlockCache,
-    nodes: Vec<Mutex<LruCache<u128, Arc<Node>>>>,
+    nodes: Vec<Mutex<NodeShard>>,
+    node_shard_bytes: usize,
+}
+
+/// Decoded tree nodes, bounded by their encoded size.
+struct NodeShard {
+    lru: LruCache<u128, (Arc<Node>, usize)>,
+    bytes: usize,
 }
 
 impl BlockIo {
@@ -66,8 +72,15 @@ impl BlockIo {
             }),
             data_cache: BlockCache::new(cache_bytes),
             nodes: (0..NODE_CACHE_SHARDS)
-                .map(|_| Mutex::new(LruCache::new(NonZeroUsize::new(512).unwrap())))
+                .map(|_| {
+                    Mutex::new(NodeShard {
+                        lru: LruCache::unbounded(),
+                        bytes: 0,
+                    })
+                })
                 .collect(),
+            // Metadata gets a quarter of the cache budget, at least 8 MiB.
+            node_shard_bytes: (cache_bytes / 4).max(8 << 20) / NODE_CACHE_SHARDS,
         }
     }
 
@@ -210,13 +223,31 @@ impl BlockIo {
         Ok(())
     }
 
-    fn node_shard(&self, id: u128) -> &Mutex<LruCache<u128, Arc<Node>>> {
-        &self.nodes[(id as usize) % NODE_CACHE_SHARDS]
+    fn cache_node(&self, id: u128, node: Arc<Node>) {
+        let size = node.encoded_len() + 64;
+        let mut sh = self.nodes[(id as usize) % NODE_CACHE_SHARDS].lock();
+        if let Some((_, old)) = sh.lru.put(id, (node, size)) {
+            sh.bytes -= old;
+        }
+        sh.bytes += size;
+        while sh.bytes > self.node_shard_bytes {
+            match sh.lru.pop_lru() {
+                Some((_, (_, s))) => sh.bytes -= s,
+                None => break,
+            }
+        }
+    }
+
+    fn cached_node(&self, id: u128) -> Option<Arc<Node>> {
+        let mut sh = self.nodes[(id as usize) % NODE_CACHE_SHARDS].lock();
+        sh.lru.get(&id).map(|(n, _)| n.clone())
     }
 
     pub fn forget_caches(&self) {
         for s in &self.nodes {
-            s.lock().clear();
+            let mut s = s.lock();
+            s.lru.clear();
+            s.bytes = 0;
         }
         self.data_cache.clear();
     }
@@ -225,12 +256,12 @@ impl BlockIo {
 impl NodeStore for BlockIo {
     fn load(&self, p: &BlockPtr) -> Result<Arc<Node>> {
         let id = p.id_u128();
-        if let Some(n) = self.node_shard(id).lock().get(&id) {
-            return Ok(n.clone());
+        if let Some(n) = self.cached_node(id) {
+            return Ok(n);
         }
         let b = self.read_block(p, BlockKind::Node)?;
         let n = Arc::new(Node::decode(&b).map_err(|e| Error::integrity(format!("tree node {p:?}"), e))?);
-        self.node_shard(id).lock().put(id, n.clone());
+        self.cache_node(id, n.clone());
         Ok(n)
     }
 
@@ -241,6 +272,6 @@ impl NodeStore for BlockIo {
     }
 
     fn remember(&self, p: &BlockPtr, node: Node) {
-        self.node_shard(p.id_u128()).lock().put(p.id_u128(), Arc::new(node));
+        self.cache_node(p.id_u128(), Arc::new(node));
     }
 }

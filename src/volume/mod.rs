@@ -1405,8 +1405,8 @@ impl Volume {
                         };
                         i.blocks += 1;
                     }
-                    let mut plain = p;
-                    plain.0.truncate(stored);
+                    // Cache exactly what was stored (a short copy frees the full buffer).
+                    let plain = if stored < p.0.len() { Plain(p.0[..stored].to_vec()) } else { p };
                     self.io.data_cache.insert(ptr.id_u128(), Arc::new(plain));
                 }
                 Err(e) => {
