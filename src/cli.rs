@@ -216,7 +216,11 @@ struct FsckArgs {
 
 /// `mount.kmsfs SPEC DIR [-sfnv] [-o OPTIONS] [-t TYPE]`, as mount(8) runs helpers.
 #[derive(Parser, Debug)]
-#[command(name = "mount.kmsfs", version, about = "mount(8) helper for kmsfs volumes")]
+#[command(
+    name = "mount.kmsfs",
+    version,
+    about = "mount(8) helper for kmsfs volumes"
+)]
 struct HelperCli {
     /// The volume directory
     volume_dir: PathBuf,
@@ -301,7 +305,9 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
 fn run_helper(args: Vec<OsString>) -> Result<()> {
     let h: HelperCli = parse_or_exit(args)?;
     if h.namespace.is_some() {
-        return Err(CliError::usage("mount.kmsfs does not support -N (mount namespaces)"));
+        return Err(CliError::usage(
+            "mount.kmsfs does not support -N (mount namespaces)",
+        ));
     }
     let _ = (h.no_mtab, h.verbose, h.fstype);
     let a = MountArgs {
@@ -324,7 +330,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
-    let bad = || format!("invalid size {s:?}: use a number with an optional K, M, G or T suffix (64K, 1M, 65536)");
+    let bad = || {
+        format!(
+            "invalid size {s:?}: use a number with an optional K, M, G or T suffix (64K, 1M, 65536)"
+        )
+    };
     let n: u64 = num.parse().map_err(|_| bad())?;
     let mult: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -397,7 +407,9 @@ enum UnlockSource {
 }
 
 fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// Picks the keystore and unlock source: flags, then -o options, then the environment.
@@ -409,8 +421,16 @@ fn resolve_keys(k: &KeyArgs, o: &MountOpts) -> Result<(PathBuf, UnlockSource)> {
         .or_else(|| env_path(ENV_KEYSTORE))
         .unwrap_or_else(default_keystore);
     let levels = [
-        ("--passphrase-file and --keyfile", k.passphrase_file.clone(), k.keyfile.clone()),
-        ("passphrase_file= and keyfile=", o.passphrase_file.clone(), o.keyfile.clone()),
+        (
+            "--passphrase-file and --keyfile",
+            k.passphrase_file.clone(),
+            k.keyfile.clone(),
+        ),
+        (
+            "passphrase_file= and keyfile=",
+            o.passphrase_file.clone(),
+            o.keyfile.clone(),
+        ),
         (
             "KMSFS_PASSPHRASE_FILE and KMSFS_KEYFILE",
             env_path(ENV_PASSPHRASE_FILE),
@@ -421,7 +441,9 @@ fn resolve_keys(k: &KeyArgs, o: &MountOpts) -> Result<(PathBuf, UnlockSource)> {
     for (what, pass, key) in levels {
         match (pass, key) {
             (Some(_), Some(_)) => {
-                return Err(CliError::usage(format!("{what} are both given; pass only one")));
+                return Err(CliError::usage(format!(
+                    "{what} are both given; pass only one"
+                )));
             }
             (Some(p), None) => unlock = UnlockSource::PassphraseFile(absolute(&p)?),
             (None, Some(f)) => unlock = UnlockSource::Keyfile(absolute(&f)?),
@@ -447,13 +469,22 @@ fn obtain_unlock(keystore: &Path, src: &UnlockSource, creating: bool) -> Result<
     match src {
         UnlockSource::Keyfile(p) => Ok(Unlock::Keyfile(p.clone())),
         UnlockSource::PassphraseFile(p) => {
-            let mut f = File::open(p)
-                .map_err(|e| CliError::key(format!("cannot read the passphrase file {}: {e}", p.display())))?;
+            let mut f = File::open(p).map_err(|e| {
+                CliError::key(format!(
+                    "cannot read the passphrase file {}: {e}",
+                    p.display()
+                ))
+            })?;
             let mut b = Vec::with_capacity(MAX_PASSPHRASE + 2);
             (&mut f)
                 .take(MAX_PASSPHRASE as u64 + 2)
                 .read_to_end(&mut b)
-                .map_err(|e| CliError::key(format!("cannot read the passphrase file {}: {e}", p.display())))?;
+                .map_err(|e| {
+                    CliError::key(format!(
+                        "cannot read the passphrase file {}: {e}",
+                        p.display()
+                    ))
+                })?;
             let p = Passphrase::from_file_contents(b);
             if p.expose().is_empty() {
                 return Err(CliError::key("the passphrase file is empty"));
@@ -461,11 +492,14 @@ fn obtain_unlock(keystore: &Path, src: &UnlockSource, creating: bool) -> Result<
             Ok(Unlock::Passphrase(p))
         }
         UnlockSource::Prompt => {
-            let p = prompt_passphrase(&format!("Passphrase for keystore {}: ", keystore.display()))?;
+            let p =
+                prompt_passphrase(&format!("Passphrase for keystore {}: ", keystore.display()))?;
             if creating {
                 let again = prompt_passphrase("Repeat the new passphrase: ")?;
                 if again.expose() != p.expose() {
-                    return Err(CliError::key("the passphrases do not match; nothing was created"));
+                    return Err(CliError::key(
+                        "the passphrases do not match; nothing was created",
+                    ));
                 }
             }
             Ok(Unlock::Passphrase(p))
@@ -546,7 +580,9 @@ fn open_keystore(path: &Path, unlock: Unlock) -> Result<LocalKeystore> {
     } else {
         KdfParams::DEFAULT
     };
-    Ok(LocalKeystore::open_or_create_with_params(path, unlock, params)?)
+    Ok(LocalKeystore::open_or_create_with_params(
+        path, unlock, params,
+    )?)
 }
 
 /// Opens an existing keystore (only `init` creates one).
@@ -572,7 +608,10 @@ fn check_volume(dir: &Path) -> Result<PathBuf> {
     let canon = fs::canonicalize(dir)
         .map_err(|e| CliError::error(format!("volume directory {}: {e}", dir.display())))?;
     if !canon.is_dir() {
-        return Err(CliError::error(format!("{} is not a directory", dir.display())));
+        return Err(CliError::error(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
     }
     if !is_volume(&canon) {
         return Err(CliError::error(format!(
@@ -600,6 +639,7 @@ fn open_read_only(keys: &KeyArgs, dir: &Path) -> Result<(Volume, LocalKeystore, 
         read_only: true,
         cache_bytes: TOOL_CACHE,
         snapshot: None,
+        ..Default::default()
     };
     let vol = Volume::open(Arc::new(FsStorage::new(&dir)), &kms, opts)?;
     Ok((vol, kms, dir))
@@ -630,16 +670,22 @@ fn cmd_init(keys: &KeyArgs, a: InitArgs) -> Result<()> {
             .map_err(|e| CliError::error(format!("cannot create {}: {e}", dir.display())))?;
     } else {
         if !dir.is_dir() {
-            return Err(CliError::error(format!("{} exists and is not a directory", dir.display())));
+            return Err(CliError::error(format!(
+                "{} exists and is not a directory",
+                dir.display()
+            )));
         }
         if is_volume(dir) {
-            let id = peek_volume_id(dir).map(|i| format!(" (id {i})")).unwrap_or_default();
+            let id = peek_volume_id(dir)
+                .map(|i| format!(" (id {i})"))
+                .unwrap_or_default();
             return Err(CliError::error(format!(
                 "{} is already a kmsfs volume{id}; nothing was changed",
                 dir.display()
             )));
         }
-        let mut entries = fs::read_dir(dir).map_err(|e| CliError::error(format!("{}: {e}", dir.display())))?;
+        let mut entries =
+            fs::read_dir(dir).map_err(|e| CliError::error(format!("{}: {e}", dir.display())))?;
         if entries.next().is_some() {
             return Err(CliError::error(format!(
                 "{} is not empty and is not a kmsfs volume; choose a new or empty directory",
@@ -664,7 +710,11 @@ fn cmd_init(keys: &KeyArgs, a: InitArgs) -> Result<()> {
             } else if let Ok(rd) = fs::read_dir(dir) {
                 for entry in rd.flatten() {
                     let p = entry.path();
-                    let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+                    let _ = if p.is_dir() {
+                        fs::remove_dir_all(&p)
+                    } else {
+                        fs::remove_file(&p)
+                    };
                 }
             }
             return Err(e);
@@ -792,7 +842,10 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
         usage: usage(&vol)?,
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r).expect("info serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).expect("info serializes")
+        );
         return Ok(());
     }
     let cmk = match &r.cmk_alias {
@@ -804,8 +857,16 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
     println!("id:             {}", r.id);
     println!("format version: {}", r.format_version);
     println!("cipher:         {}", r.cipher);
-    println!("block size:     {} ({})", r.block_size, human(r.block_size as u64));
-    println!("segment size:   {} ({})", r.segment_size, human(r.segment_size as u64));
+    println!(
+        "block size:     {} ({})",
+        r.block_size,
+        human(r.block_size as u64)
+    );
+    println!(
+        "segment size:   {} ({})",
+        r.segment_size,
+        human(r.segment_size as u64)
+    );
     println!("CMK:            {cmk}");
     println!("created:        {} (unix time)", r.created);
     println!("generation:     {}", r.generation);
@@ -814,8 +875,16 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
         "contents:       {} files, {} directories, {} symlinks, {} other",
         u.files, u.directories, u.symlinks, u.other
     );
-    println!("logical bytes:  {} ({})", u.logical_bytes, human(u.logical_bytes));
-    println!("stored bytes:   {} ({})", r.stored_bytes, human(r.stored_bytes));
+    println!(
+        "logical bytes:  {} ({})",
+        u.logical_bytes,
+        human(u.logical_bytes)
+    );
+    println!(
+        "stored bytes:   {} ({})",
+        r.stored_bytes,
+        human(r.stored_bytes)
+    );
     Ok(())
 }
 
@@ -851,7 +920,10 @@ fn cmd_fsck(keys: &KeyArgs, a: FsckArgs) -> Result<()> {
             segments: r.segments,
             unreferenced_segments: r.unreferenced_segments,
         };
-        println!("{}", serde_json::to_string_pretty(&j).expect("report serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&j).expect("report serializes")
+        );
     } else {
         for e in &r.errors {
             println!("error: {e}");
@@ -904,9 +976,29 @@ struct MountOpts {
 
 /// Options mount(8), mount.fuse3 and systemd pass that mean nothing to kmsfs.
 const IGNORED_OPTIONS: &[&str] = &[
-    "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev", "nofail",
-    "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime", "diratime",
-    "nodiratime", "iversion", "noiversion", "silent", "loud", "nonempty",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "_netdev",
+    "nofail",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "lazytime",
+    "nolazytime",
+    "diratime",
+    "nodiratime",
+    "iversion",
+    "noiversion",
+    "silent",
+    "loud",
+    "nonempty",
 ];
 /// Options with a value that mean nothing to kmsfs.
 const IGNORED_VALUE_OPTIONS: &[&str] = &["comment", "fsname", "subtype"];
@@ -925,7 +1017,9 @@ fn parse_mount_options(groups: &[String], sloppy: bool) -> Result<MountOpts> {
         let need = |v: Option<&str>| -> Result<String> {
             match v {
                 Some(v) if !v.is_empty() => Ok(v.to_string()),
-                _ => Err(CliError::usage(format!("mount option {k} needs a value ({k}=…)"))),
+                _ => Err(CliError::usage(format!(
+                    "mount option {k} needs a value ({k}=…)"
+                ))),
             }
         };
         let flag = match k {
@@ -972,7 +1066,8 @@ fn parse_mount_options(groups: &[String], sloppy: bool) -> Result<MountOpts> {
             ("default_permissions", None) => o.default_permissions = true,
             ("cache_size", v) => {
                 let s = need(v)?;
-                o.cache_size = Some(parse_size(&s).map_err(|e| CliError::usage(format!("cache_size: {e}")))?);
+                o.cache_size =
+                    Some(parse_size(&s).map_err(|e| CliError::usage(format!("cache_size: {e}")))?);
             }
             ("keystore", v) => o.keystore = Some(need(v)?.into()),
             ("passphrase_file", v) => o.passphrase_file = Some(need(v)?.into()),
@@ -1016,13 +1111,19 @@ fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<MountPlan> {
     let mountpoint = fs::canonicalize(&a.mountpoint)
         .map_err(|e| CliError::error(format!("mount point {}: {e}", a.mountpoint.display())))?;
     if !mountpoint.is_dir() {
-        return Err(CliError::error(format!("mount point {} is not a directory", mountpoint.display())));
+        return Err(CliError::error(format!(
+            "mount point {} is not a directory",
+            mountpoint.display()
+        )));
     }
     let snapshot = a.snapshot.or_else(|| opts.snapshot.clone());
     let read_only = a.read_only || opts.read_only == Some(true) || snapshot.is_some();
     let cache = opts.cache_size.unwrap_or(DEFAULT_CACHE);
-    let cache_bytes = usize::try_from(cache).map_err(|_| CliError::usage("cache_size is too large"))?;
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let cache_bytes =
+        usize::try_from(cache).map_err(|_| CliError::usage("cache_size is too large"))?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let settings = MountSettings {
         fsname: volume.display().to_string(),
         read_only,
@@ -1048,6 +1149,7 @@ fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<MountPlan> {
             read_only,
             cache_bytes,
             snapshot,
+            ..Default::default()
         },
         opts,
         settings,
@@ -1069,7 +1171,10 @@ fn cmd_mount(plan: MountPlan) -> Result<()> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(CliError::error(format!("pipe: {}", std::io::Error::last_os_error())));
+        return Err(CliError::error(format!(
+            "pipe: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     // SAFETY: pipe2 just returned these two descriptors; each is owned once.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
@@ -1077,7 +1182,10 @@ fn cmd_mount(plan: MountPlan) -> Result<()> {
     // yet), so the child may run arbitrary code after fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(CliError::error(format!("fork: {}", std::io::Error::last_os_error())));
+        return Err(CliError::error(format!(
+            "fork: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     if pid == 0 {
         drop(rd);
@@ -1108,7 +1216,10 @@ fn cmd_mount(plan: MountPlan) -> Result<()> {
     }
     Err(CliError::error(format!(
         "the mount daemon exited before the mount was ready; see its log {}",
-        plan.log.as_deref().unwrap_or(Path::new("(stderr)")).display()
+        plan.log
+            .as_deref()
+            .unwrap_or(Path::new("(stderr)"))
+            .display()
     )))
 }
 
@@ -1119,7 +1230,11 @@ impl Ready {
     /// Detaches from the caller's terminal and tells the parent to exit 0.
     fn ok(&mut self) {
         let Some(mut f) = self.0.take() else { return };
-        if let Ok(null) = FsOpenOptions::new().read(true).write(true).open("/dev/null") {
+        if let Ok(null) = FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
             // SAFETY: dup2 onto the standard descriptors from a descriptor we own.
             unsafe {
                 libc::dup2(null.as_raw_fd(), 0);
@@ -1152,18 +1267,29 @@ fn open_log(path: &Path) -> Result<File> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| CliError::error(format!("cannot create the log directory {}: {e}; pass -o log=PATH", dir.display())))?;
+            .map_err(|e| {
+                CliError::error(format!(
+                    "cannot create the log directory {}: {e}; pass -o log=PATH",
+                    dir.display()
+                ))
+            })?;
     }
     FsOpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| CliError::error(format!("cannot open the log file {}: {e}; pass -o log=PATH", path.display())))
+        .map_err(|e| {
+            CliError::error(format!(
+                "cannot open the log file {}: {e}; pass -o log=PATH",
+                path.display()
+            ))
+        })
 }
 
 fn init_logger() {
-    let env = env_logger::Env::default().default_filter_or("info");
+    // fuser's session warns when its own second unmount finds nothing mounted.
+    let env = env_logger::Env::default().default_filter_or("info,fuser::session=error");
     let _ = env_logger::Builder::from_env(env)
         .format_timestamp_millis()
         .target(env_logger::Target::Stderr)
@@ -1195,45 +1321,46 @@ fn block_signals() -> libc::sigset_t {
 /// SIGTERM/SIGINT/SIGHUP: unmount, which ends the session; `destroy` then
 /// makes the final commit. Before the mount exists, just exit (nothing to save).
 fn spawn_signal_thread(set: libc::sigset_t, phase: Arc<Mutex<Phase>>, mountpoint: PathBuf) {
-    let _ = std::thread::Builder::new().name("kmsfs-signals".into()).spawn(move || {
-        loop {
-            let mut sig = 0;
-            // SAFETY: `set` is an initialised signal set and `sig` a valid out-pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            let mut p = phase.lock().unwrap_or_else(|e| e.into_inner());
-            match std::mem::replace(&mut *p, Phase::Stopping) {
-                Phase::Starting => {
-                    log::info!("signal {sig} before the mount was ready: exiting");
-                    std::process::exit(exit::ERROR);
+    let _ = std::thread::Builder::new()
+        .name("kmsfs-signals".into())
+        .spawn(move || {
+            loop {
+                let mut sig = 0;
+                // SAFETY: `set` is an initialised signal set and `sig` a valid out-pointer.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
                 }
-                Phase::Mounted(mut u) => {
-                    drop(p);
-                    log::info!("signal {sig}: unmounting {}", mountpoint.display());
-                    if let Err(e) = u.unmount() {
-                        log::warn!("unmount failed ({e}); detaching the mount lazily");
+                let mut p = phase.lock().unwrap_or_else(|e| e.into_inner());
+                match std::mem::replace(&mut *p, Phase::Stopping) {
+                    Phase::Starting => {
+                        log::info!("signal {sig} before the mount was ready: exiting");
+                        std::process::exit(exit::ERROR);
+                    }
+                    Phase::Mounted(mut u) => {
+                        drop(p);
+                        log::info!("signal {sig}: unmounting {}", mountpoint.display());
+                        if let Err(e) = u.unmount() {
+                            log::warn!("unmount failed ({e}); detaching the mount lazily");
+                            lazy_unmount(&mountpoint);
+                        }
+                    }
+                    Phase::Stopping => {
+                        log::info!("signal {sig}: already unmounting; detaching lazily");
+                        drop(p);
                         lazy_unmount(&mountpoint);
                     }
                 }
-                Phase::Stopping => {
-                    log::info!("signal {sig}: already unmounting; detaching lazily");
-                    drop(p);
-                    lazy_unmount(&mountpoint);
-                }
             }
-        }
-    });
+        });
 }
 
 fn lazy_unmount(mountpoint: &Path) {
-    if is_root() {
-        if let Ok(c) = CString::new(mountpoint.as_os_str().as_bytes()) {
-            // SAFETY: `c` is a valid NUL-terminated path.
-            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-                return;
-            }
-        }
+    if is_root()
+        && let Ok(c) = CString::new(mountpoint.as_os_str().as_bytes())
+        // SAFETY: `c` is a valid NUL-terminated path.
+        && unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0
+    {
+        return;
     }
     let _ = std::process::Command::new("fusermount3")
         .args(["-u", "-z", "-q", "--"])
@@ -1267,10 +1394,15 @@ fn volume_is_mounted(volume: &Path) -> bool {
         return true; // unknown: assume the lock is a live mount
     };
     info.lines().any(|l| {
-        let Some((_, post)) = l.split_once(" - ") else { return false };
+        let Some((_, post)) = l.split_once(" - ") else {
+            return false;
+        };
         let mut f = post.split(' ');
-        let (Some(fstype), Some(source)) = (f.next(), f.next()) else { return false };
-        fstype == "fuse.kmsfs" && unescape_mountinfo(source) == volume.as_os_str().as_bytes()
+        let (Some(fstype), Some(source)) = (f.next(), f.next()) else {
+            return false;
+        };
+        // Direct mounts by root show as "fuse", fusermount3's as "fuse.kmsfs".
+        fstype.starts_with("fuse") && unescape_mountinfo(source) == volume.as_os_str().as_bytes()
     })
 }
 
@@ -1282,7 +1414,9 @@ fn open_volume(plan: &MountPlan, kms: &LocalKeystore) -> Result<Volume> {
     loop {
         let storage = Arc::new(FsStorage::new(&plan.volume));
         match Volume::open(storage, kms, plan.open.clone()) {
-            Err(Error::Locked(m)) if !volume_is_mounted(&plan.volume) && start.elapsed() < LOCK_WAIT => {
+            Err(Error::Locked(m))
+                if !volume_is_mounted(&plan.volume) && start.elapsed() < LOCK_WAIT =>
+            {
                 log::info!("volume locked ({m}) by a daemon that is shutting down; waiting");
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -1318,20 +1452,31 @@ fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Resu
         std::process::id(),
         plan.volume.display(),
         plan.mountpoint.display(),
-        if plan.open.read_only { " read-only" } else { "" }
+        if plan.open.read_only {
+            " read-only"
+        } else {
+            ""
+        }
     );
     let kms = open_keystore(ks, unlock)?;
     let vol = Arc::new(open_volume(plan, &kms)?);
     drop(kms);
-    let fs = KmsFs::new(vol, plan.settings.clone());
+    // This handle keeps the volume lock until after the session has dropped
+    // its mount handle (fuser unmounts the mountpoint again at the end of
+    // `run`): a new mount, which waits for the lock, cannot be hit by that.
+    let fs = KmsFs::new(vol.clone(), plan.settings.clone());
     let outcome = fs.outcome();
     let mut session = Session::new(fs, &plan.mountpoint, &plan.settings.config()).map_err(|e| {
-        CliError::error(format!("cannot mount on {}: {e}", plan.mountpoint.display()))
+        CliError::error(format!(
+            "cannot mount on {}: {e}",
+            plan.mountpoint.display()
+        ))
     })?;
     *phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::Mounted(session.unmount_callable());
     log::info!("mounted; serving requests");
     ready.ok();
     let r = session.run();
+    drop(vol);
     log::info!("session ended");
     if let Err(e) = r {
         return Err(CliError::error(format!("the FUSE session failed: {e}")));
@@ -1364,8 +1509,11 @@ mod tests {
     #[test]
     fn mount_options() {
         let o = parse_mount_options(
-            &["ro,allow_other,cache_size=64M,keystore=/k,passphrase_file=/p,_netdev,nofail".into(),
-              "x-systemd.automount,comment=foo,nodev,dev,noexec,defaults,log=/l".into()],
+            &[
+                "ro,allow_other,cache_size=64M,keystore=/k,passphrase_file=/p,_netdev,nofail"
+                    .into(),
+                "x-systemd.automount,comment=foo,nodev,dev,noexec,defaults,log=/l".into(),
+            ],
             false,
         )
         .unwrap();
@@ -1419,8 +1567,14 @@ mod tests {
     #[test]
     fn error_codes() {
         assert_eq!(CliError::from(Error::Locked("x".into())).code, exit::BUSY);
-        assert_eq!(CliError::from(Error::integrity("a", "b")).code, exit::INTEGRITY);
-        assert_eq!(CliError::from(Error::Kms(KmsError::UnwrapFailed)).code, exit::KEY);
+        assert_eq!(
+            CliError::from(Error::integrity("a", "b")).code,
+            exit::INTEGRITY
+        );
+        assert_eq!(
+            CliError::from(Error::Kms(KmsError::UnwrapFailed)).code,
+            exit::KEY
+        );
         assert_eq!(CliError::from(Error::NotFound).code, exit::ERROR);
     }
 

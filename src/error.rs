@@ -46,6 +46,8 @@ pub enum Error {
     Format(String),
     #[error("the volume is locked by another process ({0}); unmount it first")]
     Locked(String),
+    #[error("the volume was rolled back: it is at generation {found}, but the keystore recorded generation {mark}. Someone restored an older copy of the backing store, or it was tampered with. If you restored it on purpose, open it once with `kmsfs fsck --accept-rollback`")]
+    Rollback { found: u64, mark: u64 },
     #[error(transparent)]
     Kms(#[from] KmsError),
     #[error("I/O error on {what}: {source}")]
@@ -103,6 +105,7 @@ impl Error {
             Error::Integrity { .. } => libc::EIO,
             Error::Format(_) => libc::EIO,
             Error::Locked(_) => libc::EBUSY,
+            Error::Rollback { .. } => libc::EIO,
             Error::Kms(_) => libc::EACCES,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }

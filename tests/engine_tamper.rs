@@ -331,3 +331,43 @@ impl CreateOptionsExt {
         small_opts()
     }
 }
+
+#[test]
+fn rollback_to_an_older_state_is_detected_and_recoverable() {
+    let fx = fixture();
+    let live = fx.base.reboot();
+    let old_copy = live.reboot(); // the attacker's (or an old backup's) copy
+    let v = open(&fx.env, Arc::new(live.clone()));
+    let f = v.create(ROOT_INO, b"new", 0o644, 0, 0).unwrap();
+    v.write(f.ino, 0, b"newer data").unwrap();
+    v.commit().unwrap();
+    v.record_generation(&fx.env.kms).unwrap();
+    drop(v);
+    // Put the old state back in place of the live one.
+    let e = Volume::open(Arc::new(old_copy.clone()), &fx.env.kms, Default::default())
+        .err()
+        .expect("rollback went unnoticed");
+    let m = e.to_string();
+    assert!(m.contains("rolled back") && m.contains("--accept-rollback"), "{m}");
+    assert_eq!(e.errno(), libc::EIO);
+    // Read-only opens are refused too (they would serve stale data silently).
+    assert!(
+        Volume::open(
+            Arc::new(old_copy.clone()),
+            &fx.env.kms,
+            kmsfs::volume::OpenOptions { read_only: true, ..Default::default() }
+        )
+        .is_err()
+    );
+    // A deliberate restore is accepted once; afterwards it opens normally.
+    let v = Volume::open(
+        Arc::new(old_copy.clone()),
+        &fx.env.kms,
+        kmsfs::volume::OpenOptions { accept_rollback: true, ..Default::default() },
+    )
+    .unwrap();
+    assert_eq!(dump(&v).unwrap(), fx.reference);
+    drop(v);
+    let v = open(&fx.env, Arc::new(old_copy));
+    assert!(v.lookup(ROOT_INO, b"new").is_err());
+}

@@ -73,6 +73,9 @@ pub struct OpenOptions {
     pub cache_bytes: usize,
     /// Open this snapshot (read-only) instead of the live tree.
     pub snapshot: Option<String>,
+    /// Open even if the volume is older than the generation the KMS recorded
+    /// (a deliberate restore from backup); the next commit moves it past the mark.
+    pub accept_rollback: bool,
 }
 
 impl Default for OpenOptions {
@@ -81,6 +84,7 @@ impl Default for OpenOptions {
             read_only: false,
             cache_bytes: 256 << 20,
             snapshot: None,
+            accept_rollback: false,
         }
     }
 }
@@ -393,9 +397,28 @@ impl Volume {
                 write_durably(&*storage, format::HEADER_BACKUP_FILE, &hb)?;
             }
         }
+        let accept_rollback = opts.accept_rollback;
         let vol = Volume::assemble(storage, header, dk, Some(&root_bytes), read_only, opts, lock)?;
+        // Rollback: the KMS keeps the highest generation this volume reached.
+        let generation = vol.generation();
+        if let Some(mark) = kms.generation_mark(&vol.header.volume_id)?
+            && generation < mark
+        {
+            if !accept_rollback {
+                return Err(Error::Rollback { found: generation, mark });
+            }
+            log::warn!(
+                "{}: accepting a rollback from generation {mark} to {generation}",
+                vol.io.storage.describe()
+            );
+            let mut st = vol.st.write();
+            st.generation = mark;
+            st.changed = true;
+        }
         if !read_only {
             vol.purge_orphans()?;
+            vol.commit()?;
+            vol.record_generation(kms)?;
         }
         Ok(vol)
     }
@@ -1524,6 +1547,17 @@ impl Volume {
         write_durably(&*self.io.storage, format::ROOT_FILE, &rec)?;
         st.generation = generation;
         st.changed = false;
+        Ok(())
+    }
+
+    /// Raises the KMS's high-water mark to the last committed generation, so a
+    /// later open detects a rollback of the backing store to an older state.
+    pub fn record_generation(&self, kms: &dyn Kms) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let g = self.st.read().generation;
+        kms.record_generation(&self.header.volume_id, g)?;
         Ok(())
     }
 
