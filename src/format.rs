@@ -317,6 +317,10 @@ pub fn decode_segment_header(b: &[u8]) -> Result<([u8; 16], u64), DecodeError> {
 pub struct Header {
     pub version: u16,
     pub volume_id: [u8; 16],
+    /// Key domain: the id of the volume whose DK this is. Equal to `volume_id`
+    /// except in clones, which share the DK and every sealed block with their
+    /// origin. Bound in every block's AAD and in the KMS encryption context.
+    pub key_domain: [u8; 16],
     pub cipher: u8,
     pub block_size: u32,
     pub segment_size: u32,
@@ -331,14 +335,15 @@ pub mod header_off {
     pub const MAGIC: usize = 0;
     pub const VERSION: usize = 8;
     pub const VOLUME_ID: usize = 10;
-    pub const CIPHER: usize = 26;
-    pub const BLOCK_SIZE: usize = 27;
-    pub const SEGMENT_SIZE: usize = 31;
-    pub const CREATED: usize = 35;
-    pub const CMK_VERSION: usize = 43;
+    pub const KEY_DOMAIN: usize = 26;
+    pub const CIPHER: usize = 42;
+    pub const BLOCK_SIZE: usize = 43;
+    pub const SEGMENT_SIZE: usize = 47;
+    pub const CREATED: usize = 51;
+    pub const CMK_VERSION: usize = 59;
     /// u16 length + CMK id, then u16 length + wrapped DK, then zero padding; the
     /// HMAC-SHA256 occupies the last 32 bytes of the 4096-byte header.
-    pub const CMK_ID_LEN: usize = 47;
+    pub const CMK_ID_LEN: usize = 63;
 }
 
 impl Header {
@@ -348,6 +353,7 @@ impl Header {
         e.bytes(HEADER_MAGIC)
             .u16(self.version)
             .bytes(&self.volume_id)
+            .bytes(&self.key_domain)
             .u8(self.cipher)
             .u32(self.block_size)
             .u32(self.segment_size)
@@ -388,6 +394,7 @@ impl Header {
         let mut d = Dec::new(&b[..HEADER_LEN - HEADER_MAC_LEN]);
         d.take(10)?;
         let volume_id = d.array()?;
+        let key_domain = d.array()?;
         let cipher = d.u8()?;
         let block_size = d.u32()?;
         let segment_size = d.u32()?;
@@ -413,6 +420,7 @@ impl Header {
         Ok(Header {
             version,
             volume_id,
+            key_domain,
             cipher,
             block_size,
             segment_size,
@@ -828,6 +836,7 @@ mod tests {
         let h = Header {
             version: FORMAT_VERSION,
             volume_id: [1; 16],
+            key_domain: [1; 16],
             cipher: 1,
             block_size: 65536,
             segment_size: DEFAULT_SEGMENT_SIZE,

@@ -146,7 +146,7 @@ fn write_vectors() {
         "# Sealed-block vectors, format v1. One per line, fields separated by spaces:\n\
          # name cipher dk volume_id block_id kind sealed expect\n\
          # dk: the volume data key; the block key is HKDF-SHA256(dk, \"kmsfs v1 block\").\n\
-         # AAD = \"KMSFSBLK\" || version(2 LE) || volume_id || block_id || kind.\n\
+         # AAD = \"KMSFSBLK\" || version(2 LE) || key domain || block_id || kind.\n\
          # sealed = nonce || ciphertext || tag. expect: plaintext hex, or `fail`.\n",
     );
     let dk = SecretKey::from_bytes([7u8; 32]);

@@ -36,6 +36,7 @@ const NODE_PAD: usize = 512;
 pub struct BlockIo {
     pub storage: Arc<dyn Storage>,
     sealer: Sealer,
+    /// The key domain (see `Header::key_domain`): bound in every block's AAD.
     pub volume_id: [u8; 16],
     segment_size: u64,
     writer: Mutex<Writer>,

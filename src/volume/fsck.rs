@@ -91,7 +91,7 @@ impl Volume {
             let name = format::segment_file_name(id);
             match storage.read_at(&name, 0, &mut h) {
                 Ok(()) => match format::decode_segment_header(&h) {
-                    Ok((vid, sid)) if vid == self.header.volume_id && sid == id => {}
+                    Ok((vid, sid)) if vid == self.header.key_domain && sid == id => {}
                     Ok(_) => r.errors.push(format!("segment {name}: header names another volume or segment (file swapped or copied in)")),
                     Err(e) => r.errors.push(format!("segment {name}: {e}")),
                 },

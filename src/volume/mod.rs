@@ -233,7 +233,7 @@ fn read_header(
         cmk_version: h.cmk_version,
         ciphertext: h.wrapped_dk.clone(),
     };
-    let dk = kms.decrypt(&wrapped, &ctx_for(&h.volume_id))?;
+    let dk = kms.decrypt(&wrapped, &ctx_for(&h.key_domain))?;
     let mac_key = derive_subkey(&dk, labels::HEADER_MAC);
     let body = &b[..format::HEADER_LEN - format::HEADER_MAC_LEN];
     let mac = crypto::hmac_sha256(&mac_key, body);
@@ -290,6 +290,7 @@ impl Volume {
         let header = Header {
             version: format::FORMAT_VERSION,
             volume_id,
+            key_domain: volume_id,
             cipher: opts.cipher as u8,
             block_size: opts.block_size,
             segment_size: opts.segment_size,
@@ -468,7 +469,7 @@ impl Volume {
         let io = Arc::new(BlockIo::new(
             storage,
             sealer,
-            header.volume_id,
+            header.key_domain,
             header.segment_size,
             next_segment,
             opts.cache_bytes,
