@@ -20,6 +20,9 @@ pub const ROOT_TMP_FILE: &str = "kmsfs.root.tmp";
 pub const SEGMENT_DIR: &str = "seg";
 /// Lock file taken by a read-write opener.
 pub const LOCK_FILE: &str = "kmsfs.lock";
+/// Lock file read-only openers share; the cleaner deletes segments only when
+/// it can take it exclusively.
+pub const READERS_FILE: &str = "kmsfs.readers";
 
 pub const HEADER_MAGIC: &[u8; 8] = b"KMSFSVOL";
 pub const SEGMENT_MAGIC: &[u8; 8] = b"KMSFSSEG";

@@ -6,10 +6,13 @@
 //! kept here: the core counts opens per inode, so an unlinked file that is
 //! still open lives until its last release.
 //!
-//! Two things besides translation live here because their lifetime is the
-//! session's: the periodic committer (started in `init`, stopped in `destroy`
-//! before the final commit), and POSIX ACL inheritance, which the kernel leaves
-//! to the daemon once `FUSE_POSIX_ACL` is negotiated (see [`acl`]).
+//! Two things besides translation live here:
+//! - the periodic committer, whose lifetime is the session's (started in
+//!   `init`, stopped in `destroy` before the final commit);
+//! - the POSIX ACL duties the kernel leaves to a FUSE daemon (see [`acl`]):
+//!   the mode follows an access ACL that is set, a chmod updates the ACL, and
+//!   new nodes inherit default ACLs. The core stores ACLs as opaque xattrs;
+//!   if it ever interprets them, this belongs there.
 //!
 //! Kernel caching is safe to turn on (write-back cache, kept page cache,
 //! cached symlinks) because a volume has a single writer, enforced by the
@@ -25,9 +28,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
-    TimeOrNow, WriteFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::error::Error;
@@ -69,7 +72,11 @@ impl MountSettings {
         let mut opts = vec![
             MountOption::FSName(self.fsname.clone()),
             MountOption::Subtype("kmsfs".into()),
-            if self.read_only { MountOption::RO } else { MountOption::RW },
+            if self.read_only {
+                MountOption::RO
+            } else {
+                MountOption::RW
+            },
         ];
         if self.default_permissions {
             opts.push(MountOption::DefaultPermissions);
@@ -140,6 +147,43 @@ impl KmsFs {
         Ok(())
     }
 
+    /// Sets an access ACL the way a local filesystem does: the mode's
+    /// permission bits follow the ACL, and an ACL that says no more than the
+    /// mode is not stored at all.
+    fn set_access_acl(&self, ino: u64, value: &[u8], flags: i32) -> Result<(), Error> {
+        let (bits, equivalent) =
+            acl::mode_bits(value).ok_or_else(|| Error::Invalid("malformed POSIX ACL".into()))?;
+        let a = self.vol.getattr(ino)?;
+        if equivalent {
+            match self.vol.removexattr(ino, acl::ACCESS_XATTR) {
+                Ok(()) | Err(Error::NoXattr) => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.vol.setxattr(ino, acl::ACCESS_XATTR, value, flags)?;
+        }
+        let perm = (a.inode.perm & !0o777) | bits;
+        if perm != a.inode.perm {
+            let s = SetAttr {
+                mode: Some(perm),
+                ..SetAttr::default()
+            };
+            self.vol.setattr(ino, &s)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps an access ACL in step with a chmod.
+    fn chmod_access_acl(&self, ino: u64, mode: u32) -> Result<(), Error> {
+        let Ok(old) = self.vol.getxattr(ino, acl::ACCESS_XATTR) else {
+            return Ok(());
+        };
+        match acl::chmod(&old, mode) {
+            Some(new) if new != old => self.vol.setxattr(ino, acl::ACCESS_XATTR, &new, 0),
+            _ => Ok(()),
+        }
+    }
+
     /// Creates a node with inherited ACLs and returns its attributes.
     fn make(
         &self,
@@ -192,7 +236,8 @@ fn to_system_time(t: Timestamp) -> SystemTime {
     if t.secs >= 0 {
         UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
     } else {
-        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(t.nanos as u64)
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(t.nanos as u64)
     }
 }
 
@@ -257,7 +302,10 @@ impl Filesystem for KmsFs {
         let _ = config.set_max_background(MAX_BACKGROUND);
         let mut wanted = vec![
             ("atomic O_TRUNC", InitFlags::FUSE_ATOMIC_O_TRUNC),
-            ("parallel directory operations", InitFlags::FUSE_PARALLEL_DIROPS),
+            (
+                "parallel directory operations",
+                InitFlags::FUSE_PARALLEL_DIROPS,
+            ),
             ("readdirplus", InitFlags::FUSE_DO_READDIRPLUS),
             ("adaptive readdirplus", InitFlags::FUSE_READDIRPLUS_AUTO),
             ("symlink cache", InitFlags::FUSE_CACHE_SYMLINKS),
@@ -337,7 +385,11 @@ impl Filesystem for KmsFs {
             mtime: mtime.map(time_set),
             ctime: ctime.map(to_timestamp),
         };
-        match self.vol.setattr(ino.0, &s) {
+        let r = self.vol.setattr(ino.0, &s).and_then(|a| match mode {
+            Some(m) => self.chmod_access_acl(ino.0, m).map(|()| a),
+            None => Ok(a),
+        });
+        match r {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e, "setattr", ino.0)),
         }
@@ -361,8 +413,15 @@ impl Filesystem for KmsFs {
         reply: ReplyEntry,
     ) {
         let r = self.make(parent.0, mode, umask, |m| {
-            self.vol
-                .mknod(parent.0, name.as_bytes(), m, req.uid(), req.gid(), rdev, None)
+            self.vol.mknod(
+                parent.0,
+                name.as_bytes(),
+                m,
+                req.uid(),
+                req.gid(),
+                rdev,
+                None,
+            )
         });
         match r {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
@@ -381,7 +440,8 @@ impl Filesystem for KmsFs {
     ) {
         let mode = libc::S_IFDIR | (mode & 0o7777);
         let r = self.make(parent.0, mode, umask, |m| {
-            self.vol.mkdir(parent.0, name.as_bytes(), m, req.uid(), req.gid())
+            self.vol
+                .mkdir(parent.0, name.as_bytes(), m, req.uid(), req.gid())
         });
         match r {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
@@ -441,10 +501,13 @@ impl Filesystem for KmsFs {
             noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
             exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
         };
-        match self
-            .vol
-            .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), f)
-        {
+        match self.vol.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            f,
+        ) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e, "rename", parent.0)),
         }
@@ -552,7 +615,14 @@ impl Filesystem for KmsFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.vol.fsync(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e, "fsync", ino.0)),
@@ -593,9 +663,18 @@ impl Filesystem for KmsFs {
             Ok(items) => {
                 for it in items {
                     // An entry removed since the listing is simply left out.
-                    let Ok(a) = self.vol.getattr(it.ino) else { continue };
+                    let Ok(a) = self.vol.getattr(it.ino) else {
+                        continue;
+                    };
                     let name = OsStr::from_bytes(&it.name);
-                    if reply.add(INodeNo(it.ino), it.offset, name, &TTL, &file_attr(&a), Generation(0)) {
+                    if reply.add(
+                        INodeNo(it.ino),
+                        it.offset,
+                        name,
+                        &TTL,
+                        &file_attr(&a),
+                        Generation(0),
+                    ) {
                         break;
                     }
                 }
@@ -605,7 +684,14 @@ impl Filesystem for KmsFs {
         }
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.vol.fsync(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e, "fsyncdir", ino.0)),
@@ -619,7 +705,16 @@ impl Filesystem for KmsFs {
                 let blocks = s.total_bytes / bs;
                 let free = s.free_bytes / bs;
                 // Inodes cost no fixed space: report as many free as free blocks.
-                reply.statfs(blocks, free, free, s.files.saturating_add(free), free, bs as u32, s.name_max, bs as u32)
+                reply.statfs(
+                    blocks,
+                    free,
+                    free,
+                    s.files.saturating_add(free),
+                    free,
+                    bs as u32,
+                    s.name_max,
+                    bs as u32,
+                )
             }
             Err(e) => reply.error(errno(e, "statfs", 1)),
         }
@@ -635,7 +730,12 @@ impl Filesystem for KmsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.vol.setxattr(ino.0, name.as_bytes(), value, flags) {
+        let r = if name.as_bytes() == acl::ACCESS_XATTR {
+            self.set_access_acl(ino.0, value, flags)
+        } else {
+            self.vol.setxattr(ino.0, name.as_bytes(), value, flags)
+        };
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e, "setxattr", ino.0)),
         }
@@ -699,11 +799,18 @@ impl Filesystem for KmsFs {
         let mode = libc::S_IFREG | (mode & 0o7777);
         let r = self
             .make(parent.0, mode, umask, |m| {
-                self.vol.create(parent.0, name.as_bytes(), m, req.uid(), req.gid())
+                self.vol
+                    .create(parent.0, name.as_bytes(), m, req.uid(), req.gid())
             })
             .and_then(|a| self.vol.open_file(a.ino).map(|_| a));
         match r {
-            Ok(a) => reply.created(&TTL, &file_attr(&a), Generation(0), FileHandle(0), OPEN_FLAGS),
+            Ok(a) => reply.created(
+                &TTL,
+                &file_attr(&a),
+                Generation(0),
+                FileHandle(0),
+                OPEN_FLAGS,
+            ),
             Err(e) => reply.error(errno(e, "create", parent.0)),
         }
     }
@@ -861,6 +968,35 @@ pub mod acl {
         (mode, Inherited { access, default })
     }
 
+    /// The permission bits an access ACL stands for (owner, mask or group,
+    /// other), and whether it is equivalent to them (no named entries, no
+    /// mask), in which case a local filesystem keeps only the mode.
+    pub fn mode_bits(v: &[u8]) -> Option<(u32, bool)> {
+        let e = parse(v)?;
+        let get = |t| e.iter().find(|x| x.0 == t).map(|x| x.1 as u32 & 7);
+        let group = get(MASK).or_else(|| get(GROUP_OBJ))?;
+        let bits = (get(USER_OBJ)? << 6) | (group << 3) | get(OTHER)?;
+        let equivalent = !e.iter().any(|x| matches!(x.0, USER | GROUP | MASK));
+        Some((bits, equivalent))
+    }
+
+    /// An access ACL updated for a chmod to `perm`, as `posix_acl_chmod`
+    /// does: owner, mask (or group when there is no mask) and other follow.
+    pub fn chmod(v: &[u8], perm: u32) -> Option<Vec<u8>> {
+        let mut e = parse(v)?;
+        let has_mask = e.iter().any(|x| x.0 == MASK);
+        for x in e.iter_mut() {
+            match x.0 {
+                USER_OBJ => x.1 = ((perm >> 6) & 7) as u16,
+                MASK => x.1 = ((perm >> 3) & 7) as u16,
+                GROUP_OBJ if !has_mask => x.1 = ((perm >> 3) & 7) as u16,
+                OTHER => x.1 = (perm & 7) as u16,
+                _ => {}
+            }
+        }
+        Some(encode(&e))
+    }
+
     /// Entries (tag, perm, id) of a well-formed ACL xattr with at least the
     /// three base entries; None otherwise.
     fn parse(b: &[u8]) -> Option<Vec<(u16, u16, u32)>> {
@@ -903,14 +1039,45 @@ pub mod acl {
         }
 
         #[test]
+        fn access_acl_mode_and_chmod() {
+            let a = acl(&[
+                (USER_OBJ, 6, u32::MAX),
+                (USER, 6, 1234),
+                (GROUP_OBJ, 0, u32::MAX),
+                (MASK, 6, u32::MAX),
+                (OTHER, 0, u32::MAX),
+            ]);
+            assert_eq!(mode_bits(&a), Some((0o660, false)));
+            let base = acl(&[
+                (USER_OBJ, 7, u32::MAX),
+                (GROUP_OBJ, 5, u32::MAX),
+                (OTHER, 4, u32::MAX),
+            ]);
+            assert_eq!(mode_bits(&base), Some((0o754, true)));
+            assert_eq!(mode_bits(b"\x02\x00\x00\x00"), None);
+            let c = parse(&chmod(&a, 0o640).unwrap()).unwrap();
+            assert!(c.contains(&(MASK, 4, u32::MAX)) && c.contains(&(GROUP_OBJ, 0, u32::MAX)));
+            assert!(c.contains(&(USER, 6, 1234)) && c.contains(&(OTHER, 0, u32::MAX)));
+            let c = parse(&chmod(&base, 0o600).unwrap()).unwrap();
+            assert!(c.contains(&(GROUP_OBJ, 0, u32::MAX)));
+        }
+
+        #[test]
         fn no_default_acl_applies_umask() {
-            assert_eq!(inherit(None, 0o100666, 0o022), (0o100644, Inherited::default()));
+            assert_eq!(
+                inherit(None, 0o100666, 0o022),
+                (0o100644, Inherited::default())
+            );
             assert_eq!(inherit(Some(b"junk"), 0o40777, 0o027).0, 0o40750);
         }
 
         #[test]
         fn minimal_default_acl_masks_mode_without_access_acl() {
-            let d = acl(&[(USER_OBJ, 7, u32::MAX), (GROUP_OBJ, 5, u32::MAX), (OTHER, 0, u32::MAX)]);
+            let d = acl(&[
+                (USER_OBJ, 7, u32::MAX),
+                (GROUP_OBJ, 5, u32::MAX),
+                (OTHER, 0, u32::MAX),
+            ]);
             let (mode, inh) = inherit(Some(&d), 0o100666, 0o022);
             assert_eq!(mode, 0o100640);
             assert_eq!(inh.access, None);
@@ -945,9 +1112,18 @@ mod tests {
     fn timestamps_round_trip_with_nanoseconds() {
         for t in [
             Timestamp { secs: 0, nanos: 0 },
-            Timestamp { secs: 1_700_000_000, nanos: 123_456_789 },
-            Timestamp { secs: -1, nanos: 500_000_000 },
-            Timestamp { secs: -86_400, nanos: 0 },
+            Timestamp {
+                secs: 1_700_000_000,
+                nanos: 123_456_789,
+            },
+            Timestamp {
+                secs: -1,
+                nanos: 500_000_000,
+            },
+            Timestamp {
+                secs: -86_400,
+                nanos: 0,
+            },
         ] {
             assert_eq!(to_timestamp(to_system_time(t)), t);
         }
@@ -969,6 +1145,9 @@ mod tests {
         assert!(c.mount_options.contains(&MountOption::RO));
         assert!(c.mount_options.contains(&MountOption::DefaultPermissions));
         assert!(c.mount_options.contains(&MountOption::NoExec));
-        assert!(c.mount_options.contains(&MountOption::Subtype("kmsfs".into())));
+        assert!(
+            c.mount_options
+                .contains(&MountOption::Subtype("kmsfs".into()))
+        );
     }
 }

@@ -17,5 +17,4 @@ pub mod cache;
 pub mod format;
 pub mod store;
 pub mod volume;
-pub mod fuse;
-pub mod cli;
+pub mod fuse; pub mod cli;

@@ -48,6 +48,16 @@ pub trait Storage: Send + Sync {
     fn lock_exclusive(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
         Ok(Box::new(()))
     }
+    /// Read-only openers (snapshot mounts, info, clone) hold this shared lock,
+    /// taken before they read the root record.
+    fn lock_readers_shared(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        Ok(Box::new(()))
+    }
+    /// The cleaner deletes segments only while it holds this (no reader can be
+    /// using an older root then); None when readers are present.
+    fn try_lock_readers_exclusive(&self) -> io::Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
+        Ok(Some(Box::new(())))
+    }
 }
 
 /// Takes the writer lock, turning contention into a clear error.
@@ -106,6 +116,27 @@ impl FsStorage {
 
     fn forget(&self, name: &str) {
         self.handles.lock().remove(name);
+    }
+}
+
+fn flock(f: &File, op: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl FsStorage {
+    fn open_lock_file(&self, name: &str) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.path(name))
     }
 }
 
@@ -201,6 +232,21 @@ impl Storage for FsStorage {
 
     fn describe(&self) -> String {
         self.root.display().to_string()
+    }
+
+    fn lock_readers_shared(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        let f = self.open_lock_file(crate::format::READERS_FILE)?;
+        flock(&f, libc::LOCK_SH)?;
+        Ok(Box::new(f))
+    }
+
+    fn try_lock_readers_exclusive(&self) -> io::Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
+        let f = self.open_lock_file(crate::format::READERS_FILE)?;
+        match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => Ok(Some(Box::new(f))),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn lock_exclusive(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {

@@ -13,6 +13,7 @@
 
 pub mod blocks;
 pub mod fsck;
+pub mod snapshot;
 pub mod tree;
 
 use std::collections::{BTreeMap, HashMap};
@@ -336,6 +337,14 @@ impl Volume {
     /// Opens a volume: authenticates the header, unwraps the DK through the KMS,
     /// authenticates the root record.
     pub fn open(storage: Arc<dyn Storage>, kms: &dyn Kms, opts: OpenOptions) -> Result<Volume> {
+        let read_only = opts.read_only || opts.snapshot.is_some();
+        // Writers lock out other writers; readers announce themselves before
+        // reading the root, so the cleaner keeps the segments their root needs.
+        let lock = if read_only {
+            storage.lock_readers_shared().map_err(|e| Error::io(format::READERS_FILE, e))?
+        } else {
+            crate::store::lock_volume(&*storage)?
+        };
         let primary = read_header(&*storage, kms, format::HEADER_FILE);
         let backup = || read_header(&*storage, kms, format::HEADER_BACKUP_FILE);
         let root_bytes = storage.read(format::ROOT_FILE).map_err(|e| {
@@ -381,12 +390,6 @@ impl Volume {
                 _ => return Err(e),
             },
         };
-        let read_only = opts.read_only || opts.snapshot.is_some();
-        let lock = if read_only {
-            None
-        } else {
-            Some(crate::store::lock_volume(&*storage)?)
-        };
         if !read_only {
             // Keep both copies identical and authentic: repair whichever is damaged.
             let hb = sign_header(&header, &dk);
@@ -399,7 +402,7 @@ impl Volume {
             }
         }
         let accept_rollback = opts.accept_rollback;
-        let vol = Volume::assemble(storage, header, dk, Some(&root_bytes), read_only, opts, lock)?;
+        let vol = Volume::assemble(storage, header, dk, Some(&root_bytes), read_only, opts, Some(lock))?;
         // Rollback: the KMS keeps the highest generation this volume reached.
         let generation = vol.generation();
         if let Some(mark) = kms.generation_mark(&vol.header.volume_id)?
@@ -1670,6 +1673,15 @@ impl Volume {
                 stats.bytes_freed += size - l;
             }
         }
+        // Readers on an older root (a snapshot mount, a clone in progress) may
+        // still need any segment: while they are there, delete nothing.
+        let Some(_readers) = storage
+            .try_lock_readers_exclusive()
+            .map_err(|e| Error::io(format::READERS_FILE, e))?
+        else {
+            log::info!("cleaner: read-only users present; not deleting segments now");
+            return Ok(stats);
+        };
         // Segments nothing references can go at once: the committed root does
         // not need them. That frees room before anything is copied.
         let mut removed = false;
