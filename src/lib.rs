@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod error;
 pub mod kms;
 pub mod cache;
+pub mod control;
 pub mod format;
 pub mod store;
 pub mod volume;

@@ -277,3 +277,32 @@ fn clones_share_key_and_blocks_and_live_independently() {
     assert!(r.is_clean(), "{:?}", r.errors);
     assert_eq!(c.read(c.lookup(ROOT_INO, b"a").unwrap().ino, 0, 100).unwrap(), pattern(1, 100));
 }
+
+#[test]
+fn control_socket_takes_snapshots_of_an_open_volume() {
+    use kmsfs::control::{ControlServer, Request, request};
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(FsStorage::new(dir.path()));
+    let v = Arc::new(init(&env, storage.clone(), &small_opts()));
+    let f = v.create(ROOT_INO, b"a", 0o644, 0, 0).unwrap();
+    v.write(f.ino, 0, b"version one").unwrap();
+    let server = ControlServer::start(v.clone(), dir.path()).unwrap();
+    let r = request(dir.path(), &Request::SnapshotCreate { name: "s1".into() }).unwrap();
+    assert_eq!(r["name"], "s1");
+    // The volume keeps serving; the snapshot holds the moment.
+    v.write(f.ino, 0, b"version two").unwrap();
+    let e = request(dir.path(), &Request::SnapshotCreate { name: "s1".into() }).unwrap_err();
+    assert_eq!(e.errno(), libc::EEXIST);
+    let list = request(dir.path(), &Request::SnapshotList).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let sv = open_snapshot(&env, storage.clone(), "s1");
+    let a = sv.lookup(ROOT_INO, b"a").unwrap();
+    assert_eq!(sv.read(a.ino, 0, 100).unwrap(), b"version one");
+    drop(sv);
+    request(dir.path(), &Request::SnapshotDelete { name: "s1".into() }).unwrap();
+    assert!(v.snapshots().is_empty());
+    drop(server);
+    assert!(!dir.path().join(kmsfs::control::CONTROL_FILE).exists());
+    assert!(request(dir.path(), &Request::Stats).is_err());
+}

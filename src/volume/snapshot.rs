@@ -28,9 +28,9 @@ pub struct SnapshotInfo {
 }
 
 fn check_snapshot_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 255 || name.contains('/') || name.contains('\0') {
+    if name.is_empty() || name.len() > 255 || name.contains(['/', '\0', '\n']) {
         return Err(Error::Invalid(format!(
-            "snapshot name {name:?}: use 1 to 255 bytes without '/'"
+            "snapshot name {name:?}: use 1 to 255 bytes without '/' or line breaks"
         )));
     }
     Ok(())

@@ -1,0 +1,205 @@
+//! The control socket of a running mount.
+//!
+//! A read-write mount owns the volume (lock). Commands that change the volume
+//! while it is mounted (snapshot create/delete, clean) are sent to the mount
+//! process over a Unix socket in the volume directory (`kmsfs.ctl`, mode 0600,
+//! so only the volume's owner can use it), and the mount performs them at a
+//! consistent point while it keeps serving. One JSON object per line each way.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::volume::Volume;
+
+pub const CONTROL_FILE: &str = "kmsfs.ctl";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    SnapshotCreate { name: String },
+    SnapshotDelete { name: String },
+    SnapshotList,
+    Clean,
+    Stats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default)]
+    pub errno: i32,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+pub fn socket_path(volume_dir: &Path) -> PathBuf {
+    volume_dir.join(CONTROL_FILE)
+}
+
+/// Serves requests for a mounted volume until dropped.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlServer {
+    pub fn start(vol: Arc<Volume>, volume_dir: &Path) -> std::io::Result<Self> {
+        let path = socket_path(volume_dir);
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("kmsfs-control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stop2.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Ok(c) = conn {
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                        if let Err(e) = handle(&vol, c) {
+                            log::warn!("control socket: {e}");
+                        }
+                    }
+                }
+            })?;
+        Ok(ControlServer {
+            path,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn handle(vol: &Volume, c: UnixStream) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new(&c).read_line(&mut line)?;
+    if line.is_empty() {
+        return Ok(());
+    }
+    let resp = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Response {
+            ok: false,
+            errno: libc::EINVAL,
+            error: format!("bad request: {e}"),
+            data: serde_json::Value::Null,
+        },
+        Ok(req) => match execute(vol, &req) {
+            Ok(data) => Response {
+                ok: true,
+                errno: 0,
+                error: String::new(),
+                data,
+            },
+            Err(e) => Response {
+                ok: false,
+                errno: e.errno(),
+                error: e.to_string(),
+                data: serde_json::Value::Null,
+            },
+        },
+    };
+    let mut out = serde_json::to_string(&resp).unwrap_or_default();
+    out.push('\n');
+    (&c).write_all(out.as_bytes())
+}
+
+fn execute(vol: &Volume, req: &Request) -> Result<serde_json::Value> {
+    Ok(match req {
+        Request::SnapshotCreate { name } => {
+            let r = vol.snapshot_create(name)?;
+            serde_json::json!({"name": r.name, "created": r.created, "generation": r.generation})
+        }
+        Request::SnapshotDelete { name } => {
+            vol.snapshot_delete(name)?;
+            serde_json::Value::Null
+        }
+        Request::SnapshotList => serde_json::to_value(
+            vol.snapshot_list()?
+                .into_iter()
+                .map(|s| {
+                    serde_json::json!({"name": s.name, "created": s.created, "generation": s.generation,
+                    "exclusive_bytes": s.exclusive_bytes, "shared_bytes": s.shared_bytes})
+                })
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or_default(),
+        Request::Clean => {
+            let s = vol.clean(0.5)?;
+            serde_json::json!({"segments_removed": s.segments_removed, "bytes_moved": s.bytes_moved,
+                "bytes_freed": s.bytes_freed})
+        }
+        Request::Stats => {
+            let c = vol.cache_stats();
+            serde_json::json!({"generation": vol.generation(), "cache_hits": c.hits,
+                "cache_misses": c.misses, "cache_evictions": c.evictions, "cache_bytes": c.bytes,
+                "cache_capacity": c.capacity, "stored_bytes": vol.stored_bytes()?})
+        }
+    })
+}
+
+/// Sends one request to the mount of `volume_dir`.
+pub fn request(volume_dir: &Path, req: &Request) -> Result<serde_json::Value> {
+    let path = socket_path(volume_dir);
+    let c = UnixStream::connect(&path).map_err(|e| {
+        Error::io(
+            format!(
+                "control socket {} (is the volume mounted by a running kmsfs?)",
+                path.display()
+            ),
+            e,
+        )
+    })?;
+    c.set_read_timeout(Some(Duration::from_secs(600)))
+        .map_err(|e| Error::io("control socket", e))?;
+    let mut line = serde_json::to_string(req).unwrap_or_default();
+    line.push('\n');
+    (&c).write_all(line.as_bytes())
+        .map_err(|e| Error::io("control socket", e))?;
+    let mut resp = String::new();
+    BufReader::new(&c)
+        .read_line(&mut resp)
+        .map_err(|e| Error::io("control socket", e))?;
+    let r: Response = serde_json::from_str(&resp)
+        .map_err(|e| Error::Format(format!("bad answer from the mount: {e}")))?;
+    if r.ok {
+        Ok(r.data)
+    } else {
+        Err(remote_error(r.errno, r.error))
+    }
+}
+
+fn remote_error(errno: i32, msg: String) -> Error {
+    match errno {
+        libc::EEXIST => Error::Exists,
+        libc::EROFS => Error::ReadOnly(msg),
+        libc::ENOSPC => Error::NoSpace(msg),
+        libc::EIO => Error::integrity("the mounted volume", msg),
+        _ => Error::Invalid(msg),
+    }
+}
