@@ -40,13 +40,17 @@ pub enum Error {
     Permission(String),
     #[error("the backing store is full ({0}); free space on it, then retry (nothing was lost)")]
     NoSpace(String),
-    #[error("integrity error: {what}: {detail}; the backing data was modified or damaged. Run `kmsfs fsck` and restore the affected files from a backup or snapshot")]
+    #[error(
+        "integrity error: {what}: {detail}; the backing data was modified or damaged. Run `kmsfs fsck` and restore the affected files from a backup or snapshot"
+    )]
     Integrity { what: String, detail: String },
     #[error("{0}")]
     Format(String),
     #[error("the volume is locked by another process ({0}); unmount it first")]
     Locked(String),
-    #[error("the volume was rolled back: it is at generation {found}, but the keystore recorded generation {mark}. Someone restored an older copy of the backing store, or it was tampered with. If you restored it on purpose, open it once with `kmsfs fsck --accept-rollback`")]
+    #[error(
+        "the volume was rolled back: it is at generation {found}, but the keystore recorded generation {mark}. Someone restored an older copy of the backing store, or it was tampered with. If you restored it on purpose, open it once with `kmsfs fsck --accept-rollback`"
+    )]
     Rollback { found: u64, mark: u64 },
     #[error(transparent)]
     Kms(#[from] KmsError),
@@ -122,12 +126,18 @@ mod tests {
             (Error::NotFound, libc::ENOENT),
             (Error::integrity("x", "y"), libc::EIO),
             (Error::ReadOnly("snapshot".into()), libc::EROFS),
-            (Error::io("seg", io::Error::from_raw_os_error(libc::ENOSPC)), libc::ENOSPC),
+            (
+                Error::io("seg", io::Error::from_raw_os_error(libc::ENOSPC)),
+                libc::ENOSPC,
+            ),
             (Error::Kms(KmsError::UnwrapFailed), libc::EACCES),
             (Error::NotEmpty, libc::ENOTEMPTY),
             (Error::NoXattr, libc::ENODATA),
             (Error::Locked("pid 1".into()), libc::EBUSY),
-            (Error::io("x", io::Error::from_raw_os_error(libc::EPERM)), libc::EPERM),
+            (
+                Error::io("x", io::Error::from_raw_os_error(libc::EPERM)),
+                libc::EPERM,
+            ),
         ];
         for (e, n) in cases {
             assert_eq!(e.errno(), n, "{e}");

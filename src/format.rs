@@ -520,8 +520,12 @@ pub fn root_prefix(volume_id: &[u8; 16], generation: u64, sealed_len: u32) -> Ve
     e.buf
 }
 
-/// Splits a root file into (volume id, generation, prefix, sealed payload).
-pub fn split_root(b: &[u8]) -> Result<([u8; 16], u64, &[u8], &[u8]), DecodeError> {
+/// The parts of a root file: volume id, generation, plaintext prefix (the AAD),
+/// sealed payload.
+pub type RootParts<'a> = ([u8; 16], u64, &'a [u8], &'a [u8]);
+
+/// Splits a root file into its parts.
+pub fn split_root(b: &[u8]) -> Result<RootParts<'_>, DecodeError> {
     let mut d = Dec::new(b);
     if d.take(8)? != ROOT_MAGIC {
         return derr("root record has a bad magic");
@@ -731,7 +735,11 @@ pub fn split_key(k: &[u8]) -> Option<(u64, u8, &[u8])> {
     if k.len() < 9 {
         return None;
     }
-    Some((u64::from_be_bytes(k[..8].try_into().unwrap()), k[8], &k[9..]))
+    Some((
+        u64::from_be_bytes(k[..8].try_into().unwrap()),
+        k[8],
+        &k[9..],
+    ))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -750,7 +758,8 @@ impl DirEntry {
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         let mut d = Dec::new(b);
         let ino = d.u64()?;
-        let kind = FileKind::from_u8(d.u8()?).ok_or_else(|| DecodeError("bad entry kind".into()))?;
+        let kind =
+            FileKind::from_u8(d.u8()?).ok_or_else(|| DecodeError("bad entry kind".into()))?;
         let cookie = d.u64()?;
         d.finish()?;
         Ok(DirEntry { ino, kind, cookie })

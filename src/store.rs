@@ -55,7 +55,9 @@ pub trait Storage: Send + Sync {
     }
     /// The cleaner deletes segments only while it holds this (no reader can be
     /// using an older root then); None when readers are present.
-    fn try_lock_readers_exclusive(&self) -> io::Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
+    fn try_lock_readers_exclusive(
+        &self,
+    ) -> io::Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
         Ok(Some(Box::new(())))
     }
 }
@@ -240,7 +242,9 @@ impl Storage for FsStorage {
         Ok(Box::new(f))
     }
 
-    fn try_lock_readers_exclusive(&self) -> io::Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
+    fn try_lock_readers_exclusive(
+        &self,
+    ) -> io::Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
         let f = self.open_lock_file(crate::format::READERS_FILE)?;
         match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
             Ok(()) => Ok(Some(Box::new(f))),
@@ -477,7 +481,11 @@ impl Storage for MemStorage {
 
     fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()> {
         self.mutate(Op::Write(name.into()), |st| {
-            let old = st.names.get(name).map(|id| st.files[id].data.len()).unwrap_or(0);
+            let old = st
+                .names
+                .get(name)
+                .map(|id| st.files[id].data.len())
+                .unwrap_or(0);
             enospc(st, data.len().saturating_sub(old))?;
             let id = match st.names.get(name) {
                 Some(id) => *id,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use engine_common::*;
 use kmsfs::error::Result;
 use kmsfs::store::{MemStorage, Storage};
-use kmsfs::volume::{RenameFlags, ROOT_INO, SetAttr, Volume};
+use kmsfs::volume::{ROOT_INO, RenameFlags, SetAttr, Volume};
 
 /// The scripted workload; pushes the dump of every completed commit.
 fn workload(v: &Volume, commits: &mut Vec<Dump>) -> Result<()> {
@@ -34,7 +34,7 @@ fn workload(v: &Volume, commits: &mut Vec<Dump>) -> Result<()> {
     v.write(a.ino, 5_000, &pattern(3, 7_000))?;
     v.write(b.ino, 1_000_000, &pattern(4, 5_000))?;
     v.symlink(ROOT_INO, b"link", b"docs/a.txt", 0, 0)?;
-    v.link(a.ino, ROOT_INO, b"hard", )?;
+    v.link(a.ino, ROOT_INO, b"hard")?;
     commit(v)?;
     // Enough data to roll over several 1 MiB segments.
     let c = v.create(d.ino, b"big", 0o644, 0, 0)?;
@@ -44,7 +44,13 @@ fn workload(v: &Volume, commits: &mut Vec<Dump>) -> Result<()> {
     v.rename(ROOT_INO, b"b.bin", d.ino, b"b2.bin", RenameFlags::default())?;
     commit(v)?;
     v.unlink(ROOT_INO, b"hard")?;
-    v.setattr(c.ino, &SetAttr { size: Some(123_456), ..Default::default() })?;
+    v.setattr(
+        c.ino,
+        &SetAttr {
+            size: Some(123_456),
+            ..Default::default()
+        },
+    )?;
     v.removexattr(a.ino, b"user.tag")?;
     v.setxattr(c.ino, b"user.big", &pattern(5, 10_000), 0)?;
     commit(v)?;
@@ -64,7 +70,11 @@ fn crash_everywhere(torn: usize) {
     let env = env();
     // Reference run: count the mutating calls and record every commit.
     let storage = MemStorage::new();
-    let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let v = init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
     let start = storage.op_count();
     let mut reference = Vec::new();
     workload(&v, &mut reference).unwrap();
@@ -79,7 +89,11 @@ fn crash_everywhere(torn: usize) {
     for n in 0..=total {
         let storage = MemStorage::new();
         storage.set_torn_keep(torn);
-        let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+        let v = init(
+            &env,
+            Arc::new(storage.clone()) as Arc<dyn Storage>,
+            &small_opts(),
+        );
         storage.crash_after(n);
         let mut done = Vec::new();
         let r = workload(&v, &mut done);
@@ -89,12 +103,22 @@ fn crash_everywhere(torn: usize) {
         let v = Volume::open(Arc::new(after.clone()), &env.kms, Default::default())
             .unwrap_or_else(|e| panic!("crash point {n}: volume does not open: {e}"));
         let report = v.fsck().unwrap();
-        assert!(report.is_clean(), "crash point {n}: fsck: {:?}", report.errors);
+        assert!(
+            report.is_clean(),
+            "crash point {n}: fsck: {:?}",
+            report.errors
+        );
         let got = dump(&v).unwrap();
         let last = done.len();
-        let ok = if last == 0 { got == empty } else { got == reference[last - 1] }
-            || reference.get(last) == Some(&got);
-        assert!(ok, "crash point {n}: the tree is not the state of a completed commit (done {last})");
+        let ok = if last == 0 {
+            got == empty
+        } else {
+            got == reference[last - 1]
+        } || reference.get(last) == Some(&got);
+        assert!(
+            ok,
+            "crash point {n}: the tree is not the state of a completed commit (done {last})"
+        );
         // The recovered volume keeps working.
         let f = v.create(ROOT_INO, b"post-crash", 0o644, 0, 0).unwrap();
         v.write(f.ino, 0, b"ok").unwrap();

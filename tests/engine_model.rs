@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use engine_common::*;
 use kmsfs::store::{MemStorage, Storage};
-use kmsfs::volume::{RenameFlags, ROOT_INO, SetAttr, Volume};
+use kmsfs::volume::{ROOT_INO, RenameFlags, SetAttr, Volume};
 use proptest::prelude::*;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -39,7 +39,12 @@ impl Model {
         let mut m = Model::default();
         m.nodes.insert(
             ROOT_INO,
-            MNode { kind: Kind::Dir, data: vec![], perm: 0o755, xattrs: BTreeMap::new() },
+            MNode {
+                kind: Kind::Dir,
+                data: vec![],
+                perm: 0o755,
+                xattrs: BTreeMap::new(),
+            },
         );
         m.dirs.insert(ROOT_INO, BTreeMap::new());
         m
@@ -59,13 +64,20 @@ impl Model {
         v
     }
     fn files(&self) -> Vec<u64> {
-        let mut v: Vec<u64> =
-            self.nodes.iter().filter(|(_, n)| n.kind == Kind::File).map(|(i, _)| *i).collect();
+        let mut v: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.kind == Kind::File)
+            .map(|(i, _)| *i)
+            .collect();
         v.sort();
         v
     }
     fn links(&self, ino: u64) -> u32 {
-        self.dirs.values().map(|d| d.values().filter(|i| **i == ino).count() as u32).sum()
+        self.dirs
+            .values()
+            .map(|d| d.values().filter(|i| **i == ino).count() as u32)
+            .sum()
     }
     fn within(&self, mut d: u64, anc: u64) -> bool {
         loop {
@@ -111,11 +123,19 @@ impl Model {
                             .count() as u32;
                         ("dir".to_string(), 2 + sub)
                     }
-                    Kind::Symlink(t) => {
-                        (format!("symlink {}", String::from_utf8_lossy(t)), self.links(*ino))
-                    }
+                    Kind::Symlink(t) => (
+                        format!("symlink {}", String::from_utf8_lossy(t)),
+                        self.links(*ino),
+                    ),
                 };
-                out.insert(p, format!("{body} mode={:o} nlink={nlink} xattrs=[{}]", n.perm, xs.join(",")));
+                out.insert(
+                    p,
+                    format!(
+                        "{body} mode={:o} nlink={nlink} xattrs=[{}]",
+                        n.perm,
+                        xs.join(",")
+                    ),
+                );
             }
         }
         out
@@ -178,14 +198,18 @@ impl Harness {
         let d = dirs[a as usize % dirs.len()];
         let nm = name(b);
         match op % 16 {
-            0 | 1 | 2 | 3 => {
+            0..=3 => {
                 let exists = m.dirs[&d].contains_key(&nm);
                 let r = match op % 16 {
                     2 => self.v().mkdir(d, &nm, 0o750, 0, 0),
                     3 => self.v().symlink(d, &nm, format!("t{c}").as_bytes(), 0, 0),
                     _ => self.v().create(d, &nm, 0o640, 0, 0),
                 };
-                assert_eq!(errno(&r), if exists { libc::EEXIST } else { 0 }, "create {nm:?}");
+                assert_eq!(
+                    errno(&r),
+                    if exists { libc::EEXIST } else { 0 },
+                    "create {nm:?}"
+                );
                 if let Ok(attr) = r {
                     let (kind, perm) = match op % 16 {
                         2 => (Kind::Dir, 0o750),
@@ -196,11 +220,19 @@ impl Harness {
                         self.model.dirs.insert(attr.ino, BTreeMap::new());
                         self.model.parent.insert(attr.ino, d);
                     }
-                    self.model.nodes.insert(attr.ino, MNode { kind, data: vec![], perm, xattrs: BTreeMap::new() });
+                    self.model.nodes.insert(
+                        attr.ino,
+                        MNode {
+                            kind,
+                            data: vec![],
+                            perm,
+                            xattrs: BTreeMap::new(),
+                        },
+                    );
                     self.model.dirs.get_mut(&d).unwrap().insert(nm, attr.ino);
                 }
             }
-            4 | 5 | 6 if !files.is_empty() => {
+            4..=6 if !files.is_empty() => {
                 let f = files[a as usize % files.len()];
                 let off = (b % 40_000) as usize;
                 let data = pattern(c as u64, (c % 12_000) as usize);
@@ -214,14 +246,30 @@ impl Harness {
             7 if !files.is_empty() => {
                 let f = files[a as usize % files.len()];
                 let size = (b % 50_000) as u64;
-                self.v().setattr(f, &SetAttr { size: Some(size), ..Default::default() }).unwrap();
-                self.model.nodes.get_mut(&f).unwrap().data.resize(size as usize, 0);
+                self.v()
+                    .setattr(
+                        f,
+                        &SetAttr {
+                            size: Some(size),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                self.model
+                    .nodes
+                    .get_mut(&f)
+                    .unwrap()
+                    .data
+                    .resize(size as usize, 0);
             }
             8 | 9 if !entries.is_empty() => {
                 let (p, n, ino) = entries[a as usize % entries.len()].clone();
                 let is_dir = m.nodes[&ino].kind == Kind::Dir;
                 let (got, exp) = if op % 16 == 8 {
-                    (errno(&self.v().unlink(p, &n)), if is_dir { libc::EISDIR } else { 0 })
+                    (
+                        errno(&self.v().unlink(p, &n)),
+                        if is_dir { libc::EISDIR } else { 0 },
+                    )
                 } else {
                     let exp = if !is_dir {
                         libc::ENOTDIR
@@ -244,8 +292,14 @@ impl Harness {
                 let nn = name(c);
                 let flags = match (c / 5) % 3 {
                     0 => RenameFlags::default(),
-                    1 => RenameFlags { noreplace: true, exchange: false },
-                    _ => RenameFlags { noreplace: false, exchange: true },
+                    1 => RenameFlags {
+                        noreplace: true,
+                        exchange: false,
+                    },
+                    _ => RenameFlags {
+                        noreplace: false,
+                        exchange: true,
+                    },
                 };
                 let r = self.v().rename(p, &n, np, &nn, flags);
                 let src_dir = m.nodes[&ino].kind == Kind::Dir;
@@ -285,7 +339,11 @@ impl Harness {
                     }
                     e
                 };
-                assert_eq!(errno(&r), exp.max(0), "rename {p}/{n:?} -> {np}/{nn:?} {flags:?}");
+                assert_eq!(
+                    errno(&r),
+                    exp.max(0),
+                    "rename {p}/{n:?} -> {np}/{nn:?} {flags:?}"
+                );
                 if exp == 0 {
                     let mm = &mut self.model;
                     if flags.exchange {
@@ -324,7 +382,12 @@ impl Harness {
                 if op % 16 == 12 {
                     let val = pattern(c as u64, (c % 3000) as usize);
                     self.v().setxattr(ino, &xn, &val, 0).unwrap();
-                    self.model.nodes.get_mut(&ino).unwrap().xattrs.insert(xn, val);
+                    self.model
+                        .nodes
+                        .get_mut(&ino)
+                        .unwrap()
+                        .xattrs
+                        .insert(xn, val);
                 } else {
                     let has = m.nodes[&ino].xattrs.contains_key(&xn);
                     let r = self.v().removexattr(ino, &xn);
@@ -336,7 +399,7 @@ impl Harness {
                 let f = files[a as usize % files.len()];
                 let off = (b % 40_000) as u64;
                 let len = (c % 20_000) as u64 + 1;
-                if c % 2 == 0 {
+                if c.is_multiple_of(2) {
                     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                     self.v().fallocate(f, off, len, mode).unwrap();
                     let md = &mut self.model.nodes.get_mut(&f).unwrap().data;
@@ -384,8 +447,18 @@ impl Harness {
 fn run(ops: &[(u8, u32, u32, u32)]) {
     let env = env();
     let storage = MemStorage::new();
-    let vol = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
-    let mut h = Harness { env, storage, vol: Some(vol), model: Model::new(), committed: Model::new() };
+    let vol = init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
+    let mut h = Harness {
+        env,
+        storage,
+        vol: Some(vol),
+        model: Model::new(),
+        committed: Model::new(),
+    };
     for (i, (op, a, b, c)) in ops.iter().enumerate() {
         h.step(*op, *a, *b, *c);
         if i % 64 == 63 {
@@ -420,7 +493,8 @@ fn long_deterministic_sequence() {
         x ^= x << 17;
         x
     };
-    let ops: Vec<(u8, u32, u32, u32)> =
-        (0..4000).map(|_| (next() as u8, next() as u32, next() as u32, next() as u32)).collect();
+    let ops: Vec<(u8, u32, u32, u32)> = (0..4000)
+        .map(|_| (next() as u8, next() as u32, next() as u32, next() as u32))
+        .collect();
     run(&ops);
 }

@@ -29,18 +29,27 @@ fn hundred_thousand_small_files() {
     let v = Volume::open(
         storage.clone(),
         &env.kms,
-        OpenOptions { cache_bytes: 32 << 20, ..Default::default() },
+        OpenOptions {
+            cache_bytes: 32 << 20,
+            ..Default::default()
+        },
     )
     .unwrap();
     let before = rss_kib("VmRSS:");
     let mut half = 0;
     let mut dirs = Vec::new();
     for d in 0..100 {
-        dirs.push(v.mkdir(ROOT_INO, format!("d{d:03}").as_bytes(), 0o755, 0, 0).unwrap().ino);
+        dirs.push(
+            v.mkdir(ROOT_INO, format!("d{d:03}").as_bytes(), 0o755, 0, 0)
+                .unwrap()
+                .ino,
+        );
     }
     for i in 0..FILES {
         let d = dirs[(i % 100) as usize];
-        let a = v.create(d, format!("file-{i:06}.txt").as_bytes(), 0o644, 0, 0).unwrap();
+        let a = v
+            .create(d, format!("file-{i:06}.txt").as_bytes(), 0o644, 0, 0)
+            .unwrap();
         let body = format!("file {i} {}", "x".repeat((i % 200) as usize));
         v.write(a.ino, 0, body.as_bytes()).unwrap();
         if i % 10_000 == 9_999 {
@@ -63,7 +72,10 @@ fn hundred_thousand_small_files() {
     // below the ceiling, and the ceiling does not grow with the data size.
     assert!(peak < 256 * 1024, "peak RSS {peak} KiB");
     // Doubling the file count must not double the memory.
-    assert!(peak < half + half / 4 + 16 * 1024, "peak {peak} KiB vs {half} KiB at half");
+    assert!(
+        peak < half + half / 4 + 16 * 1024,
+        "peak {peak} KiB vs {half} KiB at half"
+    );
 
     // Reopen and check a sample.
     let v = Volume::open(storage, &env.kms, OpenOptions::default()).unwrap();

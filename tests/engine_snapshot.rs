@@ -12,15 +12,22 @@ use kmsfs::store::{FsStorage, MemStorage, Storage};
 use kmsfs::volume::{OpenOptions, ROOT_INO, RenameFlags, Volume};
 
 fn open_snapshot(env: &Env, s: Arc<dyn Storage>, name: &str) -> Volume {
-    Volume::open(s, &env.kms, OpenOptions { snapshot: Some(name.into()), ..Default::default() })
-        .unwrap_or_else(|e| panic!("snapshot {name}: {e}"))
+    Volume::open(
+        s,
+        &env.kms,
+        OpenOptions {
+            snapshot: Some(name.into()),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("snapshot {name}: {e}"))
 }
 
 /// One random change to the live tree (names from a small set, so changes
 /// collide with earlier ones).
 fn random_change(v: &Volume, x: u64) {
     let name = format!("f{}", x % 13);
-    let dir = if x % 3 == 0 {
+    let dir = if x.is_multiple_of(3) {
         match v.lookup(ROOT_INO, b"sub") {
             Ok(a) => a.ino,
             Err(_) => v.mkdir(ROOT_INO, b"sub", 0o755, 0, 0).unwrap().ino,
@@ -29,20 +36,31 @@ fn random_change(v: &Volume, x: u64) {
         ROOT_INO
     };
     match (x >> 8) % 6 {
-        0 | 1 | 2 => {
+        0..=2 => {
             let ino = match v.lookup(dir, name.as_bytes()) {
                 Ok(a) => a.ino,
                 Err(_) => v.create(dir, name.as_bytes(), 0o644, 0, 0).unwrap().ino,
             };
             if v.getattr(ino).unwrap().inode.kind == kmsfs::format::FileKind::File {
-                v.write(ino, (x >> 16) % 100_000, &pattern(x, ((x >> 24) % 30_000) as usize)).unwrap();
+                v.write(
+                    ino,
+                    (x >> 16) % 100_000,
+                    &pattern(x, ((x >> 24) % 30_000) as usize),
+                )
+                .unwrap();
             }
         }
         3 => {
             let _ = v.unlink(dir, name.as_bytes());
         }
         4 => {
-            let _ = v.rename(dir, name.as_bytes(), ROOT_INO, format!("r{}", x % 5).as_bytes(), RenameFlags::default());
+            let _ = v.rename(
+                dir,
+                name.as_bytes(),
+                ROOT_INO,
+                format!("r{}", x % 5).as_bytes(),
+                RenameFlags::default(),
+            );
         }
         _ => {
             if let Ok(a) = v.lookup(dir, name.as_bytes()) {
@@ -56,7 +74,11 @@ fn random_change(v: &Volume, x: u64) {
 fn snapshots_keep_their_moment_and_the_cleaner_keeps_their_blocks() {
     let env = env();
     let mut storage = MemStorage::new();
-    let mut v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let mut v = init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
     let mut snaps: BTreeMap<String, Dump> = BTreeMap::new();
     let mut committed_snaps = snaps.clone();
     let mut x: u64 = 0xfeed;
@@ -72,7 +94,11 @@ fn snapshots_keep_their_moment_and_the_cleaner_keeps_their_blocks() {
                 committed_snaps = snaps.clone();
             }
             1 if snaps.len() > 2 => {
-                let name = snaps.keys().nth((x >> 8) as usize % snaps.len()).unwrap().clone();
+                let name = snaps
+                    .keys()
+                    .nth((x >> 8) as usize % snaps.len())
+                    .unwrap()
+                    .clone();
                 v.snapshot_delete(&name).unwrap();
                 snaps.remove(&name);
                 committed_snaps = snaps.clone();
@@ -96,7 +122,12 @@ fn snapshots_keep_their_moment_and_the_cleaner_keeps_their_blocks() {
     assert!(snaps.len() >= 3, "{}", snaps.len());
     let r = v.fsck().unwrap();
     assert!(r.is_clean(), "{:?}", r.errors);
-    let listed: Vec<String> = v.snapshot_list().unwrap().into_iter().map(|s| s.name).collect();
+    let listed: Vec<String> = v
+        .snapshot_list()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
     assert_eq!(listed, snaps.keys().cloned().collect::<Vec<_>>());
     drop(v);
     for (name, expect) in &snaps {
@@ -112,7 +143,11 @@ fn snapshot_space_accounting_and_reclaim() {
     const MIB: usize = 1 << 20;
     let env = env();
     let storage = MemStorage::new();
-    let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let v = init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
     let f = v.create(ROOT_INO, b"data", 0o644, 0, 0).unwrap();
     v.write(f.ino, 0, &pattern(1, 40 * MIB)).unwrap();
     v.commit().unwrap();
@@ -121,16 +156,25 @@ fn snapshot_space_accounting_and_reclaim() {
     v.snapshot_create("before").unwrap();
     let snap_time = t.elapsed();
     let after_snap = v.stored_bytes().unwrap() as f64;
-    assert!(after_snap < base * 1.01, "a snapshot copied data: {base} -> {after_snap}");
+    assert!(
+        after_snap < base * 1.01,
+        "a snapshot copied data: {base} -> {after_snap}"
+    );
     // Overwrite 10%.
     v.write(f.ino, 0, &pattern(2, 4 * MIB)).unwrap();
     v.commit().unwrap();
     v.clean(0.5).unwrap();
     let grown = v.stored_bytes().unwrap() as f64;
-    assert!(grown > base * 1.08 && grown < base * 1.15, "{grown} vs {base}");
+    assert!(
+        grown > base * 1.08 && grown < base * 1.15,
+        "{grown} vs {base}"
+    );
     let info = v.snapshot_list().unwrap();
     let excl = info[0].exclusive_bytes as f64;
-    assert!(excl > 3.9 * MIB as f64 && excl < 4.5 * MIB as f64, "{info:?}");
+    assert!(
+        excl > 3.9 * MIB as f64 && excl < 4.5 * MIB as f64,
+        "{info:?}"
+    );
     assert!(info[0].shared_bytes as f64 > 35.0 * MIB as f64, "{info:?}");
     v.snapshot_delete("before").unwrap();
     let back = v.stored_bytes().unwrap() as f64;
@@ -159,7 +203,11 @@ fn crash_during_snapshot_operations() {
         Ok(())
     };
     let reference = MemStorage::new();
-    let rv = init(&env, Arc::new(reference.clone()) as Arc<dyn Storage>, &small_opts());
+    let rv = init(
+        &env,
+        Arc::new(reference.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
     let start = reference.op_count();
     work(&rv).unwrap();
     let total = reference.op_count() - start;
@@ -181,8 +229,16 @@ fn crash_during_snapshot_operations() {
         for name in names {
             let sv = open_snapshot(&env, Arc::new(s.clone()), &name);
             let a = sv.lookup(ROOT_INO, b"a").unwrap();
-            let want = if name == "one" { pattern(1, 300_000) } else { pattern(2, 600_000) };
-            assert_eq!(sv.read(a.ino, 0, 1 << 20).unwrap(), want, "crash point {n}, snapshot {name}");
+            let want = if name == "one" {
+                pattern(1, 300_000)
+            } else {
+                pattern(2, 600_000)
+            };
+            assert_eq!(
+                sv.read(a.ino, 0, 1 << 20).unwrap(),
+                want,
+                "crash point {n}, snapshot {name}"
+            );
         }
     }
 }
@@ -191,7 +247,11 @@ fn crash_during_snapshot_operations() {
 fn tampered_snapshot_blocks_are_detected() {
     let env = env();
     let storage = MemStorage::new();
-    let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let v = init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
     let f = v.create(ROOT_INO, b"a", 0o644, 0, 0).unwrap();
     v.write(f.ino, 0, &pattern(1, 100_000)).unwrap();
     v.snapshot_create("s").unwrap();
@@ -202,7 +262,12 @@ fn tampered_snapshot_blocks_are_detected() {
     v.commit().unwrap();
     drop(v);
     // Corrupt every byte-range of the oldest data segment (the snapshot's only).
-    let seg = storage.names().into_iter().filter(|n| n.starts_with("seg/")).nth(1).unwrap();
+    let seg = storage
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("seg/"))
+        .nth(1)
+        .unwrap();
     let s = storage.reboot();
     s.with_file(&seg, |d| {
         for b in d.iter_mut().skip(200).step_by(500) {
@@ -213,7 +278,11 @@ fn tampered_snapshot_blocks_are_detected() {
     // Live data (elsewhere) still reads; fsck names the snapshot's damage.
     assert_eq!(v.read(f.ino, 0, 200_000).unwrap(), pattern(2, 100_000));
     let r = v.fsck().unwrap();
-    assert!(r.errors.iter().any(|e| e.contains("snapshot s")), "{:?}", r.errors);
+    assert!(
+        r.errors.iter().any(|e| e.contains("snapshot s")),
+        "{:?}",
+        r.errors
+    );
     drop(v);
     let sv = open_snapshot(&env, Arc::new(s), "s");
     let e = match sv.lookup(ROOT_INO, b"a") {
@@ -228,7 +297,10 @@ fn tampered_snapshot_blocks_are_detected() {
         d[n - 30] ^= 1;
     });
     assert_eq!(
-        Volume::open(Arc::new(s), &env.kms, Default::default()).err().unwrap().errno(),
+        Volume::open(Arc::new(s), &env.kms, Default::default())
+            .err()
+            .unwrap()
+            .errno(),
         libc::EIO
     );
 }
@@ -247,12 +319,22 @@ fn clones_share_key_and_blocks_and_live_independently() {
     v.write(f.ino, 0, b"changed after the snapshot").unwrap();
     v.commit().unwrap();
     // Clone while the origin is open read-write (as when mounted).
-    let ro = Volume::open(src.clone(), &env.kms, OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let ro = Volume::open(
+        src.clone(),
+        &env.kms,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let dst: Arc<dyn Storage> = Arc::new(FsStorage::new(dst_dir.path().join("clone")));
     std::fs::create_dir(dst_dir.path().join("clone")).unwrap();
     let (sp, dp) = (src_dir.path().to_path_buf(), dst_dir.path().join("clone"));
     let clone_id = ro
-        .clone_snapshot("base", dst.clone(), &|name| std::fs::hard_link(sp.join(name), dp.join(name)))
+        .clone_snapshot("base", dst.clone(), &|name| {
+            std::fs::hard_link(sp.join(name), dp.join(name))
+        })
         .unwrap();
     // The cleaner of the origin deletes nothing while a reader is there.
     v.unlink(ROOT_INO, b"a").unwrap();
@@ -275,7 +357,11 @@ fn clones_share_key_and_blocks_and_live_independently() {
     assert!(v.fsck().unwrap().is_clean());
     let r = c.fsck().unwrap();
     assert!(r.is_clean(), "{:?}", r.errors);
-    assert_eq!(c.read(c.lookup(ROOT_INO, b"a").unwrap().ino, 0, 100).unwrap(), pattern(1, 100));
+    assert_eq!(
+        c.read(c.lookup(ROOT_INO, b"a").unwrap().ino, 0, 100)
+            .unwrap(),
+        pattern(1, 100)
+    );
 }
 
 #[test]

@@ -15,7 +15,11 @@ const MIB: u64 = 1 << 20;
 fn cleaner_reclaims_overwritten_and_deleted_data() {
     let env = env();
     let storage = MemStorage::new();
-    let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let v = init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
     let f = v.create(ROOT_INO, b"f", 0o644, 0, 0).unwrap();
     let keep = v.create(ROOT_INO, b"keep", 0o644, 0, 0).unwrap();
     v.write(keep.ino, 0, &pattern(9, 300_000)).unwrap();
@@ -32,11 +36,17 @@ fn cleaner_reclaims_overwritten_and_deleted_data() {
     let stats = v.clean(0.5).unwrap();
     let cleaned = v.stored_bytes().unwrap();
     assert!(stats.segments_removed >= 2, "{stats:?}");
-    assert!(cleaned < first + MIB, "after cleaning {cleaned}, before {grown}, first {first}");
+    assert!(
+        cleaned < first + MIB,
+        "after cleaning {cleaned}, before {grown}, first {first}"
+    );
     let mut expect = new.clone();
     expect.extend_from_slice(&pattern(1, 4 * MIB as usize)[new.len()..]);
     assert_eq!(v.read(f.ino, 0, 8 * MIB as u32).unwrap(), expect);
-    assert_eq!(v.read(keep.ino, 0, MIB as u32).unwrap(), pattern(9, 300_000));
+    assert_eq!(
+        v.read(keep.ino, 0, MIB as u32).unwrap(),
+        pattern(9, 300_000)
+    );
     assert!(v.fsck().unwrap().is_clean());
     // Delete the big file: cleaning returns its space.
     v.unlink(ROOT_INO, b"f").unwrap();
@@ -45,7 +55,10 @@ fn cleaner_reclaims_overwritten_and_deleted_data() {
     assert!(after_delete < 2 * MIB, "{after_delete}");
     drop(v);
     let v = open(&env, Arc::new(storage));
-    assert_eq!(v.read(keep.ino, 0, MIB as u32).unwrap(), pattern(9, 300_000));
+    assert_eq!(
+        v.read(keep.ino, 0, MIB as u32).unwrap(),
+        pattern(9, 300_000)
+    );
     let r = v.fsck().unwrap();
     assert!(r.is_clean(), "{:?}", r.errors);
 }
@@ -54,7 +67,11 @@ fn cleaner_reclaims_overwritten_and_deleted_data() {
 fn sparse_files_cost_no_space() {
     let env = env();
     let storage = MemStorage::new();
-    let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let v = init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
     let f = v.create(ROOT_INO, b"sparse", 0o644, 0, 0).unwrap();
     // 1 TiB file with two small islands of data.
     v.write(f.ino, 0, b"head").unwrap();
@@ -67,7 +84,13 @@ fn sparse_files_cost_no_space() {
     assert_eq!(v.read(f.ino, 1 << 30, 4096).unwrap(), vec![0u8; 4096]);
     assert_eq!(v.read(f.ino, (1u64 << 40) - 4, 100).unwrap(), b"tail");
     // Punching a hole frees the block.
-    v.fallocate(f.ino, 0, 4096, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE).unwrap();
+    v.fallocate(
+        f.ino,
+        0,
+        4096,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    )
+    .unwrap();
     assert_eq!(v.getattr(f.ino).unwrap().inode.blocks, 1);
     assert_eq!(v.read(f.ino, 0, 4).unwrap(), vec![0u8; 4]);
 }
@@ -76,7 +99,11 @@ fn sparse_files_cost_no_space() {
 fn full_store_gives_enospc_and_stays_consistent() {
     let env = env();
     let storage = MemStorage::new();
-    let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let v = init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
     let a = v.create(ROOT_INO, b"a", 0o644, 0, 0).unwrap();
     v.write(a.ino, 0, &pattern(1, 500_000)).unwrap();
     v.commit().unwrap();
@@ -84,7 +111,9 @@ fn full_store_gives_enospc_and_stays_consistent() {
     let b = v.create(ROOT_INO, b"b", 0o644, 0, 0).unwrap();
     let mut off = 0u64;
     let err = loop {
-        let r = v.write(b.ino, off, &pattern(off, 256 * 1024)).and_then(|_| v.commit());
+        let r = v
+            .write(b.ino, off, &pattern(off, 256 * 1024))
+            .and_then(|_| v.commit());
         match r {
             Ok(()) => off += 256 * 1024,
             Err(e) => break e,

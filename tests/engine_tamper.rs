@@ -23,7 +23,11 @@ struct Fixture {
 fn fixture() -> Fixture {
     let env = env();
     let base = MemStorage::new();
-    let v = init(&env, Arc::new(base.clone()) as Arc<dyn Storage>, &small_opts());
+    let v = init(
+        &env,
+        Arc::new(base.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
     let d = v.mkdir(ROOT_INO, b"dir", 0o755, 0, 0).unwrap();
     let mut files = Vec::new();
     for (i, (parent, name, len)) in [
@@ -39,10 +43,15 @@ fn fixture() -> Fixture {
         let a = v.create(parent, name.as_bytes(), 0o644, 0, 0).unwrap();
         let data = pattern(i as u64 + 1, len);
         v.write(a.ino, 0, &data).unwrap();
-        let path = if parent == ROOT_INO { format!("/{name}") } else { format!("/dir/{name}") };
+        let path = if parent == ROOT_INO {
+            format!("/{name}")
+        } else {
+            format!("/dir/{name}")
+        };
         files.push((path, a.ino, data));
     }
-    v.setxattr(files[0].1, b"user.big", &pattern(99, 5000), 0).unwrap();
+    v.setxattr(files[0].1, b"user.big", &pattern(99, 5000), 0)
+        .unwrap();
     v.setxattr(files[1].1, b"user.small", b"v", 0).unwrap();
     v.symlink(ROOT_INO, b"sl", b"dir/large", 0, 0).unwrap();
     v.commit().unwrap();
@@ -55,7 +64,12 @@ fn fixture() -> Fixture {
     v.clean(1.01).unwrap();
     let reference = dump(&v).unwrap();
     drop(v);
-    Fixture { env, base, reference, files }
+    Fixture {
+        env,
+        base,
+        reference,
+        files,
+    }
 }
 
 /// Opens a tampered copy; checks that nothing reads as wrong plaintext.
@@ -84,7 +98,10 @@ fn examine(fx: &Fixture, s: MemStorage) -> (bool, Vec<String>, Vec<String>) {
         }
     }
     match dump(&v) {
-        Ok(d) => assert_eq!(d, fx.reference, "metadata read back differently without an error"),
+        Ok(d) => assert_eq!(
+            d, fx.reference,
+            "metadata read back differently without an error"
+        ),
         Err(e) => {
             assert_eq!(e.errno(), libc::EIO, "{e}");
             failed.push(format!("metadata: {e}"));
@@ -113,7 +130,10 @@ fn flipped_bytes_anywhere_are_detected() {
             let ro_errors = match Volume::open(
                 Arc::new(s.clone()),
                 &fx.env.kms,
-                kmsfs::volume::OpenOptions { read_only: true, ..Default::default() },
+                kmsfs::volume::OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
             ) {
                 Ok(v) => v.fsck().unwrap().errors,
                 Err(e) => vec![e.to_string()],
@@ -123,7 +143,10 @@ fn flipped_bytes_anywhere_are_detected() {
                 detected += 1;
             } else if !opened || !failed.is_empty() {
                 // Something was affected: fsck (or open) must say so.
-                assert!(!fsck.is_empty(), "{name}@{pos}: reads failed but fsck is clean");
+                assert!(
+                    !fsck.is_empty(),
+                    "{name}@{pos}: reads failed but fsck is clean"
+                );
                 detected += 1;
             } else if !fsck.is_empty() {
                 detected += 1;
@@ -135,7 +158,10 @@ fn flipped_bytes_anywhere_are_detected() {
     // Every flip was checked for wrong plaintext above. A few may land in dead
     // records (superseded copies of tree nodes that no root references), which
     // affect nothing and so cannot be reported; everything else must be.
-    assert!(detected * 100 >= flips * 98, "{detected} of {flips} flips detected");
+    assert!(
+        detected * 100 >= flips * 98,
+        "{detected} of {flips} flips detected"
+    );
 }
 
 fn largest_segment(s: &MemStorage) -> String {
@@ -150,7 +176,11 @@ fn largest_segment(s: &MemStorage) -> String {
 fn truncated_segment_gives_eio_for_affected_files_only() {
     let fx = fixture();
     let s = fx.base.reboot();
-    let segs: Vec<String> = s.names().into_iter().filter(|n| n.starts_with("seg/")).collect();
+    let segs: Vec<String> = s
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("seg/"))
+        .collect();
     assert!(segs.len() >= 2, "{segs:?}");
     // Cut the segment holding most data in half.
     let seg = largest_segment(&s);
@@ -158,10 +188,16 @@ fn truncated_segment_gives_eio_for_affected_files_only() {
     let (opened, failed, fsck) = examine(&fx, s);
     assert!(opened);
     assert!(!failed.is_empty(), "truncation went unnoticed");
-    assert!(failed.len() < fx.files.len() + 1, "every file failed: {failed:?}");
+    assert!(
+        failed.len() < fx.files.len() + 1,
+        "every file failed: {failed:?}"
+    );
     assert!(fsck.iter().any(|e| e.contains("truncated")), "{fsck:?}");
     for f in failed.iter().filter(|f| f.starts_with('/')) {
-        assert!(fsck.iter().any(|e| e.contains(f.as_str())), "fsck does not name {f}: {fsck:?}");
+        assert!(
+            fsck.iter().any(|e| e.contains(f.as_str())),
+            "fsck does not name {f}: {fsck:?}"
+        );
     }
 }
 
@@ -206,21 +242,31 @@ fn swapped_blocks_are_detected() {
     let (opened, failed, fsck) = examine(&fx, s);
     assert!(opened);
     assert!(!failed.is_empty());
-    assert!(fsck.iter().any(|e| e.contains("not the expected block")), "{fsck:?}");
+    assert!(
+        fsck.iter().any(|e| e.contains("not the expected block")),
+        "{fsck:?}"
+    );
 }
 
 #[test]
 fn swapped_segments_are_detected() {
     let fx = fixture();
     let s = fx.base.reboot();
-    let segs: Vec<String> = s.names().into_iter().filter(|n| n.starts_with("seg/")).collect();
+    let segs: Vec<String> = s
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("seg/"))
+        .collect();
     s.rename(&segs[0], "seg/tmp").unwrap();
     s.rename(&segs[1], &segs[0]).unwrap();
     s.rename("seg/tmp", &segs[1]).unwrap();
     let (opened, failed, fsck) = examine(&fx, s);
     if opened {
         assert!(!failed.is_empty());
-        assert!(fsck.iter().any(|e| e.contains("another volume or segment")), "{fsck:?}");
+        assert!(
+            fsck.iter().any(|e| e.contains("another volume or segment")),
+            "{fsck:?}"
+        );
     }
 }
 
@@ -235,27 +281,47 @@ fn header_from_another_volume_is_refused_or_recovered() {
     // Only the primary replaced: the authenticated backup takes over and the
     // primary is repaired from it; a read-only open reports it in fsck.
     let s = fx.base.reboot();
-    s.with_file(format::HEADER_FILE, |d| *d = foreign.clone()).unwrap();
+    s.with_file(format::HEADER_FILE, |d| *d = foreign.clone())
+        .unwrap();
     let ro = Volume::open(
         Arc::new(s.clone()),
         &fx.env.kms,
-        kmsfs::volume::OpenOptions { read_only: true, ..Default::default() },
+        kmsfs::volume::OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
     )
     .unwrap();
     let errs = ro.fsck().unwrap().errors;
-    assert!(errs.iter().any(|e| e.contains("another volume")), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.contains("another volume")),
+        "{errs:?}"
+    );
     drop(ro);
     let (opened, failed, fsck) = examine(&fx, s.clone());
-    assert!(opened && failed.is_empty() && fsck.is_empty(), "{failed:?} {fsck:?}");
-    assert_eq!(s.read(format::HEADER_FILE).unwrap(), s.read(format::HEADER_BACKUP_FILE).unwrap());
+    assert!(
+        opened && failed.is_empty() && fsck.is_empty(),
+        "{failed:?} {fsck:?}"
+    );
+    assert_eq!(
+        s.read(format::HEADER_FILE).unwrap(),
+        s.read(format::HEADER_BACKUP_FILE).unwrap()
+    );
 
     // Both replaced: a clear refusal naming the cause.
     let s = fx.base.reboot();
-    s.with_file(format::HEADER_FILE, |d| *d = foreign.clone()).unwrap();
-    s.with_file(format::HEADER_BACKUP_FILE, |d| *d = foreign.clone()).unwrap();
-    let e = Volume::open(Arc::new(s), &fx.env.kms, Default::default()).err().expect("opened a volume with a foreign header");
+    s.with_file(format::HEADER_FILE, |d| *d = foreign.clone())
+        .unwrap();
+    s.with_file(format::HEADER_BACKUP_FILE, |d| *d = foreign.clone())
+        .unwrap();
+    let e = Volume::open(Arc::new(s), &fx.env.kms, Default::default())
+        .err()
+        .expect("opened a volume with a foreign header");
     assert_eq!(e.errno(), libc::EIO);
-    assert!(e.to_string().contains("replaced with another volume"), "{e}");
+    assert!(
+        e.to_string().contains("replaced with another volume"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -263,11 +329,17 @@ fn newer_format_version_is_refused_clearly() {
     let fx = fixture();
     let s = fx.base.reboot();
     for f in [format::HEADER_FILE, format::HEADER_BACKUP_FILE] {
-        s.with_file(f, |d| d[format::header_off::VERSION] = 9).unwrap();
+        s.with_file(f, |d| d[format::header_off::VERSION] = 9)
+            .unwrap();
     }
-    let e = Volume::open(Arc::new(s), &fx.env.kms, Default::default()).err().unwrap();
+    let e = Volume::open(Arc::new(s), &fx.env.kms, Default::default())
+        .err()
+        .unwrap();
     let m = e.to_string();
-    assert!(m.contains("version 9") && m.contains("upgrade kmsfs"), "{m}");
+    assert!(
+        m.contains("version 9") && m.contains("upgrade kmsfs"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -348,14 +420,20 @@ fn rollback_to_an_older_state_is_detected_and_recoverable() {
         .err()
         .expect("rollback went unnoticed");
     let m = e.to_string();
-    assert!(m.contains("rolled back") && m.contains("--accept-rollback"), "{m}");
+    assert!(
+        m.contains("rolled back") && m.contains("--accept-rollback"),
+        "{m}"
+    );
     assert_eq!(e.errno(), libc::EIO);
     // Read-only opens are refused too (they would serve stale data silently).
     assert!(
         Volume::open(
             Arc::new(old_copy.clone()),
             &fx.env.kms,
-            kmsfs::volume::OpenOptions { read_only: true, ..Default::default() }
+            kmsfs::volume::OpenOptions {
+                read_only: true,
+                ..Default::default()
+            }
         )
         .is_err()
     );
@@ -363,7 +441,10 @@ fn rollback_to_an_older_state_is_detected_and_recoverable() {
     let v = Volume::open(
         Arc::new(old_copy.clone()),
         &fx.env.kms,
-        kmsfs::volume::OpenOptions { accept_rollback: true, ..Default::default() },
+        kmsfs::volume::OpenOptions {
+            accept_rollback: true,
+            ..Default::default()
+        },
     )
     .unwrap();
     assert_eq!(dump(&v).unwrap(), fx.reference);

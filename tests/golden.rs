@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use engine_common::*;
-use kmsfs::crypto::{CipherKind, KdfParams, Passphrase, SecretKey, Sealer, derive_subkey, labels};
+use kmsfs::crypto::{CipherKind, KdfParams, Passphrase, Sealer, SecretKey, derive_subkey, labels};
 use kmsfs::format::{self, BlockKind, block_aad, hex, unhex};
 use kmsfs::kms::keystore::{LocalKeystore, Unlock};
 use kmsfs::store::FsStorage;
@@ -68,7 +68,11 @@ fn write_golden_volume() {
     )
     .unwrap();
     let storage = Arc::new(FsStorage::new(root.join("volume")));
-    let opts = CreateOptions { block_size: 16384, segment_size: 1 << 20, ..Default::default() };
+    let opts = CreateOptions {
+        block_size: 16384,
+        segment_size: 1 << 20,
+        ..Default::default()
+    };
     Volume::init(storage.clone(), &kms, &opts).unwrap();
     let v = Volume::open(storage, &kms, OpenOptions::default()).unwrap();
     let docs = v.mkdir(ROOT_INO, b"docs", 0o750, 1000, 1000).unwrap();
@@ -77,7 +81,9 @@ fn write_golden_volume() {
             ("", n) => (ROOT_INO, n),
             (_, n) => (docs.ino, n),
         };
-        let f = v.create(parent, name.as_bytes(), 0o644, 1000, 1000).unwrap();
+        let f = v
+            .create(parent, name.as_bytes(), 0o644, 1000, 1000)
+            .unwrap();
         if name == "sparse" {
             v.write(f.ino, 299_990, &data[299_990..]).unwrap();
         } else {
@@ -178,7 +184,14 @@ fn write_vectors() {
         out += &line("wrong-kind", &vid, &bid, 2, &sealed, "fail");
         out += &line("other-volume", &[0x12u8; 16], &bid, 1, &sealed, "fail");
         out += &line("other-block-id", &vid, &[0x23u8; 16], 1, &sealed, "fail");
-        out += &line("truncated", &vid, &bid, 1, &sealed[..sealed.len() - 17], "fail");
+        out += &line(
+            "truncated",
+            &vid,
+            &bid,
+            1,
+            &sealed[..sealed.len() - 17],
+            "fail",
+        );
     }
     std::fs::write(dir.join("blocks.txt"), out).unwrap();
 
@@ -207,7 +220,10 @@ fn write_vectors() {
 fn block_vectors() {
     let text = std::fs::read_to_string(vectors_dir().join("blocks.txt")).unwrap();
     let mut n = 0;
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let f: Vec<&str> = line.split(' ').collect();
         let (name, cipher, dk, vid, bid, kind, sealed, expect) =
             (f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]);
@@ -231,7 +247,10 @@ fn block_vectors() {
 fn header_vectors() {
     let text = std::fs::read_to_string(vectors_dir().join("headers.txt")).unwrap();
     let mut n = 0;
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let (name, rest) = line.split_once(' ').unwrap();
         let (expect, hexed) = rest.rsplit_once(' ').unwrap();
         let bytes = unhex(hexed).unwrap();

@@ -29,6 +29,9 @@ struct Writer {
     new_files: bool,
 }
 
+/// A sealed record ready to append: (record bytes, block id, tag).
+pub type Sealed = (Vec<u8>, [u8; 16], [u8; 16]);
+
 const NODE_CACHE_SHARDS: usize = 16;
 /// Tree nodes are zero-padded to a multiple of this before sealing.
 const NODE_PAD: usize = 512;
@@ -95,7 +98,7 @@ impl BlockIo {
     }
 
     /// Seals a block (no I/O): returns the record bytes, block id and tag.
-    pub fn seal(&self, kind: BlockKind, plaintext: &[u8]) -> (Vec<u8>, [u8; 16], [u8; 16]) {
+    pub fn seal(&self, kind: BlockKind, plaintext: &[u8]) -> Sealed {
         let block_id: [u8; 16] = random_array();
         let sealed_len = self.sealer.sealed_len(plaintext.len());
         let mut rec = Vec::with_capacity(RECORD_HEADER_LEN + sealed_len);
@@ -113,7 +116,9 @@ impl BlockIo {
         let mut w = self.writer.lock();
         let need_new = match w.current {
             None => true,
-            Some((_, len)) => len + rec.len() as u64 > self.segment_size && len > SEGMENT_HEADER_LEN as u64,
+            Some((_, len)) => {
+                len + rec.len() as u64 > self.segment_size && len > SEGMENT_HEADER_LEN as u64
+            }
         };
         if need_new {
             let id = w.next_segment;
@@ -154,26 +159,39 @@ impl BlockIo {
     pub fn read_raw(&self, p: &BlockPtr, kind: BlockKind) -> Result<Vec<u8>> {
         let name = segment_file_name(p.segment);
         let what = || format!("{kind:?} {p:?}");
-        if (p.len as usize) < RECORD_HEADER_LEN + 16 || p.len > (format::MAX_BLOCK_SIZE + 4096) * 2 {
+        if (p.len as usize) < RECORD_HEADER_LEN + 16 || p.len > (format::MAX_BLOCK_SIZE + 4096) * 2
+        {
             return Err(Error::integrity(what(), "record length out of range"));
         }
         let mut rec = vec![0u8; p.len as usize];
         match self.storage.read_at(&name, p.offset as u64, &mut rec) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::integrity(what(), format!("segment file {name} is missing")));
+                return Err(Error::integrity(
+                    what(),
+                    format!("segment file {name} is missing"),
+                ));
             }
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(Error::integrity(what(), format!("segment file {name} is truncated")));
+                return Err(Error::integrity(
+                    what(),
+                    format!("segment file {name} is truncated"),
+                ));
             }
             Err(e) => return Err(Error::io(name, e)),
         }
         let len = u32::from_le_bytes(rec[0..4].try_into().unwrap()) as usize;
         if len + 4 != rec.len() || rec[4] != kind as u8 || rec[5..21] != p.block_id {
-            return Err(Error::integrity(what(), "the record at this place is not the expected block"));
+            return Err(Error::integrity(
+                what(),
+                "the record at this place is not the expected block",
+            ));
         }
         if rec[rec.len() - 16..] != p.tag {
-            return Err(Error::integrity(what(), "the block's tag does not match its parent"));
+            return Err(Error::integrity(
+                what(),
+                "the block's tag does not match its parent",
+            ));
         }
         Ok(rec)
     }
@@ -261,7 +279,9 @@ impl NodeStore for BlockIo {
             return Ok(n);
         }
         let b = self.read_block(p, BlockKind::Node)?;
-        let n = Arc::new(Node::decode(&b).map_err(|e| Error::integrity(format!("tree node {p:?}"), e))?);
+        let n = Arc::new(
+            Node::decode(&b).map_err(|e| Error::integrity(format!("tree node {p:?}"), e))?,
+        );
         self.cache_node(id, n.clone());
         Ok(n)
     }

@@ -52,7 +52,13 @@ impl Volume {
         }
         drop(st);
         for (label, t) in trees {
-            let f = self.fsck_tree(&label, &t, &mut r, &mut seen_blocks, &mut referenced_segments)?;
+            let f = self.fsck_tree(
+                &label,
+                &t,
+                &mut r,
+                &mut seen_blocks,
+                &mut referenced_segments,
+            )?;
             if label == "live tree" {
                 r.inodes = f.inodes.len() as u64;
             }
@@ -64,14 +70,19 @@ impl Volume {
                 Err(e) => r.errors.push(format!("volume header {name}: {e}")),
                 Ok(b) => match format::Header::decode(&b) {
                     Err(e) => r.errors.push(format!("volume header {name}: {e}")),
-                    Ok(h) if h.volume_id != self.header.volume_id => {
-                        r.errors.push(format!("volume header {name} belongs to another volume"))
-                    }
+                    Ok(h) if h.volume_id != self.header.volume_id => r
+                        .errors
+                        .push(format!("volume header {name} belongs to another volume")),
                     Ok(_) => {
                         let body = &b[..format::HEADER_LEN - format::HEADER_MAC_LEN];
                         let mac = crate::crypto::hmac_sha256(&self.header_mac_key, body);
-                        if !crate::crypto::ct_eq(&mac, &b[format::HEADER_LEN - format::HEADER_MAC_LEN..]) {
-                            r.errors.push(format!("volume header {name}: MAC does not verify (modified)"));
+                        if !crate::crypto::ct_eq(
+                            &mac,
+                            &b[format::HEADER_LEN - format::HEADER_MAC_LEN..],
+                        ) {
+                            r.errors.push(format!(
+                                "volume header {name}: MAC does not verify (modified)"
+                            ));
                         }
                     }
                 },
@@ -82,7 +93,8 @@ impl Volume {
         let mut present = HashSet::new();
         for n in names {
             let Some(id) = format::parse_segment_file_name(&n) else {
-                r.warnings.push(format!("unexpected file {}/{n}", format::SEGMENT_DIR));
+                r.warnings
+                    .push(format!("unexpected file {}/{n}", format::SEGMENT_DIR));
                 continue;
             };
             present.insert(id);
@@ -107,7 +119,10 @@ impl Volume {
         }
         for id in &referenced_segments {
             if !present.contains(id) {
-                r.errors.push(format!("segment {} is missing but referenced", format::segment_file_name(*id)));
+                r.errors.push(format!(
+                    "segment {} is missing but referenced",
+                    format::segment_file_name(*id)
+                ));
             }
         }
         r.errors.dedup();
@@ -149,10 +164,16 @@ impl Volume {
                         Err(e) => errors.push(format!("{label}: directory {ino}: {e}")),
                     },
                     tag::DIRCOOKIE if suffix.len() == 8 => {
-                        f.cookies.insert((ino, u64::from_be_bytes(suffix.try_into().unwrap())), v.to_vec());
+                        f.cookies.insert(
+                            (ino, u64::from_be_bytes(suffix.try_into().unwrap())),
+                            v.to_vec(),
+                        );
                     }
                     tag::BLOCK if suffix.len() == 8 => match BlockPtr::from_bytes(v) {
-                        Ok(p) => f.blocks.push((ino, u64::from_be_bytes(suffix.try_into().unwrap()), p)),
+                        Ok(p) => {
+                            f.blocks
+                                .push((ino, u64::from_be_bytes(suffix.try_into().unwrap()), p))
+                        }
                         Err(e) => errors.push(format!("{label}: inode {ino} block map: {e}")),
                     },
                     tag::XATTR => match XattrValue::decode(v) {
@@ -164,14 +185,17 @@ impl Volume {
                         f.symlinks.insert(ino);
                     }
                     tag::ORPHAN if suffix.len() == 8 => {
-                        f.orphans.insert(u64::from_be_bytes(suffix.try_into().unwrap()));
+                        f.orphans
+                            .insert(u64::from_be_bytes(suffix.try_into().unwrap()));
                     }
                     _ => errors.push(format!("{label}: unknown key tag {tg} for inode {ino}")),
                 }
                 Ok(())
             };
             let mut node_errors = Vec::new();
-            t.walk(n, &mut on_node, &mut on_entry, &mut |p, e| node_errors.push(format!("{label}: tree node {p:?}: {e}")))?;
+            t.walk(n, &mut on_node, &mut on_entry, &mut |p, e| {
+                node_errors.push(format!("{label}: tree node {p:?}: {e}"))
+            })?;
             errors.extend(node_errors);
         }
         r.nodes_checked += node_count;
@@ -205,7 +229,10 @@ impl Volume {
             if let Some(i) = f.inodes.get(ino)
                 && blk * bs >= i.size
             {
-                errors.push(format!("{label}: {} : block {blk} lies beyond the file size", path(*ino)));
+                errors.push(format!(
+                    "{label}: {} : block {blk} lies beyond the file size",
+                    path(*ino)
+                ));
             }
             if !seen_blocks.insert(p.block_id) {
                 continue;
@@ -224,7 +251,10 @@ impl Volume {
                 continue;
             }
             if let Err(e) = self.io.read_block(p, BlockKind::Xattr) {
-                errors.push(format!("{label}: file {} extended attribute: {e}", path(*ino)));
+                errors.push(format!(
+                    "{label}: file {} extended attribute: {e}",
+                    path(*ino)
+                ));
             } else {
                 r.blocks_checked += 1;
             }
@@ -234,24 +264,42 @@ impl Volume {
         let mut subdirs: HashMap<u64, u32> = HashMap::new();
         for (p, name, e) in &f.entries {
             match f.inodes.get(&e.ino) {
-                None => errors.push(format!("{label}: entry {} points to missing inode {}", path(*p) + "/" + &String::from_utf8_lossy(name), e.ino)),
-                Some(i) if i.kind != e.kind => errors.push(format!("{label}: entry for {} has the wrong type", path(e.ino))),
+                None => errors.push(format!(
+                    "{label}: entry {} points to missing inode {}",
+                    path(*p) + "/" + &String::from_utf8_lossy(name),
+                    e.ino
+                )),
+                Some(i) if i.kind != e.kind => errors.push(format!(
+                    "{label}: entry for {} has the wrong type",
+                    path(e.ino)
+                )),
                 Some(i) => {
                     *links.entry(e.ino).or_default() += 1;
                     if i.kind == FileKind::Dir {
                         *subdirs.entry(*p).or_default() += 1;
                         if i.parent != *p {
-                            errors.push(format!("{label}: directory {} has a wrong parent", path(e.ino)));
+                            errors.push(format!(
+                                "{label}: directory {} has a wrong parent",
+                                path(e.ino)
+                            ));
                         }
                     }
                 }
             }
             if f.cookies.get(&(*p, e.cookie)) != Some(name) {
-                errors.push(format!("{label}: directory {} lacks the readdir record of {}", path(*p), String::from_utf8_lossy(name)));
+                errors.push(format!(
+                    "{label}: directory {} lacks the readdir record of {}",
+                    path(*p),
+                    String::from_utf8_lossy(name)
+                ));
             }
         }
         if f.cookies.len() != f.entries.len() {
-            errors.push(format!("{label}: {} readdir records for {} entries", f.cookies.len(), f.entries.len()));
+            errors.push(format!(
+                "{label}: {} readdir records for {} entries",
+                f.cookies.len(),
+                f.entries.len()
+            ));
         }
         if !f.inodes.contains_key(&ROOT_INO) {
             errors.push(format!("{label}: the root directory is missing"));
@@ -266,14 +314,22 @@ impl Volume {
                             errors.push(format!("{label}: directory inode {ino} has {l} entries"));
                         }
                     } else if i.nlink != want {
-                        errors.push(format!("{label}: directory {} has link count {}, expected {want}", path(*ino), i.nlink));
+                        errors.push(format!(
+                            "{label}: directory {} has link count {}, expected {want}",
+                            path(*ino),
+                            i.nlink
+                        ));
                     }
                 }
                 _ => {
                     if l == 0 && !f.orphans.contains(ino) {
                         errors.push(format!("{label}: inode {ino} is not in any directory"));
                     } else if i.nlink != l {
-                        errors.push(format!("{label}: {} has link count {}, expected {l}", path(*ino), i.nlink));
+                        errors.push(format!(
+                            "{label}: {} has link count {}, expected {l}",
+                            path(*ino),
+                            i.nlink
+                        ));
                     }
                 }
             }
@@ -287,7 +343,11 @@ impl Volume {
         }
         for (ino, c) in counted {
             match f.inodes.get(&ino) {
-                Some(i) if i.blocks != c => errors.push(format!("{label}: {} counts {} blocks, has {c}", path(ino), i.blocks)),
+                Some(i) if i.blocks != c => errors.push(format!(
+                    "{label}: {} counts {} blocks, has {c}",
+                    path(ino),
+                    i.blocks
+                )),
                 None => errors.push(format!("{label}: blocks of missing inode {ino}")),
                 _ => {}
             }

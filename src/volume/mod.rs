@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::RwLock;
 
 use crate::cache::{CacheStats, Plain};
-use crate::crypto::{self, CipherKind, SecretKey, Sealer, derive_subkey, labels};
+use crate::crypto::{self, CipherKind, Sealer, SecretKey, derive_subkey, labels};
 use crate::error::{Error, Result};
 use crate::format::{
     self, BlockKind, BlockPtr, DirEntry, FileKind, Header, Inode, RootPayload, SnapshotRecord,
@@ -191,7 +191,8 @@ fn now() -> Timestamp {
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
         return Err(Error::Invalid("bad file name".into()));
     }
     if name.len() > NAME_MAX {
@@ -205,11 +206,7 @@ fn ctx_for(volume_id: &[u8; 16]) -> EncryptionContext {
 }
 
 /// Reads and authenticates a header copy; returns it with the unwrapped DK.
-fn read_header(
-    storage: &dyn Storage,
-    kms: &dyn Kms,
-    name: &str,
-) -> Result<(Header, SecretKey)> {
+fn read_header(storage: &dyn Storage, kms: &dyn Kms, name: &str) -> Result<(Header, SecretKey)> {
     let b = storage.read(name).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::Format(format!(
@@ -258,15 +255,23 @@ fn sign_header(h: &Header, dk: &SecretKey) -> Vec<u8> {
 
 fn write_durably(storage: &dyn Storage, name: &str, data: &[u8]) -> Result<()> {
     let tmp = format!("{name}.tmp");
-    storage.write_file(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
+    storage
+        .write_file(&tmp, data)
+        .map_err(|e| Error::io(&tmp, e))?;
     storage.sync(&tmp).map_err(|e| Error::io(&tmp, e))?;
     storage.rename(&tmp, name).map_err(|e| Error::io(name, e))?;
-    storage.sync_dir("").map_err(|e| Error::io("volume directory", e))
+    storage
+        .sync_dir("")
+        .map_err(|e| Error::io("volume directory", e))
 }
 
 impl Volume {
     /// Creates a new, empty volume in an empty backing store.
-    pub fn init(storage: Arc<dyn Storage>, kms: &dyn Kms, opts: &CreateOptions) -> Result<[u8; 16]> {
+    pub fn init(
+        storage: Arc<dyn Storage>,
+        kms: &dyn Kms,
+        opts: &CreateOptions,
+    ) -> Result<[u8; 16]> {
         if storage.exists(format::HEADER_FILE) || storage.exists(format::ROOT_FILE) {
             return Err(Error::Exists);
         }
@@ -306,7 +311,15 @@ impl Volume {
             .map_err(|e| Error::io("segment directory", e))?;
         write_durably(&*storage, format::HEADER_BACKUP_FILE, &hb)?;
         write_durably(&*storage, format::HEADER_FILE, &hb)?;
-        let vol = Volume::assemble(storage, header, dk, None, false, OpenOptions::default(), None)?;
+        let vol = Volume::assemble(
+            storage,
+            header,
+            dk,
+            None,
+            false,
+            OpenOptions::default(),
+            None,
+        )?;
         {
             let mut st = vol.st.write();
             let t = now();
@@ -341,7 +354,9 @@ impl Volume {
         // Writers lock out other writers; readers announce themselves before
         // reading the root, so the cleaner keeps the segments their root needs.
         let lock = if read_only {
-            storage.lock_readers_shared().map_err(|e| Error::io(format::READERS_FILE, e))?
+            storage
+                .lock_readers_shared()
+                .map_err(|e| Error::io(format::READERS_FILE, e))?
         } else {
             crate::store::lock_volume(&*storage)?
         };
@@ -365,7 +380,10 @@ impl Volume {
             Ok((h, dk)) if h.volume_id == root_vid => (h, dk, false),
             Ok((h, _)) => match backup() {
                 Ok((b, dk)) if b.volume_id == root_vid => {
-                    log::warn!("{}: primary header is from another volume; using the backup", storage.describe());
+                    log::warn!(
+                        "{}: primary header is from another volume; using the backup",
+                        storage.describe()
+                    );
                     (b, dk, true)
                 }
                 _ => {
@@ -384,7 +402,10 @@ impl Volume {
             Err(e @ Error::Kms(_)) | Err(e @ Error::Format(_)) => return Err(e),
             Err(e) => match backup() {
                 Ok((b, dk)) if b.volume_id == root_vid => {
-                    log::warn!("{}: primary header damaged ({e}); using the backup", storage.describe());
+                    log::warn!(
+                        "{}: primary header damaged ({e}); using the backup",
+                        storage.describe()
+                    );
                     (b, dk, true)
                 }
                 _ => return Err(e),
@@ -397,19 +418,33 @@ impl Volume {
                 write_durably(&*storage, format::HEADER_FILE, &hb)?;
             }
             if storage.read(format::HEADER_BACKUP_FILE).ok().as_deref() != Some(&hb[..]) {
-                log::warn!("{}: backup header damaged or missing; rewriting it", storage.describe());
+                log::warn!(
+                    "{}: backup header damaged or missing; rewriting it",
+                    storage.describe()
+                );
                 write_durably(&*storage, format::HEADER_BACKUP_FILE, &hb)?;
             }
         }
         let accept_rollback = opts.accept_rollback;
-        let vol = Volume::assemble(storage, header, dk, Some(&root_bytes), read_only, opts, Some(lock))?;
+        let vol = Volume::assemble(
+            storage,
+            header,
+            dk,
+            Some(&root_bytes),
+            read_only,
+            opts,
+            Some(lock),
+        )?;
         // Rollback: the KMS keeps the highest generation this volume reached.
         let generation = vol.generation();
         if let Some(mark) = kms.generation_mark(&vol.header.volume_id)?
             && generation < mark
         {
             if !accept_rollback {
-                return Err(Error::Rollback { found: generation, mark });
+                return Err(Error::Rollback {
+                    found: generation,
+                    mark,
+                });
             }
             log::warn!(
                 "{}: accepting a rollback from generation {mark} to {generation}",
@@ -437,7 +472,10 @@ impl Volume {
         lock: Option<Box<dyn std::any::Any + Send + Sync>>,
     ) -> Result<Volume> {
         let cipher = CipherKind::from_u8(header.cipher).ok_or_else(|| {
-            Error::Format(format!("unknown cipher id {} in the volume header", header.cipher))
+            Error::Format(format!(
+                "unknown cipher id {} in the volume header",
+                header.cipher
+            ))
         })?;
         let sealer = Sealer::new(cipher, &derive_subkey(&dk, labels::BLOCK));
         let root_sealer = Sealer::new(cipher, &derive_subkey(&dk, labels::ROOT));
@@ -445,8 +483,8 @@ impl Volume {
         drop(dk);
         let (payload, generation) = match root_bytes {
             Some(b) => {
-                let (vid, generation, prefix, sealed) = format::split_root(b)
-                    .map_err(|e| Error::integrity("root record", e))?;
+                let (vid, generation, prefix, sealed) =
+                    format::split_root(b).map_err(|e| Error::integrity("root record", e))?;
                 if vid != header.volume_id {
                     return Err(Error::integrity("root record", "belongs to another volume"));
                 }
@@ -454,7 +492,10 @@ impl Volume {
                     .open(prefix, sealed)
                     .map_err(|e| Error::integrity("root record", e))?;
                 (
-                    Some(RootPayload::decode(&plain).map_err(|e| Error::integrity("root record", e))?),
+                    Some(
+                        RootPayload::decode(&plain)
+                            .map_err(|e| Error::integrity("root record", e))?,
+                    ),
                     generation,
                 )
             }
@@ -573,7 +614,8 @@ impl Volume {
     }
 
     fn put_inode(&self, st: &mut State, ino: u64, i: &Inode) -> Result<()> {
-        st.tree.insert(self.nodes(), &key(ino, tag::INODE, &[]), i.encode())?;
+        st.tree
+            .insert(self.nodes(), &key(ino, tag::INODE, &[]), i.encode())?;
         st.changed = true;
         Ok(())
     }
@@ -588,9 +630,9 @@ impl Volume {
 
     fn get_entry(&self, st: &State, parent: u64, name: &[u8]) -> Result<Option<DirEntry>> {
         match st.tree.get(self.nodes(), &key(parent, tag::DIRENT, name))? {
-            Some(b) => Ok(Some(
-                DirEntry::decode(&b).map_err(|e| Error::integrity(format!("directory {parent} entry"), e))?,
-            )),
+            Some(b) => Ok(Some(DirEntry::decode(&b).map_err(|e| {
+                Error::integrity(format!("directory {parent} entry"), e)
+            })?)),
             None => Ok(None),
         }
     }
@@ -603,13 +645,26 @@ impl Volume {
         Ok(i)
     }
 
-    fn add_entry(&self, st: &mut State, parent: u64, pi: &mut Inode, name: &[u8], ino: u64, kind: FileKind) -> Result<()> {
+    fn add_entry(
+        &self,
+        st: &mut State,
+        parent: u64,
+        pi: &mut Inode,
+        name: &[u8],
+        ino: u64,
+        kind: FileKind,
+    ) -> Result<()> {
         let cookie = pi.next_cookie;
         pi.next_cookie += 1;
         let e = DirEntry { ino, kind, cookie };
         let n = self.nodes();
-        st.tree.insert(n, &key(parent, tag::DIRENT, name), e.encode())?;
-        st.tree.insert(n, &key(parent, tag::DIRCOOKIE, &cookie.to_be_bytes()), name.to_vec())?;
+        st.tree
+            .insert(n, &key(parent, tag::DIRENT, name), e.encode())?;
+        st.tree.insert(
+            n,
+            &key(parent, tag::DIRCOOKIE, &cookie.to_be_bytes()),
+            name.to_vec(),
+        )?;
         st.changed = true;
         Ok(())
     }
@@ -617,17 +672,23 @@ impl Volume {
     fn del_entry(&self, st: &mut State, parent: u64, name: &[u8], e: &DirEntry) -> Result<()> {
         let n = self.nodes();
         st.tree.remove(n, &key(parent, tag::DIRENT, name))?;
-        st.tree.remove(n, &key(parent, tag::DIRCOOKIE, &e.cookie.to_be_bytes()))?;
+        st.tree
+            .remove(n, &key(parent, tag::DIRCOOKIE, &e.cookie.to_be_bytes()))?;
         st.changed = true;
         Ok(())
     }
 
     fn dir_is_empty(&self, st: &State, ino: u64) -> Result<bool> {
         let mut empty = true;
-        st.tree.range(self.nodes(), &key(ino, tag::DIRENT, &[]), &key(ino, tag::DIRENT + 1, &[]), &mut |_, _| {
-            empty = false;
-            Ok(false)
-        })?;
+        st.tree.range(
+            self.nodes(),
+            &key(ino, tag::DIRENT, &[]),
+            &key(ino, tag::DIRENT + 1, &[]),
+            &mut |_, _| {
+                empty = false;
+                Ok(false)
+            },
+        )?;
         Ok(empty)
     }
 
@@ -643,8 +704,13 @@ impl Volume {
         for k in keys {
             st.tree.remove(n, &k)?;
         }
-        st.tree.remove(n, &key(0, tag::ORPHAN, &ino.to_be_bytes()))?;
-        let drop_keys: Vec<(u64, u64)> = st.dirty.range((ino, 0)..=(ino, u64::MAX)).map(|(k, _)| *k).collect();
+        st.tree
+            .remove(n, &key(0, tag::ORPHAN, &ino.to_be_bytes()))?;
+        let drop_keys: Vec<(u64, u64)> = st
+            .dirty
+            .range((ino, 0)..=(ino, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
         for k in drop_keys {
             if let Some(p) = st.dirty.remove(&k) {
                 st.dirty_bytes -= p.0.len();
@@ -660,7 +726,11 @@ impl Volume {
             return Ok(());
         }
         if st.open.get(&ino).copied().unwrap_or(0) > 0 {
-            st.tree.insert(self.nodes(), &key(0, tag::ORPHAN, &ino.to_be_bytes()), Vec::new())?;
+            st.tree.insert(
+                self.nodes(),
+                &key(0, tag::ORPHAN, &ino.to_be_bytes()),
+                Vec::new(),
+            )?;
             return Ok(());
         }
         self.destroy_inode(st, ino)
@@ -730,7 +800,11 @@ impl Volume {
         if self.get_entry(&st, parent, name)?.is_some() {
             return Err(Error::Exists);
         }
-        let mut perm = if kind == FileKind::Symlink { 0o777 } else { mode & 0o7777 };
+        let mut perm = if kind == FileKind::Symlink {
+            0o777
+        } else {
+            mode & 0o7777
+        };
         let mut gid = gid;
         if pi.perm & libc::S_ISGID != 0 {
             gid = pi.gid;
@@ -748,7 +822,11 @@ impl Volume {
             gid,
             nlink: if kind == FileKind::Dir { 2 } else { 1 },
             size: symlink.map(|s| s.len() as u64).unwrap_or(0),
-            rdev: if matches!(kind, FileKind::CharDev | FileKind::BlockDev) { rdev } else { 0 },
+            rdev: if matches!(kind, FileKind::CharDev | FileKind::BlockDev) {
+                rdev
+            } else {
+                0
+            },
             atime: t,
             mtime: t,
             ctime: t,
@@ -760,7 +838,8 @@ impl Volume {
         };
         self.put_inode(&mut st, ino, &inode)?;
         if let Some(target) = symlink {
-            st.tree.insert(self.nodes(), &key(ino, tag::SYMLINK, &[]), target.to_vec())?;
+            st.tree
+                .insert(self.nodes(), &key(ino, tag::SYMLINK, &[]), target.to_vec())?;
         }
         self.add_entry(&mut st, parent, &mut pi, name, ino, kind)?;
         if kind == FileKind::Dir {
@@ -773,15 +852,46 @@ impl Volume {
     }
 
     pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
-        self.mknod(parent, name, libc::S_IFDIR | (mode & 0o7777), uid, gid, 0, None)
+        self.mknod(
+            parent,
+            name,
+            libc::S_IFDIR | (mode & 0o7777),
+            uid,
+            gid,
+            0,
+            None,
+        )
     }
 
     pub fn create(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
-        self.mknod(parent, name, libc::S_IFREG | (mode & 0o7777), uid, gid, 0, None)
+        self.mknod(
+            parent,
+            name,
+            libc::S_IFREG | (mode & 0o7777),
+            uid,
+            gid,
+            0,
+            None,
+        )
     }
 
-    pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> Result<Attr> {
-        self.mknod(parent, name, libc::S_IFLNK | 0o777, uid, gid, 0, Some(target))
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        self.mknod(
+            parent,
+            name,
+            libc::S_IFLNK | 0o777,
+            uid,
+            gid,
+            0,
+            Some(target),
+        )
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -801,7 +911,9 @@ impl Volume {
         let mut st = self.st.write();
         let mut i = self.get_inode(&st, ino)?;
         if i.kind == FileKind::Dir {
-            return Err(Error::Permission("hard links to directories are not allowed".into()));
+            return Err(Error::Permission(
+                "hard links to directories are not allowed".into(),
+            ));
         }
         if i.nlink >= 65000 {
             return Err(Error::TooManyLinks);
@@ -817,7 +929,8 @@ impl Volume {
         self.put_inode(&mut st, newparent, &pi)?;
         i.nlink += 1;
         i.ctime = t;
-        st.tree.remove(self.nodes(), &key(0, tag::ORPHAN, &ino.to_be_bytes()))?;
+        st.tree
+            .remove(self.nodes(), &key(0, tag::ORPHAN, &ino.to_be_bytes()))?;
         self.put_inode(&mut st, ino, &i)?;
         Ok(self.attr(ino, i))
     }
@@ -885,11 +998,20 @@ impl Volume {
         Err(Error::integrity("directory tree", "parent chain loops"))
     }
 
-    pub fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], flags: RenameFlags) -> Result<()> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: RenameFlags,
+    ) -> Result<()> {
         self.writable()?;
         check_name(newname)?;
         if flags.noreplace && flags.exchange {
-            return Err(Error::Invalid("RENAME_NOREPLACE and RENAME_EXCHANGE together".into()));
+            return Err(Error::Invalid(
+                "RENAME_NOREPLACE and RENAME_EXCHANGE together".into(),
+            ));
         }
         let mut st = self.st.write();
         self.dir_inode(&st, parent)?;
@@ -906,10 +1028,20 @@ impl Volume {
                 return Err(Error::Invalid("cannot move a directory into itself".into()));
             }
             let n = self.nodes();
-            let a = DirEntry { ino: dst.ino, kind: dst.kind, cookie: src.cookie };
-            let b = DirEntry { ino: src.ino, kind: src.kind, cookie: dst.cookie };
-            st.tree.insert(n, &key(parent, tag::DIRENT, name), a.encode())?;
-            st.tree.insert(n, &key(newparent, tag::DIRENT, newname), b.encode())?;
+            let a = DirEntry {
+                ino: dst.ino,
+                kind: dst.kind,
+                cookie: src.cookie,
+            };
+            let b = DirEntry {
+                ino: src.ino,
+                kind: src.kind,
+                cookie: dst.cookie,
+            };
+            st.tree
+                .insert(n, &key(parent, tag::DIRENT, name), a.encode())?;
+            st.tree
+                .insert(n, &key(newparent, tag::DIRENT, newname), b.encode())?;
             if parent != newparent {
                 let sd = (src.kind == FileKind::Dir) as i64 - (dst.kind == FileKind::Dir) as i64;
                 for (ino, newp) in [(src.ino, newparent), (dst.ino, parent)] {
@@ -1010,10 +1142,20 @@ impl Volume {
         let i = self.dir_inode(&st, ino)?;
         let mut out = Vec::new();
         if offset < 1 {
-            out.push(DirItem { ino, offset: 1, kind: FileKind::Dir, name: b".".to_vec() });
+            out.push(DirItem {
+                ino,
+                offset: 1,
+                kind: FileKind::Dir,
+                name: b".".to_vec(),
+            });
         }
         if offset < 2 {
-            out.push(DirItem { ino: i.parent.max(1), offset: 2, kind: FileKind::Dir, name: b"..".to_vec() });
+            out.push(DirItem {
+                ino: i.parent.max(1),
+                offset: 2,
+                kind: FileKind::Dir,
+                name: b"..".to_vec(),
+            });
         }
         let start = offset.max(2) + 1;
         let n = self.nodes();
@@ -1029,10 +1171,15 @@ impl Volume {
             },
         )?;
         for (cookie, name) in names {
-            let e = self
-                .get_entry(&st, ino, &name)?
-                .ok_or_else(|| Error::integrity(format!("directory {ino}"), "cookie without entry"))?;
-            out.push(DirItem { ino: e.ino, offset: cookie, kind: e.kind, name });
+            let e = self.get_entry(&st, ino, &name)?.ok_or_else(|| {
+                Error::integrity(format!("directory {ino}"), "cookie without entry")
+            })?;
+            out.push(DirItem {
+                ino: e.ino,
+                offset: cookie,
+                kind: e.kind,
+                name,
+            });
         }
         Ok(out)
     }
@@ -1140,15 +1287,24 @@ impl Volume {
 
     fn block_ptr(&self, st: &State, ino: u64, blk: u64) -> Result<Option<BlockPtr>> {
         match st.tree.get(self.nodes(), &Self::block_key(ino, blk))? {
-            Some(v) => Ok(Some(
-                BlockPtr::from_bytes(&v).map_err(|e| Error::integrity(format!("inode {ino} block map"), e))?,
-            )),
+            Some(v) => {
+                Ok(Some(BlockPtr::from_bytes(&v).map_err(|e| {
+                    Error::integrity(format!("inode {ino} block map"), e)
+                })?))
+            }
             None => Ok(None),
         }
     }
 
     /// Copies block `blk` (from `from` for `out.len()` bytes) into `out`.
-    fn read_block_into(&self, st: &State, ino: u64, blk: u64, from: usize, out: &mut [u8]) -> Result<()> {
+    fn read_block_into(
+        &self,
+        st: &State,
+        ino: u64,
+        blk: u64,
+        from: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
         if let Some(p) = st.dirty.get(&(ino, blk)) {
             out.copy_from_slice(&p.0[from..from + out.len()]);
             return Ok(());
@@ -1204,7 +1360,9 @@ impl Volume {
 
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
         self.writable()?;
-        let end = offset.checked_add(data.len() as u64).ok_or(Error::FileTooBig)?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(Error::FileTooBig)?;
         if end > MAX_FILE_SIZE {
             return Err(Error::FileTooBig);
         }
@@ -1214,7 +1372,11 @@ impl Volume {
             self.check_space(st.dirty_bytes as u64 + data.len() as u64)?;
             let mut i = self.get_inode(&st, ino)?;
             if i.kind != FileKind::File {
-                return Err(if i.kind == FileKind::Dir { Error::IsDir } else { Error::Invalid("not a regular file".into()) });
+                return Err(if i.kind == FileKind::Dir {
+                    Error::IsDir
+                } else {
+                    Error::Invalid("not a regular file".into())
+                });
             }
             let mut pos = offset;
             while pos < end {
@@ -1272,19 +1434,34 @@ impl Volume {
     }
 
     /// Removes blocks [from, to) from the block map and the dirty map.
-    fn drop_blocks(&self, st: &mut State, ino: u64, i: &mut Inode, from: u64, to: u64) -> Result<()> {
+    fn drop_blocks(
+        &self,
+        st: &mut State,
+        ino: u64,
+        i: &mut Inode,
+        from: u64,
+        to: u64,
+    ) -> Result<()> {
         let n = self.nodes();
         let keys = st.tree.collect(
             n,
             &Self::block_key(ino, from),
-            &if to == u64::MAX { key(ino, tag::BLOCK + 1, &[]) } else { Self::block_key(ino, to) },
+            &if to == u64::MAX {
+                key(ino, tag::BLOCK + 1, &[])
+            } else {
+                Self::block_key(ino, to)
+            },
             usize::MAX,
         )?;
         for (k, _) in keys {
             st.tree.remove(n, &k)?;
             i.blocks = i.blocks.saturating_sub(1);
         }
-        let dk: Vec<(u64, u64)> = st.dirty.range((ino, from)..(ino, to)).map(|(k, _)| *k).collect();
+        let dk: Vec<(u64, u64)> = st
+            .dirty
+            .range((ino, from)..(ino, to))
+            .map(|(k, _)| *k)
+            .collect();
         for k in dk {
             if let Some(p) = st.dirty.remove(&k) {
                 st.dirty_bytes -= p.0.len();
@@ -1305,7 +1482,10 @@ impl Volume {
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
-        if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+        if mode
+            & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE)
+            != 0
+        {
             return Err(Error::NotSupported("this fallocate mode".into()));
         }
         if punch && !keep {
@@ -1353,7 +1533,11 @@ impl Volume {
 
     /// Fails with ENOSPC when writing `bytes` of file data would eat into the reserve.
     fn check_space(&self, bytes: u64) -> Result<()> {
-        let (_, free) = self.io.storage.space().map_err(|e| Error::io("backing store", e))?;
+        let (_, free) = self
+            .io
+            .storage
+            .space()
+            .map_err(|e| Error::io("backing store", e))?;
         if free < bytes + reserve_bytes(self.header.segment_size) {
             return Err(Error::NoSpace(format!(
                 "{} has {} bytes free",
@@ -1394,10 +1578,13 @@ impl Volume {
             jobs.push(((ino, blk), p, stored));
         }
         // Seal in parallel (AEAD is the cost), append in order.
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4);
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4);
         let chunk = jobs.len().div_ceil(threads).max(1);
         let io = &self.io;
-        let sealed: Vec<Vec<(Vec<u8>, [u8; 16], [u8; 16])>> = std::thread::scope(|s| {
+        let sealed: Vec<Vec<blocks::Sealed>> = std::thread::scope(|s| {
             let hs: Vec<_> = jobs
                 .chunks(chunk)
                 .map(|c| {
@@ -1408,11 +1595,15 @@ impl Volume {
                     })
                 })
                 .collect();
-            hs.into_iter().map(|h| h.join().expect("sealing thread")).collect()
+            hs.into_iter()
+                .map(|h| h.join().expect("sealing thread"))
+                .collect()
         });
         let mut inode_updates: HashMap<u64, Inode> = HashMap::new();
         let mut failed = None;
-        for (((ino, blk), p, stored), (rec, id, tag)) in jobs.into_iter().zip(sealed.into_iter().flatten()) {
+        for (((ino, blk), p, stored), (rec, id, tag)) in
+            jobs.into_iter().zip(sealed.into_iter().flatten())
+        {
             if failed.is_some() {
                 // Keep what could not be written, so nothing is lost.
                 st.dirty_bytes += p.0.len();
@@ -1421,7 +1612,11 @@ impl Volume {
             }
             match self.io.append(&rec, id, tag) {
                 Ok(ptr) => {
-                    let old = st.tree.insert(self.nodes(), &Self::block_key(ino, blk), ptr.to_bytes().to_vec())?;
+                    let old = st.tree.insert(
+                        self.nodes(),
+                        &Self::block_key(ino, blk),
+                        ptr.to_bytes().to_vec(),
+                    )?;
                     if old.is_none() {
                         let i = match inode_updates.get_mut(&ino) {
                             Some(i) => i,
@@ -1433,7 +1628,11 @@ impl Volume {
                         i.blocks += 1;
                     }
                     // Cache exactly what was stored (a short copy frees the full buffer).
-                    let plain = if stored < p.0.len() { Plain(p.0[..stored].to_vec()) } else { p };
+                    let plain = if stored < p.0.len() {
+                        Plain(p.0[..stored].to_vec())
+                    } else {
+                        p
+                    };
                     self.io.data_cache.insert(ptr.id_u128(), Arc::new(plain));
                 }
                 Err(e) => {
@@ -1458,10 +1657,17 @@ impl Volume {
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
         self.writable()?;
         if name.is_empty() || name.len() > NAME_MAX {
-            return Err(if name.is_empty() { Error::Invalid("empty xattr name".into()) } else { Error::NameTooLong });
+            return Err(if name.is_empty() {
+                Error::Invalid("empty xattr name".into())
+            } else {
+                Error::NameTooLong
+            });
         }
         if value.len() > format::XATTR_VALUE_MAX {
-            return Err(Error::TooBig(format!("xattr values are limited to {} bytes", format::XATTR_VALUE_MAX)));
+            return Err(Error::TooBig(format!(
+                "xattr values are limited to {} bytes",
+                format::XATTR_VALUE_MAX
+            )));
         }
         let mut st = self.st.write();
         let mut i = self.get_inode(&st, ino)?;
@@ -1487,8 +1693,13 @@ impl Volume {
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         let st = self.st.read();
         self.get_inode(&st, ino)?;
-        let v = st.tree.get(self.nodes(), &key(ino, tag::XATTR, name))?.ok_or(Error::NoXattr)?;
-        match XattrValue::decode(&v).map_err(|e| Error::integrity(format!("inode {ino} xattr"), e))? {
+        let v = st
+            .tree
+            .get(self.nodes(), &key(ino, tag::XATTR, name))?
+            .ok_or(Error::NoXattr)?;
+        match XattrValue::decode(&v)
+            .map_err(|e| Error::integrity(format!("inode {ino} xattr"), e))?
+        {
             XattrValue::Inline(v) => Ok(v),
             XattrValue::Block(p) => self.io.read_block(&p, BlockKind::Xattr),
         }
@@ -1499,7 +1710,12 @@ impl Volume {
         self.get_inode(&st, ino)?;
         Ok(st
             .tree
-            .collect(self.nodes(), &key(ino, tag::XATTR, &[]), &key(ino, tag::XATTR + 1, &[]), usize::MAX)?
+            .collect(
+                self.nodes(),
+                &key(ino, tag::XATTR, &[]),
+                &key(ino, tag::XATTR + 1, &[]),
+                usize::MAX,
+            )?
             .into_iter()
             .map(|(k, _)| k[9..].to_vec())
             .collect())
@@ -1509,7 +1725,11 @@ impl Volume {
         self.writable()?;
         let mut st = self.st.write();
         let mut i = self.get_inode(&st, ino)?;
-        if st.tree.remove(self.nodes(), &key(ino, tag::XATTR, name))?.is_none() {
+        if st
+            .tree
+            .remove(self.nodes(), &key(ino, tag::XATTR, name))?
+            .is_none()
+        {
             return Err(Error::NoXattr);
         }
         i.ctime = now();
@@ -1576,7 +1796,11 @@ impl Volume {
     }
 
     pub fn statfs(&self) -> Result<StatFs> {
-        let (total, free) = self.io.storage.space().map_err(|e| Error::io("backing store", e))?;
+        let (total, free) = self
+            .io
+            .storage
+            .space()
+            .map_err(|e| Error::io("backing store", e))?;
         let stored = self.stored_bytes()?;
         Ok(StatFs {
             total_bytes: total,
@@ -1592,7 +1816,10 @@ impl Volume {
     pub fn stored_bytes(&self) -> Result<u64> {
         let s = &self.io.storage;
         let mut n = 0;
-        for f in s.list(format::SEGMENT_DIR).map_err(|e| Error::io("segment directory", e))? {
+        for f in s
+            .list(format::SEGMENT_DIR)
+            .map_err(|e| Error::io("segment directory", e))?
+        {
             n += s.len(&format!("{}/{f}", format::SEGMENT_DIR)).unwrap_or(0);
         }
         Ok(n)
@@ -1659,8 +1886,13 @@ impl Volume {
         let mut stats = CleanStats::default();
         let mut victims = std::collections::HashSet::new();
         let mut empty = Vec::new();
-        for f in storage.list(format::SEGMENT_DIR).map_err(|e| Error::io("segment directory", e))? {
-            let Some(id) = format::parse_segment_file_name(&f) else { continue };
+        for f in storage
+            .list(format::SEGMENT_DIR)
+            .map_err(|e| Error::io("segment directory", e))?
+        {
+            let Some(id) = format::parse_segment_file_name(&f) else {
+                continue;
+            };
             if Some(id) == current {
                 continue;
             }
@@ -1693,7 +1925,9 @@ impl Volume {
             removed = true;
         }
         if removed {
-            storage.sync_dir(format::SEGMENT_DIR).map_err(|e| Error::io("segment directory", e))?;
+            storage
+                .sync_dir(format::SEGMENT_DIR)
+                .map_err(|e| Error::io("segment directory", e))?;
         }
         if !victims.is_empty() {
             let io = self.io.clone();
@@ -1719,11 +1953,21 @@ impl Volume {
                     &mut |p| move_block(p, BlockKind::Node),
                     &mut |_| true,
                     &mut |k, v| {
-                        let Some(p) = value_ptr(k, v) else { return Ok(None) };
+                        let Some(p) = value_ptr(k, v) else {
+                            return Ok(None);
+                        };
                         let data = k[8] == tag::BLOCK;
-                        let kind = if data { BlockKind::Data } else { BlockKind::Xattr };
+                        let kind = if data {
+                            BlockKind::Data
+                        } else {
+                            BlockKind::Xattr
+                        };
                         Ok(move_block(&p, kind)?.map(|np| {
-                            if data { np.to_bytes().to_vec() } else { XattrValue::Block(np).encode() }
+                            if data {
+                                np.to_bytes().to_vec()
+                            } else {
+                                XattrValue::Block(np).encode()
+                            }
                         }))
                     },
                 )
@@ -1755,7 +1999,9 @@ impl Volume {
             }
         }
         if removed {
-            storage.sync_dir(format::SEGMENT_DIR).map_err(|e| Error::io("segment directory", e))?;
+            storage
+                .sync_dir(format::SEGMENT_DIR)
+                .map_err(|e| Error::io("segment directory", e))?;
         }
         Ok(stats)
     }

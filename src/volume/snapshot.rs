@@ -71,7 +71,9 @@ impl Volume {
         // block id -> (bytes, number of roots referencing it, last root seen)
         let mut refs: HashMap<[u8; 16], (u64, u32, usize)> = HashMap::new();
         let mut note = |p: &BlockPtr, root: usize| {
-            let e = refs.entry(p.block_id).or_insert((p.len as u64, 0, usize::MAX));
+            let e = refs
+                .entry(p.block_id)
+                .or_insert((p.len as u64, 0, usize::MAX));
             if e.2 != root {
                 e.1 += 1;
                 e.2 = root;
@@ -167,7 +169,9 @@ impl Volume {
             .cloned()
             .ok_or_else(|| no_snapshot(name))?;
         if !st.open.is_empty() {
-            return Err(Error::Locked("files are open; unmount the volume first".into()));
+            return Err(Error::Locked(
+                "files are open; unmount the volume first".into(),
+            ));
         }
         self.commit_locked(&mut st)?;
         st.tree = Tree::from_ptr(s.tree);

@@ -21,6 +21,21 @@ pub const NODE_MAX: usize = 32 * 1024;
 /// Nodes smaller than this after a removal are merged with a sibling.
 const NODE_MIN: usize = NODE_MAX / 4;
 
+/// Callback over leaf entries; returns false to stop.
+pub type EntryFn<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'a;
+/// Callback over leaf entries of a walk.
+pub type VisitFn<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
+/// Node pointer callback of a walk: false skips the subtree.
+pub type NodeFn<'a> = dyn FnMut(&BlockPtr) -> bool + 'a;
+/// Receives nodes that could not be read during a walk.
+pub type ErrFn<'a> = dyn FnMut(&BlockPtr, Error) + 'a;
+/// Relocation of a node pointer.
+pub type MoveFn<'a> = dyn FnMut(&BlockPtr) -> Result<Option<BlockPtr>> + 'a;
+/// Replacement of a leaf value.
+pub type ValFn<'a> = dyn FnMut(&[u8], &[u8]) -> Result<Option<Vec<u8>>> + 'a;
+/// The result of an insert below a node: the old value and a split-off sibling.
+type InsertOutcome = (Option<Vec<u8>>, Option<(Vec<u8>, Node)>);
+
 #[derive(Clone, Debug)]
 pub enum Child {
     Clean(BlockPtr),
@@ -140,7 +155,8 @@ impl Node {
         let mut acc = 5;
         let mut at = self.keys.len() / 2;
         for (i, k) in self.keys.iter().enumerate() {
-            acc += 2 + k.len()
+            acc += 2
+                + k.len()
                 + if self.leaf {
                     4 + self.vals[i].len()
                 } else {
@@ -248,14 +264,14 @@ impl Tree {
         s: &dyn NodeStore,
         start: &[u8],
         end: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool>,
+        f: &mut EntryFn,
     ) -> Result<()> {
         fn go(
             n: &Node,
             s: &dyn NodeStore,
             start: &[u8],
             end: &[u8],
-            f: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool>,
+            f: &mut EntryFn,
         ) -> Result<bool> {
             if n.leaf {
                 let from = match n.keys.binary_search_by(|k| k.as_slice().cmp(start)) {
@@ -304,13 +320,13 @@ impl Tree {
         Ok(v)
     }
 
-    pub fn insert(&mut self, s: &dyn NodeStore, key: &[u8], val: Vec<u8>) -> Result<Option<Vec<u8>>> {
-        fn go(
-            n: &mut Node,
-            s: &dyn NodeStore,
-            key: &[u8],
-            val: Vec<u8>,
-        ) -> Result<(Option<Vec<u8>>, Option<(Vec<u8>, Node)>)> {
+    pub fn insert(
+        &mut self,
+        s: &dyn NodeStore,
+        key: &[u8],
+        val: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>> {
+        fn go(n: &mut Node, s: &dyn NodeStore, key: &[u8], val: Vec<u8>) -> Result<InsertOutcome> {
             let old = if n.leaf {
                 match n.keys.binary_search_by(|k| k.as_slice().cmp(key)) {
                     Ok(i) => Some(std::mem::replace(&mut n.vals[i], val)),
@@ -387,7 +403,11 @@ impl Tree {
                 n.kids.remove(i);
                 n.keys.remove(i);
             } else if small && n.kids.len() > 1 {
-                let (l, r) = if i + 1 < n.kids.len() { (i, i + 1) } else { (i - 1, i) };
+                let (l, r) = if i + 1 < n.kids.len() {
+                    (i, i + 1)
+                } else {
+                    (i - 1, i)
+                };
                 let sep = n.keys[r].clone();
                 let mut right = match n.kids.remove(r) {
                     Child::Dirty(b) => *b,
@@ -458,16 +478,16 @@ impl Tree {
     pub fn walk(
         &self,
         s: &dyn NodeStore,
-        on_node: &mut dyn FnMut(&BlockPtr) -> bool,
-        on_entry: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>,
-        on_error: &mut dyn FnMut(&BlockPtr, Error),
+        on_node: &mut NodeFn,
+        on_entry: &mut VisitFn,
+        on_error: &mut ErrFn,
     ) -> Result<()> {
         fn go(
             c: &Child,
             s: &dyn NodeStore,
-            on_node: &mut dyn FnMut(&BlockPtr) -> bool,
-            on_entry: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>,
-            on_error: &mut dyn FnMut(&BlockPtr, Error),
+            on_node: &mut NodeFn,
+            on_entry: &mut VisitFn,
+            on_error: &mut ErrFn,
         ) -> Result<()> {
             if let Child::Clean(p) = c
                 && !on_node(p)
@@ -504,16 +524,16 @@ impl Tree {
     pub fn relocate(
         &mut self,
         s: &dyn NodeStore,
-        node_map: &mut dyn FnMut(&BlockPtr) -> Result<Option<BlockPtr>>,
-        needs_visit: &mut dyn FnMut(&BlockPtr) -> bool,
-        val_map: &mut dyn FnMut(&[u8], &[u8]) -> Result<Option<Vec<u8>>>,
+        node_map: &mut MoveFn,
+        needs_visit: &mut NodeFn,
+        val_map: &mut ValFn,
     ) -> Result<()> {
         fn go(
             c: &mut Child,
             s: &dyn NodeStore,
-            node_map: &mut dyn FnMut(&BlockPtr) -> Result<Option<BlockPtr>>,
-            needs_visit: &mut dyn FnMut(&BlockPtr) -> bool,
-            val_map: &mut dyn FnMut(&[u8], &[u8]) -> Result<Option<Vec<u8>>>,
+            node_map: &mut MoveFn,
+            needs_visit: &mut NodeFn,
+            val_map: &mut ValFn,
         ) -> Result<()> {
             if let Child::Clean(p) = c
                 && !needs_visit(p)
@@ -586,7 +606,9 @@ mod tests {
         fn load(&self, p: &BlockPtr) -> Result<Arc<Node>> {
             let m = self.m.lock();
             let b = m.get(&p.segment).ok_or(Error::NotFound)?;
-            Ok(Arc::new(Node::decode(b).map_err(|e| Error::decode("node", e))?))
+            Ok(Arc::new(
+                Node::decode(b).map_err(|e| Error::decode("node", e))?,
+            ))
         }
         fn store(&self, n: &Node) -> Result<BlockPtr> {
             let mut m = self.m.lock();
@@ -613,7 +635,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let k = format!("key{:06}", x % 5000).into_bytes();
-            if x % 3 == 0 {
+            if x.is_multiple_of(3) {
                 assert_eq!(t.remove(&s, &k).unwrap(), model.remove(&k));
             } else {
                 let v = vec![(x % 251) as u8; (x % 300) as usize];
