@@ -34,6 +34,7 @@ use clap::{Args, Parser, Subcommand};
 use fuser::{MountOption, Session, SessionUnmounter};
 use serde::Serialize;
 
+use crate::control::ControlServer;
 use crate::crypto::{CipherKind, KdfParams, Passphrase};
 use crate::error::Error;
 use crate::format::{self, FileKind};
@@ -151,6 +152,7 @@ enum Command {
     /// Create a new volume in VOLUME_DIR (created if missing; must be empty)
     Init(InitArgs),
     /// Mount a volume; returns once the mount is ready, leaving a daemon
+    #[command(after_help = MOUNT_NOTES)]
     Mount(MountArgs),
     /// Show a volume's parameters and sizes (never a secret); works while mounted
     Info(InfoArgs),
@@ -249,6 +251,14 @@ struct HelperCli {
     namespace: Option<String>,
 }
 
+const MOUNT_NOTES: &str = "\
+allow_other implies default_permissions: the kernel then enforces modes and POSIX ACLs.
+The daemon logs to log=PATH (default /var/log/kmsfs/<volume-id>.log for root,
+$XDG_STATE_HOME/kmsfs/<volume-id>.log otherwise). `umount MOUNTPOINT`,
+`fusermount3 -u MOUNTPOINT` or SIGTERM to the daemon commit and end it; changes
+are also committed on fsync and every 5 seconds. A second read-write mount of the
+volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
+
 const SUBCOMMANDS: &[&str] = &["init", "mount", "info", "fsck", "help"];
 
 /// Entry point of the binary; returns the process exit code.
@@ -275,10 +285,24 @@ pub fn main() -> i32 {
     }
 }
 
+/// Parses arguments; help and version print and exit 0, usage errors become
+/// one line `kmsfs: <what is wrong>; see --help` with exit code 2.
 fn parse_or_exit<P: Parser>(args: Vec<OsString>) -> Result<P> {
     P::try_parse_from(args).map_err(|e| {
-        let _ = e.print();
-        CliError::new(e.exit_code(), "")
+        if !e.use_stderr() {
+            let _ = e.print();
+            return CliError::new(exit::OK, "");
+        }
+        // The message is the first paragraph of clap's text, on one line.
+        let rendered = e.to_string();
+        let para: Vec<&str> = rendered
+            .lines()
+            .take_while(|l| !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        let msg = para.join(" ");
+        let msg = msg.trim_start_matches("error: ");
+        CliError::usage(format!("{msg}; see --help"))
     })
 }
 
@@ -1116,6 +1140,14 @@ fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<MountPlan> {
             mountpoint.display()
         )));
     }
+    // The daemon reads the volume by path: through its own mount it would deadlock.
+    if volume.starts_with(&mountpoint) || mountpoint.starts_with(&volume) {
+        return Err(CliError::usage(format!(
+            "the mount point {} and the volume directory {} must not contain one another",
+            mountpoint.display(),
+            volume.display()
+        )));
+    }
     let snapshot = a.snapshot.or_else(|| opts.snapshot.clone());
     let read_only = a.read_only || opts.read_only == Some(true) || snapshot.is_some();
     let cache = opts.cache_size.unwrap_or(DEFAULT_CACHE);
@@ -1443,6 +1475,9 @@ fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Resu
         unsafe { libc::dup2(f.as_raw_fd(), 2) };
     }
     init_logger();
+    // The daemon holds the volume's keys: no core dumps, no ptrace by peers.
+    // SAFETY: prctl(PR_SET_DUMPABLE) takes integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let set = block_signals();
     let phase = Arc::new(Mutex::new(Phase::Starting));
     spawn_signal_thread(set, phase.clone(), plan.mountpoint.clone());
@@ -1473,9 +1508,20 @@ fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Resu
         ))
     })?;
     *phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::Mounted(session.unmount_callable());
+    // Read-write mounts take snapshot/clean commands over the control socket.
+    let control = if plan.open.read_only {
+        None
+    } else {
+        ControlServer::start(vol.clone(), &plan.volume)
+            .inspect_err(|e| {
+                log::warn!("no control socket ({e}); snapshot commands need an unmounted volume")
+            })
+            .ok()
+    };
     log::info!("mounted; serving requests");
     ready.ok();
     let r = session.run();
+    drop(control);
     drop(vol);
     log::info!("session ended");
     if let Err(e) = r {

@@ -130,6 +130,8 @@ impl KmsFs {
             // The kernel has already applied the umask.
             return (mode, acl::Inherited::default());
         }
+        // A parent whose default ACL cannot be read falls back to the umask;
+        // the read error itself is logged by the next request that meets it.
         let default = self.vol.getxattr(parent, acl::DEFAULT_XATTR).ok();
         acl::inherit(default.as_deref(), mode, umask)
     }
@@ -175,8 +177,10 @@ impl KmsFs {
 
     /// Keeps an access ACL in step with a chmod.
     fn chmod_access_acl(&self, ino: u64, mode: u32) -> Result<(), Error> {
-        let Ok(old) = self.vol.getxattr(ino, acl::ACCESS_XATTR) else {
-            return Ok(());
+        let old = match self.vol.getxattr(ino, acl::ACCESS_XATTR) {
+            Ok(v) => v,
+            Err(Error::NoXattr) => return Ok(()),
+            Err(e) => return Err(e),
         };
         match acl::chmod(&old, mode) {
             Some(new) if new != old => self.vol.setxattr(ino, acl::ACCESS_XATTR, &new, 0),
@@ -313,17 +317,18 @@ impl Filesystem for KmsFs {
         if !self.settings.read_only {
             wanted.push(("write-back cache", InitFlags::FUSE_WRITEBACK_CACHE));
         }
-        if self.settings.default_permissions {
-            wanted.push(("POSIX ACLs", InitFlags::FUSE_POSIX_ACL));
-        }
         for (what, flag) in wanted {
-            match config.add_capabilities(flag) {
-                Ok(()) => {
-                    if flag == InitFlags::FUSE_POSIX_ACL {
-                        self.posix_acl = true;
-                    }
-                }
-                Err(_) => log::info!("the kernel does not offer {what}; continuing without it"),
+            if config.add_capabilities(flag).is_err() {
+                log::info!("the kernel does not offer {what}; continuing without it");
+            }
+        }
+        // POSIX ACLs need the unmasked mode (the umask comes separately):
+        // a default ACL replaces the umask. Both flags, or neither.
+        let acl = InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK;
+        if self.settings.default_permissions {
+            self.posix_acl = config.add_capabilities(acl).is_ok();
+            if !self.posix_acl {
+                log::info!("the kernel does not offer POSIX ACLs; continuing without them");
             }
         }
         if !self.settings.read_only {

@@ -1,0 +1,160 @@
+//! `allow_other` + `default_permissions`: another user gets exactly what the
+//! modes and POSIX ACLs allow. Needs root (creates the user `kmsfs-test`).
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::{Command, Output};
+
+use common::{Env, output_text, sh};
+
+const USER: &str = "kmsfs-test";
+
+/// Creates the test user if missing; returns its uid and gid.
+fn ensure_user() -> (u32, u32) {
+    let ids = || -> (u32, u32) {
+        let id = |f: &str| sh(&format!("id {f} {USER}")).trim().parse().unwrap();
+        (id("-u"), id("-g"))
+    };
+    if Command::new("id")
+        .arg("-u")
+        .arg(USER)
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        return ids();
+    }
+    let o = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--user-group",
+            USER,
+        ])
+        .output()
+        .unwrap();
+    // 9: created meanwhile by a concurrent run.
+    assert!(
+        o.status.success() || o.status.code() == Some(9),
+        "useradd: {}",
+        output_text(&o)
+    );
+    ids()
+}
+
+/// Runs a shell command as the test user, without supplementary groups.
+fn as_user(cmd: &str) -> Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid",
+            USER,
+            "--regid",
+            USER,
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .output()
+        .unwrap()
+}
+
+fn user_ok(cmd: &str) -> String {
+    let o = as_user(cmd);
+    assert!(
+        o.status.success(),
+        "as {USER}: `{cmd}` failed: {}",
+        output_text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn user_denied(cmd: &str) {
+    let o = as_user(cmd);
+    assert!(
+        !o.status.success(),
+        "as {USER}: `{cmd}` should have been denied"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    // EACCES for access, EPERM for owner-only operations such as chmod.
+    assert!(
+        err.contains("Permission denied") || err.contains("Operation not permitted"),
+        "as {USER}: `{cmd}`: {err}"
+    );
+}
+
+#[test]
+fn other_users_get_exactly_what_modes_and_acls_allow() {
+    require_fuse!();
+    common::require_root("the multi-user test");
+    let (uid, gid) = ensure_user();
+    let env = Env::new();
+    let m = env.mount_with("allow_other,default_permissions", &[]);
+    let q = |rel: &str| m.p(rel).display().to_string();
+    fs::set_permissions(&m.path, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(m.p("pub"), b"public\n").unwrap();
+    fs::set_permissions(m.p("pub"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(m.p("priv"), b"private\n").unwrap();
+    fs::set_permissions(m.p("priv"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir(m.p("userdir")).unwrap();
+    std::os::unix::fs::chown(m.p("userdir"), Some(uid), Some(gid)).unwrap();
+    fs::create_dir(m.p("rootdir")).unwrap();
+
+    assert_eq!(user_ok(&format!("cat {}", q("pub"))), "public\n");
+    user_denied(&format!("cat {}", q("priv")));
+    user_denied(&format!("echo x >> {}", q("pub")));
+    user_denied(&format!("touch {}", q("rootdir/x")));
+    user_denied(&format!("chmod 666 {}", q("pub")));
+    user_ok(&format!("echo hi > {0} && cat {0}", q("userdir/new")));
+    let md = fs::metadata(m.p("userdir/new")).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (uid, gid),
+        "new files belong to the caller"
+    );
+    user_ok(&format!(
+        "mkdir {0}/sub && chmod 700 {0}/sub && ls {0}",
+        q("userdir")
+    ));
+
+    // An access ACL grants the user what the mode alone does not.
+    sh(&format!("setfacl -m u:{USER}:r {}", q("priv")));
+    assert_eq!(user_ok(&format!("cat {}", q("priv"))), "private\n");
+    assert_eq!(
+        fs::metadata(m.p("priv")).unwrap().mode() & 0o777,
+        0o640,
+        "the mask shows as group bits"
+    );
+    user_denied(&format!("echo x >> {}", q("priv")));
+    // chmod narrows the mask, and with it the user's access.
+    fs::set_permissions(m.p("priv"), fs::Permissions::from_mode(0o600)).unwrap();
+    user_denied(&format!("cat {}", q("priv")));
+
+    // Default ACLs are inherited by new files and directories.
+    fs::create_dir(m.p("acld")).unwrap();
+    sh(&format!("setfacl -d -m u:{USER}:rwx {}", q("acld")));
+    sh(&format!(
+        "umask 077; echo data > {}; mkdir {}",
+        q("acld/f"),
+        q("acld/sub")
+    ));
+    user_ok(&format!("echo more >> {}", q("acld/f")));
+    let acl = sh(&format!("getfacl -p {}", q("acld/sub")));
+    assert!(acl.contains(&format!("default:user:{USER}:rwx")), "{acl}");
+    // A write by another user drops set-user-id and set-group-id (group-executable).
+    fs::write(m.p("suid"), b"a\n").unwrap();
+    fs::set_permissions(m.p("suid"), fs::Permissions::from_mode(0o6777)).unwrap();
+    user_ok(&format!("echo b >> {}", q("suid")));
+    assert_eq!(fs::metadata(m.p("suid")).unwrap().mode() & 0o7777, 0o777);
+    // Without a default ACL the umask applies.
+    sh(&format!("umask 027; echo x > {}", q("masked")));
+    assert_eq!(fs::metadata(m.p("masked")).unwrap().mode() & 0o777, 0o640);
+    m.unmount();
+    env.assert_fsck_clean();
+}
