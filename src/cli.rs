@@ -99,7 +99,7 @@ impl CliError {
 impl From<Error> for CliError {
     fn from(e: Error) -> Self {
         let code = match &e {
-            Error::Integrity { .. } => exit::INTEGRITY,
+            Error::Integrity { .. } | Error::Rollback { .. } => exit::INTEGRITY,
             Error::Kms(_) => exit::KEY,
             Error::Locked(_) => exit::BUSY,
             _ => exit::ERROR,
@@ -158,6 +158,44 @@ enum Command {
     Info(InfoArgs),
     /// Verify every sealed block and the metadata; exit 3 if anything is damaged
     Fsck(FsckArgs),
+    /// Copy-on-write snapshots: create, list, delete, restore
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Create a new, independent volume from a snapshot (shares the data key; nothing is re-encrypted)
+    Clone(CloneArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Take a snapshot (also of a volume mounted read-write: the mount takes it and keeps serving)
+    Create { volume_dir: PathBuf, name: String },
+    /// List snapshots: name, creation time, generation, bytes only it holds, bytes shared
+    List {
+        volume_dir: PathBuf,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot; the blocks only it used are reclaimed
+    Delete { volume_dir: PathBuf, name: String },
+    /// Make the live tree the snapshot's (the volume must be unmounted; later snapshots stay)
+    Restore {
+        volume_dir: PathBuf,
+        name: String,
+        /// Confirm that the live tree is replaced
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CloneArgs {
+    /// The origin volume
+    volume_dir: PathBuf,
+    /// The snapshot to clone
+    snapshot: String,
+    /// The new volume's directory (created if missing; must be empty)
+    new_volume_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -214,6 +252,10 @@ struct FsckArgs {
     /// Machine-readable output
     #[arg(long)]
     json: bool,
+    /// Accept that the volume is older than the keystore recorded (a deliberate
+    /// restore from backup): opens it read-write once and moves it past the mark
+    #[arg(long)]
+    accept_rollback: bool,
 }
 
 /// `mount.kmsfs SPEC DIR [-sfnv] [-o OPTIONS] [-t TYPE]`, as mount(8) runs helpers.
@@ -259,7 +301,9 @@ $XDG_STATE_HOME/kmsfs/<volume-id>.log otherwise). `umount MOUNTPOINT`,
 are also committed on fsync and every 5 seconds. A second read-write mount of the
 volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
 
-const SUBCOMMANDS: &[&str] = &["init", "mount", "info", "fsck", "help"];
+const SUBCOMMANDS: &[&str] = &[
+    "init", "mount", "info", "fsck", "snapshot", "clone", "help",
+];
 
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {
@@ -323,6 +367,8 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
         }
         Command::Info(a) => cmd_info(&cli.keys, a),
         Command::Fsck(a) => cmd_fsck(&cli.keys, a),
+        Command::Snapshot(c) => cmd_snapshot(&cli.keys, c),
+        Command::Clone(a) => cmd_clone(&cli.keys, a),
     }
 }
 
@@ -669,6 +715,235 @@ fn open_read_only(keys: &KeyArgs, dir: &Path) -> Result<(Volume, LocalKeystore, 
     Ok((vol, kms, dir))
 }
 
+fn open_writable(
+    keys: &KeyArgs,
+    dir: &Path,
+    accept_rollback: bool,
+) -> Result<(Volume, LocalKeystore, PathBuf)> {
+    let dir = check_volume(dir)?;
+    let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
+    let kms = open_keystore(&ks, unlock)?;
+    let opts = OpenOptions {
+        cache_bytes: TOOL_CACHE,
+        accept_rollback,
+        ..Default::default()
+    };
+    let vol = Volume::open(Arc::new(FsStorage::new(&dir)), &kms, opts)?;
+    Ok((vol, kms, dir))
+}
+
+// ----- snapshots and clones -------------------------------------------------------
+
+#[derive(Serialize)]
+struct SnapshotJson {
+    name: String,
+    created: i64,
+    generation: u64,
+    exclusive_bytes: u64,
+    shared_bytes: u64,
+}
+
+fn time_text(secs: i64) -> String {
+    // UTC, ISO 8601, without a date crate: days since the epoch to a civil date.
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Runs a change on the volume: directly when it is not mounted, through the
+/// running mount's control socket when it is.
+fn with_volume_or_mount(
+    keys: &KeyArgs,
+    dir: &Path,
+    req: crate::control::Request,
+    direct: impl FnOnce(&Volume) -> std::result::Result<serde_json::Value, Error>,
+) -> Result<serde_json::Value> {
+    let canon = check_volume(dir)?;
+    let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
+    let kms = open_keystore(&ks, unlock)?;
+    let opts = OpenOptions {
+        cache_bytes: TOOL_CACHE,
+        ..Default::default()
+    };
+    match Volume::open(Arc::new(FsStorage::new(&canon)), &kms, opts) {
+        Ok(vol) => {
+            let r = direct(&vol)?;
+            vol.close()?;
+            Ok(r)
+        }
+        Err(Error::Locked(_)) => Ok(crate::control::request(&canon, &req)?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn cmd_snapshot(keys: &KeyArgs, c: SnapshotCmd) -> Result<()> {
+    use crate::control::Request;
+    match c {
+        SnapshotCmd::Create { volume_dir, name } => {
+            let t = Instant::now();
+            let r = with_volume_or_mount(
+                keys,
+                &volume_dir,
+                Request::SnapshotCreate { name: name.clone() },
+                |v| {
+                    let r = v.snapshot_create(&name)?;
+                    Ok(serde_json::json!({"generation": r.generation}))
+                },
+            )?;
+            println!(
+                "snapshot {name} created (generation {}) in {:.1} ms",
+                r["generation"],
+                t.elapsed().as_secs_f64() * 1000.0
+            );
+            Ok(())
+        }
+        SnapshotCmd::Delete { volume_dir, name } => {
+            with_volume_or_mount(
+                keys,
+                &volume_dir,
+                Request::SnapshotDelete { name: name.clone() },
+                |v| {
+                    v.snapshot_delete(&name)?;
+                    Ok(serde_json::Value::Null)
+                },
+            )?;
+            println!("snapshot {name} deleted; its space is reclaimed");
+            Ok(())
+        }
+        SnapshotCmd::List { volume_dir, json } => {
+            let (vol, _kms, _dir) = open_read_only(keys, &volume_dir)?;
+            let list: Vec<SnapshotJson> = vol
+                .snapshot_list()?
+                .into_iter()
+                .map(|s| SnapshotJson {
+                    name: s.name,
+                    created: s.created,
+                    generation: s.generation,
+                    exclusive_bytes: s.exclusive_bytes,
+                    shared_bytes: s.shared_bytes,
+                })
+                .collect();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).expect("list serializes")
+                );
+            } else {
+                println!(
+                    "{:<24} {:<20} {:>10} {:>12} {:>12}",
+                    "NAME", "CREATED", "GENERATION", "EXCLUSIVE", "SHARED"
+                );
+                for s in list {
+                    println!(
+                        "{:<24} {:<20} {:>10} {:>12} {:>12}",
+                        s.name,
+                        time_text(s.created),
+                        s.generation,
+                        human(s.exclusive_bytes),
+                        human(s.shared_bytes)
+                    );
+                }
+            }
+            Ok(())
+        }
+        SnapshotCmd::Restore {
+            volume_dir,
+            name,
+            yes,
+        } => {
+            if !yes {
+                return Err(CliError::usage(format!(
+                    "restoring replaces the live tree of {} with snapshot {name}; pass --yes to confirm",
+                    volume_dir.display()
+                )));
+            }
+            let (vol, _kms, dir) = match open_writable(keys, &volume_dir, false) {
+                Err(e) if e.code == exit::BUSY => {
+                    return Err(CliError::new(
+                        exit::BUSY,
+                        format!(
+                            "{} is mounted; unmount it before restoring a snapshot",
+                            volume_dir.display()
+                        ),
+                    ));
+                }
+                r => r?,
+            };
+            vol.snapshot_restore(&name)?;
+            vol.close()?;
+            println!("{}: live tree restored from snapshot {name}", dir.display());
+            Ok(())
+        }
+    }
+}
+
+fn cmd_clone(keys: &KeyArgs, a: CloneArgs) -> Result<()> {
+    let (vol, _kms, src) = open_read_only(keys, &a.volume_dir)?;
+    let dst = &a.new_volume_dir;
+    if dst.exists() {
+        let empty = fs::read_dir(dst)
+            .map_err(|e| CliError::error(format!("{}: {e}", dst.display())))?
+            .next()
+            .is_none();
+        if !empty {
+            return Err(CliError::error(format!(
+                "{} is not empty; clone into a new or empty directory",
+                dst.display()
+            )));
+        }
+    } else {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dst)
+            .map_err(|e| CliError::error(format!("{}: {e}", dst.display())))?;
+    }
+    let dst = fs::canonicalize(dst).map_err(|e| CliError::error(format!("{}: {e}", dst.display())))?;
+    let (s2, d2) = (src.clone(), dst.clone());
+    let linked = std::sync::atomic::AtomicU64::new(0);
+    let copied = std::sync::atomic::AtomicU64::new(0);
+    // Segments never change once written, so the clone can share them by hard link.
+    let bring = |name: &str| -> std::io::Result<()> {
+        match fs::hard_link(s2.join(name), d2.join(name)) {
+            Ok(()) => {
+                linked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) || e.raw_os_error() == Some(libc::EPERM) => {
+                fs::copy(s2.join(name), d2.join(name))?;
+                copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let id = vol.clone_snapshot(&a.snapshot, Arc::new(FsStorage::new(&dst)), &bring)?;
+    println!(
+        "{}: new volume {} from snapshot {} of {} ({} segments linked, {} copied, nothing re-encrypted)",
+        dst.display(),
+        format::hex(&id),
+        a.snapshot,
+        src.display(),
+        linked.into_inner(),
+        copied.into_inner()
+    );
+    Ok(())
+}
+
 // ----- init ---------------------------------------------------------------------------
 
 fn cmd_init(keys: &KeyArgs, a: InitArgs) -> Result<()> {
@@ -929,6 +1204,15 @@ struct FsckJson<'a> {
 }
 
 fn cmd_fsck(keys: &KeyArgs, a: FsckArgs) -> Result<()> {
+    if a.accept_rollback {
+        let (vol, _kms, dir) = open_writable(keys, &a.volume_dir, true)?;
+        eprintln!(
+            "kmsfs: {}: accepted its current state (generation {}) as the newest",
+            dir.display(),
+            vol.generation()
+        );
+        vol.close()?;
+    }
     let (vol, _kms, dir) = open_read_only(keys, &a.volume_dir)?;
     let r = vol.fsck()?;
     if a.json {
@@ -1466,6 +1750,33 @@ fn open_volume(plan: &MountPlan, kms: &LocalKeystore) -> Result<Volume> {
     }
 }
 
+/// Raises the keystore's generation mark of a mounted volume periodically.
+struct GenerationMarker {
+    stop: crossbeam_channel::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl GenerationMarker {
+    fn start(vol: Arc<Volume>, kms: Arc<LocalKeystore>) -> Self {
+        let (stop, rx) = crossbeam_channel::bounded::<()>(1);
+        let thread = std::thread::spawn(move || {
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(Duration::from_secs(30))
+            {
+                if let Err(e) = vol.record_generation(&*kms) {
+                    log::warn!("could not record the volume generation in the keystore: {e}");
+                }
+            }
+        });
+        GenerationMarker { stop, thread }
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
 /// Opens the keystore and the volume, mounts, reports readiness, and serves
 /// until the filesystem is unmounted.
 fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Result<()> {
@@ -1493,9 +1804,11 @@ fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Resu
             ""
         }
     );
-    let kms = open_keystore(ks, unlock)?;
+    let kms = Arc::new(open_keystore(ks, unlock)?);
     let vol = Arc::new(open_volume(plan, &kms)?);
-    drop(kms);
+    // Rollback protection: the keystore keeps the newest generation this
+    // volume reached; raise it every 30 s and at the end.
+    let marker = (!plan.open.read_only).then(|| GenerationMarker::start(vol.clone(), kms.clone()));
     // This handle keeps the volume lock until after the session has dropped
     // its mount handle (fuser unmounts the mountpoint again at the end of
     // `run`): a new mount, which waits for the lock, cannot be hit by that.
@@ -1522,6 +1835,12 @@ fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Resu
     ready.ok();
     let r = session.run();
     drop(control);
+    if let Some(m) = marker {
+        m.stop();
+        if let Err(e) = vol.record_generation(&*kms) {
+            log::warn!("could not record the volume generation in the keystore: {e}");
+        }
+    }
     drop(vol);
     log::info!("session ended");
     if let Err(e) = r {

@@ -218,6 +218,37 @@ impl Env {
         self.guard()
     }
 
+    /// Mounts another volume or at another mountpoint (made if missing), with
+    /// its own log file; `extra` are more `kmsfs mount` arguments.
+    pub fn mount_other(&self, vol: &Path, mnt: &Path, extra: &[&str]) -> Mount {
+        fs::create_dir_all(mnt).unwrap();
+        let log = mnt.with_extension("log");
+        let o = format!("log={}", log.display());
+        let mut args: Vec<&OsStr> = vec![
+            OsStr::new("mount"),
+            vol.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("-o"),
+            OsStr::new(&o),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
+        let out = self.run(&args);
+        assert!(
+            out.status.success(),
+            "mount of {} failed: {}\nlog:\n{}",
+            vol.display(),
+            output_text(&out),
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(is_mounted(mnt), "{} is not mounted", mnt.display());
+        Mount {
+            path: mnt.to_path_buf(),
+            pid: daemon_pid(mnt),
+            log,
+            done: false,
+        }
+    }
+
     /// The guard of a mount made by other means (mount.kmsfs, mount.fuse3).
     pub fn guard(&self) -> Mount {
         assert!(
