@@ -301,9 +301,7 @@ $XDG_STATE_HOME/kmsfs/<volume-id>.log otherwise). `umount MOUNTPOINT`,
 are also committed on fsync and every 5 seconds. A second read-write mount of the
 volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
 
-const SUBCOMMANDS: &[&str] = &[
-    "init", "mount", "info", "fsck", "snapshot", "clone", "help",
-];
+const SUBCOMMANDS: &[&str] = &["init", "mount", "info", "fsck", "snapshot", "clone", "help"];
 
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {
@@ -912,7 +910,8 @@ fn cmd_clone(keys: &KeyArgs, a: CloneArgs) -> Result<()> {
             .create(dst)
             .map_err(|e| CliError::error(format!("{}: {e}", dst.display())))?;
     }
-    let dst = fs::canonicalize(dst).map_err(|e| CliError::error(format!("{}: {e}", dst.display())))?;
+    let dst =
+        fs::canonicalize(dst).map_err(|e| CliError::error(format!("{}: {e}", dst.display())))?;
     let (s2, d2) = (src.clone(), dst.clone());
     let linked = std::sync::atomic::AtomicU64::new(0);
     let copied = std::sync::atomic::AtomicU64::new(0);
@@ -923,7 +922,10 @@ fn cmd_clone(keys: &KeyArgs, a: CloneArgs) -> Result<()> {
                 linked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) || e.raw_os_error() == Some(libc::EPERM) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EXDEV)
+                    || e.raw_os_error() == Some(libc::EPERM) =>
+            {
                 fs::copy(s2.join(name), d2.join(name))?;
                 copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(())

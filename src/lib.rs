@@ -10,12 +10,13 @@
 //! - `fuse`: translation between the kernel and `volume`.
 //! - `cli`: the command line.
 
+pub mod cache;
+pub mod cli;
+pub mod control;
 pub mod crypto;
 pub mod error;
-pub mod kms;
-pub mod cache;
-pub mod control;
 pub mod format;
+pub mod fuse;
+pub mod kms;
 pub mod store;
 pub mod volume;
-pub mod fuse; pub mod cli;
