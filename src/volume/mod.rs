@@ -1387,12 +1387,14 @@ impl Volume {
                 if let Some(p) = st.dirty.get_mut(&(ino, blk)) {
                     p.0[from..from + n].copy_from_slice(src);
                 } else {
-                    let mut buf = if n == bs as usize {
-                        vec![0u8; bs as usize]
+                    let buf = if n == bs as usize {
+                        // A whole block: no need to read or zero what is replaced.
+                        src.to_vec()
                     } else {
-                        self.load_block_full(&st, ino, blk)?
+                        let mut b = self.load_block_full(&st, ino, blk)?;
+                        b[from..from + n].copy_from_slice(src);
+                        b
                     };
-                    buf[from..from + n].copy_from_slice(src);
                     st.dirty.insert((ino, blk), Plain(buf));
                     st.dirty_bytes += bs as usize;
                 }
