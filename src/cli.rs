@@ -1791,6 +1791,15 @@ fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Resu
     // The daemon holds the volume's keys: no core dumps, no ptrace by peers.
     // SAFETY: prctl(PR_SET_DUMPABLE) takes integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    // Block buffers are allocated and freed at a high rate; keep them in the
+    // heap instead of mapping and unmapping (each new page is a fault, which
+    // showed as 13% of a streaming-write profile). Freed memory above 128 MiB
+    // still goes back to the system.
+    // SAFETY: mallopt takes integer arguments and only tunes the allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+    }
     let set = block_signals();
     let phase = Arc::new(Mutex::new(Phase::Starting));
     spawn_signal_thread(set, phase.clone(), plan.mountpoint.clone());

@@ -48,6 +48,10 @@ pub trait Storage: Send + Sync {
     fn lock_exclusive(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
         Ok(Box::new(()))
     }
+    /// Hint: start writing `len` bytes at `offset` of `name` to the device now,
+    /// without waiting (so a later sync has little left to do). No durability
+    /// promise; the default does nothing.
+    fn start_writeback(&self, _name: &str, _offset: u64, _len: u64) {}
     /// Read-only openers (snapshot mounts, info, clone) hold this shared lock,
     /// taken before they read the root record.
     fn lock_readers_shared(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
@@ -234,6 +238,22 @@ impl Storage for FsStorage {
 
     fn describe(&self) -> String {
         self.root.display().to_string()
+    }
+
+    fn start_writeback(&self, name: &str, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        let Some(f) = self.handles.lock().get(name).cloned() else {
+            return;
+        };
+        // SAFETY: sync_file_range on a descriptor we own; integer arguments only.
+        unsafe {
+            libc::sync_file_range(
+                f.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
     }
 
     fn lock_readers_shared(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {

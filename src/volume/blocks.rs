@@ -21,9 +21,14 @@ use crate::format::{
 };
 use crate::store::Storage;
 
+/// Appended bytes after which the device is asked to start writing them.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
 struct Writer {
     /// (segment id, current length) of the segment being appended to.
     current: Option<(u64, u64)>,
+    /// Offset in the current segment up to which writeback was started.
+    written_back: u64,
     next_segment: u64,
     unsynced: BTreeSet<u64>,
     new_files: bool,
@@ -70,6 +75,7 @@ impl BlockIo {
             segment_size: segment_size as u64,
             writer: Mutex::new(Writer {
                 current: None,
+                written_back: 0,
                 next_segment,
                 unsynced: BTreeSet::new(),
                 new_files: false,
@@ -121,6 +127,12 @@ impl BlockIo {
             }
         };
         if need_new {
+            if let Some((old, len)) = w.current {
+                let from = w.written_back;
+                self.storage
+                    .start_writeback(&segment_file_name(old), from, len - from);
+            }
+            w.written_back = 0;
             let id = w.next_segment;
             w.next_segment += 1;
             let name = segment_file_name(id);
@@ -138,8 +150,15 @@ impl BlockIo {
             w.current = None;
             return Err(Error::io(format!("segment {name}"), e));
         }
-        w.current = Some((id, len + rec.len() as u64));
+        let end = len + rec.len() as u64;
+        w.current = Some((id, end));
         w.unsynced.insert(id);
+        // Keep the device busy while we write, instead of all at the next sync.
+        if end - w.written_back >= WRITEBACK_STEP {
+            self.storage
+                .start_writeback(&name, w.written_back, end - w.written_back);
+            w.written_back = end;
+        }
         Ok(BlockPtr {
             segment: id,
             offset: len as u32,
@@ -154,46 +173,155 @@ impl BlockIo {
         self.append(&rec, id, tag)
     }
 
-    /// Reads the raw record a pointer names and checks that it is the record
-    /// the pointer expects (length, id, tag), without decrypting.
-    pub fn read_raw(&self, p: &BlockPtr, kind: BlockKind) -> Result<Vec<u8>> {
-        let name = segment_file_name(p.segment);
-        let what = || format!("{kind:?} {p:?}");
+    /// Reads `len` bytes of a segment at `offset`, mapping a missing or short
+    /// segment to an integrity error about `what`.
+    fn fetch(
+        &self,
+        segment: u64,
+        offset: u64,
+        buf: &mut [u8],
+        what: &dyn Fn() -> String,
+    ) -> Result<()> {
+        let name = segment_file_name(segment);
+        match self.storage.read_at(&name, offset, buf) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::integrity(
+                what(),
+                format!("segment file {name} is missing"),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::integrity(
+                what(),
+                format!("segment file {name} is truncated"),
+            )),
+            Err(e) => Err(Error::io(name, e)),
+        }
+    }
+
+    fn check_len(p: &BlockPtr, kind: BlockKind) -> Result<()> {
         if (p.len as usize) < RECORD_HEADER_LEN + 16 || p.len > (format::MAX_BLOCK_SIZE + 4096) * 2
         {
-            return Err(Error::integrity(what(), "record length out of range"));
+            return Err(Error::integrity(
+                format!("{kind:?} {p:?}"),
+                "record length out of range",
+            ));
         }
-        let mut rec = vec![0u8; p.len as usize];
-        match self.storage.read_at(&name, p.offset as u64, &mut rec) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::integrity(
-                    what(),
-                    format!("segment file {name} is missing"),
-                ));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(Error::integrity(
-                    what(),
-                    format!("segment file {name} is truncated"),
-                ));
-            }
-            Err(e) => return Err(Error::io(name, e)),
-        }
+        Ok(())
+    }
+
+    /// Checks that `rec` is the record the pointer expects (length, kind, id, tag).
+    fn check_record(rec: &[u8], p: &BlockPtr, kind: BlockKind) -> Result<()> {
         let len = u32::from_le_bytes(rec[0..4].try_into().unwrap()) as usize;
         if len + 4 != rec.len() || rec[4] != kind as u8 || rec[5..21] != p.block_id {
             return Err(Error::integrity(
-                what(),
+                format!("{kind:?} {p:?}"),
                 "the record at this place is not the expected block",
             ));
         }
         if rec[rec.len() - 16..] != p.tag {
             return Err(Error::integrity(
-                what(),
+                format!("{kind:?} {p:?}"),
                 "the block's tag does not match its parent",
             ));
         }
+        Ok(())
+    }
+
+    /// Reads the raw record a pointer names and checks that it is the record
+    /// the pointer expects (length, id, tag), without decrypting.
+    pub fn read_raw(&self, p: &BlockPtr, kind: BlockKind) -> Result<Vec<u8>> {
+        Self::check_len(p, kind)?;
+        let mut rec = vec![0u8; p.len as usize];
+        self.fetch(p.segment, p.offset as u64, &mut rec, &|| {
+            format!("{kind:?} {p:?}")
+        })?;
+        Self::check_record(&rec, p, kind)?;
         Ok(rec)
+    }
+
+    fn open_record(&self, rec: &[u8], p: &BlockPtr, kind: BlockKind) -> Result<Vec<u8>> {
+        Self::check_record(rec, p, kind)?;
+        let aad = block_aad(&self.volume_id, &p.block_id, kind);
+        self.sealer
+            .open(&aad, &rec[RECORD_HEADER_LEN..])
+            .map_err(|e| Error::integrity(format!("{kind:?} {p:?}"), e))
+    }
+
+    /// Data blocks through the cache, for a run of pointers: misses that lie
+    /// back to back in a segment are read with one call, and decrypted. One result per pointer, in order.
+    pub fn read_data_many(&self, ptrs: &[BlockPtr]) -> Vec<Result<Arc<Plain>>> {
+        let mut out: Vec<Option<Result<Arc<Plain>>>> = ptrs
+            .iter()
+            .map(|p| self.data_cache.get(p.id_u128()).map(Ok))
+            .collect();
+        // Runs of misses contiguous on disk: (first index, count, bytes).
+        let mut runs: Vec<(usize, usize, u64)> = Vec::new();
+        for (i, p) in ptrs.iter().enumerate() {
+            if out[i].is_some() {
+                continue;
+            }
+            if let Err(e) = Self::check_len(p, BlockKind::Data) {
+                out[i] = Some(Err(e));
+                continue;
+            }
+            if let Some(r) = runs.last_mut() {
+                let last = &ptrs[r.0 + r.1 - 1];
+                if r.0 + r.1 == i
+                    && last.segment == p.segment
+                    && last.offset as u64 + last.len as u64 == p.offset as u64
+                    && r.2 < (8 << 20)
+                {
+                    r.1 += 1;
+                    r.2 += p.len as u64;
+                    continue;
+                }
+            }
+            runs.push((i, 1, p.len as u64));
+        }
+        // Fetch each run in one read; remember where each record sits.
+        let mut fetched: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut recs: Vec<(usize, usize, usize)> = Vec::new(); // (index, buffer, start)
+        for &(first, n, bytes) in &runs {
+            let p0 = ptrs[first];
+            let mut buf = vec![0u8; bytes as usize];
+            let what = || format!("Data {p0:?}");
+            match self.fetch(p0.segment, p0.offset as u64, &mut buf, &what) {
+                Ok(()) => {
+                    let mut at = 0;
+                    for i in first..first + n {
+                        recs.push((i, fetched.len(), at));
+                        at += ptrs[i].len as usize;
+                    }
+                    fetched.push((first, buf));
+                }
+                Err(_) => {
+                    // Fall back to one read per record, for precise errors.
+                    for i in first..first + n {
+                        out[i] = Some(self.read_data(&ptrs[i]));
+                    }
+                }
+            }
+        }
+        let open = |&(i, b, at): &(usize, usize, usize)| -> (usize, Result<Arc<Plain>>) {
+            let p = &ptrs[i];
+            let rec = &fetched[b].1[at..at + p.len as usize];
+            (
+                i,
+                self.open_record(rec, p, BlockKind::Data)
+                    .map(|v| Arc::new(Plain(v))),
+            )
+        };
+        // One thread: the mount already runs several requests at once, and a
+        // thread per request cost more in switches than it saved.
+        let opened: Vec<(usize, Result<Arc<Plain>>)> = recs.iter().map(open).collect();
+        for (i, r) in opened {
+            if let Ok(v) = &r {
+                self.data_cache.insert(ptrs[i].id_u128(), v.clone());
+            }
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|o| o.expect("every pointer answered"))
+            .collect()
     }
 
     /// Reads and decrypts a block.

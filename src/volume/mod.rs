@@ -1339,14 +1339,40 @@ impl Volume {
         let end = (offset + size as u64).min(i.size);
         let bs = self.header.block_size as u64;
         let mut out = vec![0u8; (end - offset) as usize];
+        // Pieces: (block, offset in block, length, offset in out).
+        let mut pieces = Vec::new();
         let mut pos = offset;
         while pos < end {
             let blk = pos / bs;
             let from = (pos % bs) as usize;
             let n = ((bs - from as u64).min(end - pos)) as usize;
-            let o = (pos - offset) as usize;
-            self.read_block_into(&st, ino, blk, from, &mut out[o..o + n])?;
+            pieces.push((blk, from, n, (pos - offset) as usize));
             pos += n as u64;
+        }
+        // Dirty blocks and holes directly; stored blocks in one batch.
+        let mut stored: Vec<(usize, BlockPtr)> = Vec::new();
+        for (k, &(blk, from, n, o)) in pieces.iter().enumerate() {
+            if let Some(p) = st.dirty.get(&(ino, blk)) {
+                out[o..o + n].copy_from_slice(&p.0[from..from + n]);
+            } else if let Some(p) = self.block_ptr(&st, ino, blk)? {
+                stored.push((k, p));
+            }
+        }
+        if !stored.is_empty() {
+            let ptrs: Vec<BlockPtr> = stored.iter().map(|s| s.1).collect();
+            let got = self.io.read_data_many(&ptrs);
+            for ((k, _), r) in stored.iter().zip(got) {
+                let (blk, from, n, o) = pieces[*k];
+                let plain = r.map_err(|e| match e {
+                    Error::Integrity { what, detail } => Error::Integrity {
+                        what: format!("inode {ino} block {blk} ({what})"),
+                        detail,
+                    },
+                    e => e,
+                })?;
+                let have = plain.0.len().saturating_sub(from).min(n);
+                out[o..o + have].copy_from_slice(&plain.0[from..from + have]);
+            }
         }
         Ok(out)
     }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what kmsfs needs on Debian (run as root) and builds the release binary:
+#   target/release/kmsfs
+# Idempotent: packages already installed are not fetched again.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
+cd "$KMSFS_ROOT"
+
+# fuse3: fusermount3 and mount.fuse3 (the mount itself needs no libfuse);
+# rsync, acl, attr: migration and the tests; e2fsprogs: the full-disk test;
+# build-essential, pkg-config: the build.
+apt_install ca-certificates fuse3 rsync acl attr e2fsprogs build-essential pkg-config
+need_cargo
+need_fuse
+
+log "building kmsfs (release)"
+cargo build --release --bins
+log "built $KMSFS_ROOT/target/release/kmsfs"

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit, integration (real FUSE mounts in temporary
+# directories) and doc tests, in release mode. Installs what the tests need.
+# Needs root for the FUSE tests (they also create an unprivileged user and small
+# loop/tmpfs file systems). Set KMSFS_SKIP_FUSE=1 to skip the tests that mount.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
+cd "$KMSFS_ROOT"
+
+apt_install ca-certificates fuse3 rsync acl attr e2fsprogs build-essential pkg-config
+need_cargo
+if [ -z "${KMSFS_SKIP_FUSE:-}" ]; then
+    need_fuse
+fi
+
+# No test may ever wait on a terminal.
+exec </dev/null
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+status=0
+log "cargo test --release --doc"
+cargo test --release --doc 2>&1 | tee -a "$LOG" || status=1
+# --no-fail-fast: report every failing test binary, not only the first.
+log "cargo test --release --all-targets --no-fail-fast"
+cargo test --release --all-targets --no-fail-fast 2>&1 | tee -a "$LOG" || status=1
+
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i + 1) ~ /^passed/) p += $i
+            if ($(i + 1) ~ /^failed/) f += $i
+            if ($(i + 1) ~ /^ignored/) s += $i
+        }
+     }
+     END { printf "\nsummary: %d passed, %d failed, %d skipped\n", p, f, s }' "$LOG"
+exit "$status"
