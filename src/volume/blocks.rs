@@ -287,16 +287,16 @@ impl BlockIo {
             match self.fetch(p0.segment, p0.offset as u64, &mut buf, &what) {
                 Ok(()) => {
                     let mut at = 0;
-                    for i in first..first + n {
+                    for (i, p) in ptrs.iter().enumerate().skip(first).take(n) {
                         recs.push((i, fetched.len(), at));
-                        at += ptrs[i].len as usize;
+                        at += p.len as usize;
                     }
                     fetched.push((first, buf));
                 }
                 Err(_) => {
                     // Fall back to one read per record, for precise errors.
-                    for i in first..first + n {
-                        out[i] = Some(self.read_data(&ptrs[i]));
+                    for (o, p) in out.iter_mut().zip(ptrs).skip(first).take(n) {
+                        *o = Some(self.read_data(p));
                     }
                 }
             }
