@@ -699,8 +699,30 @@ fn peek_volume_id(dir: &Path) -> Option<String> {
     Some(format::hex(&h.volume_id))
 }
 
+/// True while a read-write opener holds the volume lock (probed with a shared
+/// lock, which only conflicts with a writer).
+fn writer_lock_held(dir: &Path) -> bool {
+    let Ok(f) = File::open(dir.join(format::LOCK_FILE)) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; dropping `f` releases the probe.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    r != 0
+}
+
+/// After `umount`, the daemon may still be writing its final commit: a held
+/// lock with no visible mount means exactly that. Wait for it (bounded), so
+/// `umount && kmsfs fsck` checks what was written.
+fn wait_for_finishing_daemon(dir: &Path) {
+    let start = Instant::now();
+    while writer_lock_held(dir) && !volume_is_mounted(dir) && start.elapsed() < LOCK_WAIT {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn open_read_only(keys: &KeyArgs, dir: &Path) -> Result<(Volume, LocalKeystore, PathBuf)> {
     let dir = check_volume(dir)?;
+    wait_for_finishing_daemon(&dir);
     let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
     let kms = open_keystore(&ks, unlock)?;
     let opts = OpenOptions {
@@ -719,6 +741,7 @@ fn open_writable(
     accept_rollback: bool,
 ) -> Result<(Volume, LocalKeystore, PathBuf)> {
     let dir = check_volume(dir)?;
+    wait_for_finishing_daemon(&dir);
     let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
     let kms = open_keystore(&ks, unlock)?;
     let opts = OpenOptions {
@@ -771,6 +794,7 @@ fn with_volume_or_mount(
     direct: impl FnOnce(&Volume) -> std::result::Result<serde_json::Value, Error>,
 ) -> Result<serde_json::Value> {
     let canon = check_volume(dir)?;
+    wait_for_finishing_daemon(&canon);
     let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
     let kms = open_keystore(&ks, unlock)?;
     let opts = OpenOptions {
