@@ -141,3 +141,28 @@ fn full_store_gives_enospc_and_stays_consistent() {
     assert_eq!(v.read(c.ino, 0, MIB as u32).unwrap(), pattern(3, 100_000));
     assert!(v.fsck().unwrap().is_clean());
 }
+
+#[test]
+fn large_reads_mix_holes_dirty_cached_and_stored_blocks() {
+    let env = env();
+    let storage = MemStorage::new();
+    let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let f = v.create(ROOT_INO, b"mix", 0o644, 0, 0).unwrap();
+    let mut model = vec![0u8; 3_000_000];
+    let mut put = |v: &Volume, off: usize, data: Vec<u8>| {
+        v.write(f.ino, off as u64, &data).unwrap();
+        model[off..off + data.len()].copy_from_slice(&data);
+    };
+    put(&v, 0, pattern(1, 700_000));
+    put(&v, 1_200_000, pattern(2, 1_000_000));
+    put(&v, 2_999_000, pattern(3, 1_000)); // partial last block
+    v.commit().unwrap();
+    // Some blocks dirty again, some cached by small reads.
+    put(&v, 300_001, pattern(4, 5_000));
+    v.read(f.ino, 1_500_000, 100).unwrap();
+    for (off, len) in [(0, 3_000_000), (1, 2_999_999), (4095, 1 << 20), (690_000, 600_000), (2_000_000, 1 << 20)] {
+        let got = v.read(f.ino, off as u64, len as u32).unwrap();
+        let end = (off + len).min(model.len());
+        assert!(got == model[off..end], "read at {off} of {len}");
+    }
+}

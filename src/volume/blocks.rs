@@ -246,6 +246,52 @@ impl BlockIo {
             .map_err(|e| Error::integrity(format!("{kind:?} {p:?}"), e))
     }
 
+    /// Plaintext length of the data record a pointer names.
+    pub fn plain_len(&self, p: &BlockPtr) -> usize {
+        (p.len as usize).saturating_sub(RECORD_HEADER_LEN + self.sealer.kind().overhead())
+    }
+
+    /// Reads and decrypts whole data blocks straight into the caller's buffers
+    /// (each exactly `plain_len` long), without the cache: large sequential
+    /// reads are kept by the kernel's page cache, and passing them through ours
+    /// would only evict what small reads need. Records back to back on disk
+    /// are fetched with one read.
+    pub fn read_data_direct(&self, items: &mut [(BlockPtr, &mut [u8])]) -> Result<()> {
+        let mut i = 0;
+        while i < items.len() {
+            let p0 = items[i].0;
+            Self::check_len(&p0, BlockKind::Data)?;
+            let mut j = i + 1;
+            let mut bytes = p0.len as u64;
+            while j < items.len() {
+                let (prev, next) = (&items[j - 1].0, &items[j].0);
+                if next.segment != p0.segment
+                    || prev.offset as u64 + prev.len as u64 != next.offset as u64
+                    || bytes >= (8 << 20)
+                {
+                    break;
+                }
+                Self::check_len(next, BlockKind::Data)?;
+                bytes += next.len as u64;
+                j += 1;
+            }
+            let mut buf = vec![0u8; bytes as usize];
+            self.fetch(p0.segment, p0.offset as u64, &mut buf, &|| format!("Data {p0:?}"))?;
+            let mut at = 0;
+            for (p, out) in items[i..j].iter_mut() {
+                let rec = &buf[at..at + p.len as usize];
+                at += p.len as usize;
+                Self::check_record(rec, p, BlockKind::Data)?;
+                let aad = block_aad(&self.volume_id, &p.block_id, BlockKind::Data);
+                self.sealer
+                    .open_into(&aad, &rec[RECORD_HEADER_LEN..], out)
+                    .map_err(|e| Error::integrity(format!("Data {p:?}"), e))?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
     /// Data blocks through the cache, for a run of pointers: misses that lie
     /// back to back in a segment are read with one call, and decrypted. One result per pointer, in order.
     pub fn read_data_many(&self, ptrs: &[BlockPtr]) -> Vec<Result<Arc<Plain>>> {
