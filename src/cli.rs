@@ -1137,6 +1137,9 @@ struct InfoReport {
     stored_bytes: u64,
     #[serde(flatten)]
     usage: Usage,
+    /// Decrypted-block cache counters of the running mount, when mounted read-write.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mount_cache: Option<serde_json::Value>,
 }
 
 fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
@@ -1165,6 +1168,11 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
         snapshots: vol.snapshots().len(),
         stored_bytes: vol.stored_bytes()?,
         usage: usage(&vol)?,
+        mount_cache: if volume_is_mounted(&dir) {
+            crate::control::request(&dir, &crate::control::Request::Stats).ok()
+        } else {
+            None
+        },
     };
     if a.json {
         println!(
@@ -1210,6 +1218,17 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
         r.stored_bytes,
         human(r.stored_bytes)
     );
+    if let Some(c) = &r.mount_cache {
+        let n = |k: &str| c[k].as_u64().unwrap_or(0);
+        println!(
+            "mount cache:    {} hits, {} misses, {} evictions, {} of {} used",
+            n("cache_hits"),
+            n("cache_misses"),
+            n("cache_evictions"),
+            human(n("cache_bytes")),
+            human(n("cache_capacity"))
+        );
+    }
     Ok(())
 }
 

@@ -146,7 +146,11 @@ fn full_store_gives_enospc_and_stays_consistent() {
 fn large_reads_mix_holes_dirty_cached_and_stored_blocks() {
     let env = env();
     let storage = MemStorage::new();
-    let v = init(&env, Arc::new(storage.clone()) as Arc<dyn Storage>, &small_opts());
+    let v = init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
     let f = v.create(ROOT_INO, b"mix", 0o644, 0, 0).unwrap();
     let mut model = vec![0u8; 3_000_000];
     let mut put = |v: &Volume, off: usize, data: Vec<u8>| {
@@ -160,7 +164,13 @@ fn large_reads_mix_holes_dirty_cached_and_stored_blocks() {
     // Some blocks dirty again, some cached by small reads.
     put(&v, 300_001, pattern(4, 5_000));
     v.read(f.ino, 1_500_000, 100).unwrap();
-    for (off, len) in [(0, 3_000_000), (1, 2_999_999), (4095, 1 << 20), (690_000, 600_000), (2_000_000, 1 << 20)] {
+    for (off, len) in [
+        (0, 3_000_000),
+        (1, 2_999_999),
+        (4095, 1 << 20),
+        (690_000, 600_000),
+        (2_000_000, 1 << 20),
+    ] {
         let got = v.read(f.ino, off as u64, len as u32).unwrap();
         let end = (off + len).min(model.len());
         assert!(got == model[off..end], "read at {off} of {len}");

@@ -46,6 +46,13 @@ fn snapshot_of_a_mounted_volume_and_a_snapshot_mount_beside_it() {
     assert_eq!(list[0]["name"], "s1");
     assert!(list[0]["generation"].as_u64().unwrap() > 0);
     let table = env.ok(&["snapshot", "list", env.vol_str()]);
+    // `info` on a mounted volume shows the mount's cache counters.
+    let info = env.info_json();
+    assert!(
+        info["mount_cache"]["cache_capacity"].as_u64().unwrap() > 0,
+        "{info}"
+    );
+    assert!(info["mount_cache"]["cache_misses"].is_u64(), "{info}");
     assert!(
         table.contains("s1") && table.contains("EXCLUSIVE"),
         "{table}"

@@ -276,7 +276,9 @@ impl BlockIo {
                 j += 1;
             }
             let mut buf = vec![0u8; bytes as usize];
-            self.fetch(p0.segment, p0.offset as u64, &mut buf, &|| format!("Data {p0:?}"))?;
+            self.fetch(p0.segment, p0.offset as u64, &mut buf, &|| {
+                format!("Data {p0:?}")
+            })?;
             let mut at = 0;
             for (p, out) in items[i..j].iter_mut() {
                 let rec = &buf[at..at + p.len as usize];
