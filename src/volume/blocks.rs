@@ -173,18 +173,18 @@ impl BlockIo {
         self.append(&rec, id, tag)
     }
 
-    /// Reads `len` bytes of a segment at `offset`, mapping a missing or short
-    /// segment to an integrity error about `what`.
-    fn fetch(
+    /// Reads `len` bytes of a segment at `offset` into a new buffer, mapping a
+    /// missing or short segment to an integrity error about `what`.
+    fn fetch_vec(
         &self,
         segment: u64,
         offset: u64,
-        buf: &mut [u8],
+        len: usize,
         what: &dyn Fn() -> String,
-    ) -> Result<()> {
+    ) -> Result<Vec<u8>> {
         let name = segment_file_name(segment);
-        match self.storage.read_at(&name, offset, buf) {
-            Ok(()) => Ok(()),
+        match self.storage.read_at_vec(&name, offset, len) {
+            Ok(v) => Ok(v),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::integrity(
                 what(),
                 format!("segment file {name} is missing"),
@@ -230,8 +230,7 @@ impl BlockIo {
     /// the pointer expects (length, id, tag), without decrypting.
     pub fn read_raw(&self, p: &BlockPtr, kind: BlockKind) -> Result<Vec<u8>> {
         Self::check_len(p, kind)?;
-        let mut rec = vec![0u8; p.len as usize];
-        self.fetch(p.segment, p.offset as u64, &mut rec, &|| {
+        let rec = self.fetch_vec(p.segment, p.offset as u64, p.len as usize, &|| {
             format!("{kind:?} {p:?}")
         })?;
         Self::check_record(&rec, p, kind)?;
@@ -275,8 +274,7 @@ impl BlockIo {
                 bytes += next.len as u64;
                 j += 1;
             }
-            let mut buf = vec![0u8; bytes as usize];
-            self.fetch(p0.segment, p0.offset as u64, &mut buf, &|| {
+            let buf = self.fetch_vec(p0.segment, p0.offset as u64, bytes as usize, &|| {
                 format!("Data {p0:?}")
             })?;
             let mut at = 0;
@@ -330,10 +328,9 @@ impl BlockIo {
         let mut recs: Vec<(usize, usize, usize)> = Vec::new(); // (index, buffer, start)
         for &(first, n, bytes) in &runs {
             let p0 = ptrs[first];
-            let mut buf = vec![0u8; bytes as usize];
             let what = || format!("Data {p0:?}");
-            match self.fetch(p0.segment, p0.offset as u64, &mut buf, &what) {
-                Ok(()) => {
+            match self.fetch_vec(p0.segment, p0.offset as u64, bytes as usize, &what) {
+                Ok(buf) => {
                     let mut at = 0;
                     for (i, p) in ptrs.iter().enumerate().skip(first).take(n) {
                         recs.push((i, fetched.len(), at));
