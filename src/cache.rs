@@ -29,10 +29,10 @@ impl Drop for Plain {
 /// keeps the compiler from eliding the stores as dead, as zeroize's fence does.
 pub fn wipe(buf: &mut Vec<u8>) {
     let cap = buf.capacity();
-    // SAFETY: u8 has no invalid values; the whole allocation is ours.
-    unsafe { buf.set_len(cap) };
-    buf.fill(0);
-    std::hint::black_box(buf.as_mut_slice());
+    // SAFETY: writes `cap` zero bytes into the allocation `buf` owns, through a
+    // raw pointer (no reference to its uninitialised spare capacity is made).
+    unsafe { std::ptr::write_bytes(buf.as_mut_ptr(), 0, cap) };
+    std::hint::black_box(buf.as_mut_ptr());
     std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
     buf.clear();
 }

@@ -6,8 +6,8 @@
 //! so only the volume's owner can use it), and the mount performs them at a
 //! consistent point while it keeps serving. One JSON object per line each way.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,8 +57,19 @@ impl ControlServer {
     pub fn start(vol: Arc<Volume>, volume_dir: &Path) -> std::io::Result<Self> {
         let path = socket_path(volume_dir);
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        // Bind inside a private (0700) directory, restrict the socket, then
+        // move it into place: it is never reachable with looser permissions.
+        let staging = volume_dir.join(format!(".kmsfs.ctl.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+        let tmp = staging.join("ctl");
+        let bound = UnixListener::bind(&tmp).and_then(|l| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(l)
+        });
+        let _ = std::fs::remove_dir_all(&staging);
+        let listener = bound?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -98,7 +109,8 @@ impl Drop for ControlServer {
 
 fn handle(vol: &Volume, c: UnixStream) -> std::io::Result<()> {
     let mut line = String::new();
-    BufReader::new(&c).read_line(&mut line)?;
+    // Requests are tiny; never buffer more than this from a client.
+    BufReader::new((&c).take(64 << 10)).read_line(&mut line)?;
     if line.is_empty() {
         return Ok(());
     }

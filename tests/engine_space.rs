@@ -176,3 +176,89 @@ fn large_reads_mix_holes_dirty_cached_and_stored_blocks() {
         assert!(got == model[off..end], "read at {off} of {len}");
     }
 }
+
+#[test]
+fn cleaner_never_drops_blocks_a_concurrent_writer_is_recording() {
+    // Whole blocks are appended before they are in the tree. Run the cleaner
+    // exactly in that window (a hook in `write`): it must wait for the writer,
+    // not delete the segment holding the not-yet-recorded blocks.
+    let env = env();
+    let storage = MemStorage::new();
+    let v = Arc::new(init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    ));
+    let f = v.create(ROOT_INO, b"w", 0o644, 0, 0).unwrap();
+    v.write(f.ino, 0, &pattern(1, 1536 * 1024)).unwrap();
+    v.commit().unwrap();
+    let cleaner_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (v2, done2) = (v.clone(), cleaner_done.clone());
+    let handle = std::sync::Mutex::new(None);
+    let handle = Arc::new(handle);
+    let h2 = handle.clone();
+    v.set_write_hook(Some(Arc::new(move || {
+        let (v3, d3) = (v2.clone(), done2.clone());
+        let t = std::thread::spawn(move || {
+            v3.clean(0.99).unwrap();
+            d3.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        // Give the cleaner every chance to run inside the window.
+        let start = std::time::Instant::now();
+        while !done2.load(std::sync::atomic::Ordering::SeqCst)
+            && start.elapsed() < std::time::Duration::from_millis(300)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        *h2.lock().unwrap() = Some(t);
+    })));
+    // 1.5 MiB of whole blocks: more than one 1 MiB segment.
+    v.write(f.ino, 0, &pattern(2, 1536 * 1024)).unwrap();
+    v.set_write_hook(None);
+    handle.lock().unwrap().take().unwrap().join().unwrap();
+    assert!(cleaner_done.load(std::sync::atomic::Ordering::SeqCst));
+    v.commit().unwrap();
+    assert_eq!(v.read(f.ino, 0, 2 << 20).unwrap(), pattern(2, 1536 * 1024));
+    let r = v.fsck().unwrap();
+    assert!(r.is_clean(), "{:?}", r.errors);
+    drop(v);
+    let v = open(&env, Arc::new(storage));
+    assert_eq!(v.read(f.ino, 0, 2 << 20).unwrap(), pattern(2, 1536 * 1024));
+}
+
+#[test]
+fn truncate_and_punch_inside_holes_keep_them_holes() {
+    let env = env();
+    let storage = MemStorage::new();
+    let v = init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
+    let f = v.create(ROOT_INO, b"s", 0o644, 0, 0).unwrap();
+    v.write(f.ino, 10 << 20, b"end").unwrap();
+    v.commit().unwrap();
+    assert_eq!(v.getattr(f.ino).unwrap().inode.blocks, 1);
+    // Shrink to a size inside a hole, punch an unaligned range in a hole.
+    v.setattr(
+        f.ino,
+        &kmsfs::volume::SetAttr {
+            size: Some((5 << 20) + 123),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    v.fallocate(
+        f.ino,
+        1000,
+        5000,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    )
+    .unwrap();
+    v.commit().unwrap();
+    assert_eq!(v.getattr(f.ino).unwrap().inode.blocks, 0);
+    assert_eq!(
+        v.read(f.ino, 0, 6 << 20).unwrap(),
+        vec![0u8; (5 << 20) + 123]
+    );
+}

@@ -160,6 +160,9 @@ pub struct CleanStats {
     pub bytes_freed: u64,
 }
 
+/// See `Volume::set_write_hook`.
+pub type WriteHook = Arc<dyn Fn() + Send + Sync>;
+
 /// Plaintext of one block waiting to be sealed (full block size; wiped on drop).
 type DirtyMap = BTreeMap<(u64, u64), Plain>;
 
@@ -185,6 +188,13 @@ pub struct Volume {
     read_only: bool,
     snapshot: Option<String>,
     poisoned: AtomicBool,
+    /// Held shared by a write from appending its whole blocks until they are
+    /// in the tree, and exclusively by the cleaner: records appended but not
+    /// yet referenced must not look dead to it.
+    append_gate: parking_lot::RwLock<()>,
+    /// Test hook: runs in `write` between appending whole blocks and recording
+    /// them, so tests can make other operations happen exactly there.
+    write_hook: parking_lot::Mutex<Option<WriteHook>>,
     _lock: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
@@ -401,7 +411,6 @@ impl Volume {
                     ));
                 }
             },
-            Err(e @ Error::Kms(_)) | Err(e @ Error::Format(_)) => return Err(e),
             Err(e) => match backup() {
                 Ok((b, dk)) if b.volume_id == root_vid => {
                     log::warn!(
@@ -555,8 +564,17 @@ impl Volume {
             read_only,
             snapshot: opts.snapshot,
             poisoned: AtomicBool::new(false),
+            append_gate: parking_lot::RwLock::new(()),
+            write_hook: parking_lot::Mutex::new(None),
             _lock: lock,
         })
+    }
+
+    /// Installs a hook that `write` runs after appending whole blocks and
+    /// before recording them (tests use it to race other operations there).
+    #[doc(hidden)]
+    pub fn set_write_hook(&self, hook: Option<WriteHook>) {
+        *self.write_hook.lock() = hook;
     }
 
     pub fn header(&self) -> &Header {
@@ -697,14 +715,17 @@ impl Volume {
     /// Removes an inode and everything it owns (blocks, xattrs, target).
     fn destroy_inode(&self, st: &mut State, ino: u64) -> Result<()> {
         let n = self.nodes();
-        let keys: Vec<Vec<u8>> = st
-            .tree
-            .collect(n, &key(ino, 0, &[]), &key(ino + 1, 0, &[]), usize::MAX)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        for k in keys {
-            st.tree.remove(n, &k)?;
+        // In bounded batches: a huge file must not need memory for all its keys.
+        loop {
+            let keys = st
+                .tree
+                .collect(n, &key(ino, 0, &[]), &key(ino + 1, 0, &[]), 4096)?;
+            if keys.is_empty() {
+                break;
+            }
+            for (k, _) in keys {
+                st.tree.remove(n, &k)?;
+            }
         }
         st.tree
             .remove(n, &key(0, tag::ORPHAN, &ino.to_be_bytes()))?;
@@ -1438,6 +1459,7 @@ impl Volume {
         // lock, so several writers seal in parallel and streaming data is
         // copied once (no dirty buffer). Partial blocks go through the dirty map.
         let (full_from, full_to) = (offset.div_ceil(bs), end / bs);
+        let _gate = self.append_gate.read();
         let mut direct: Vec<(u64, BlockPtr)> = Vec::new();
         if full_to > full_from {
             {
@@ -1452,6 +1474,10 @@ impl Volume {
                 let at = (blk * bs - offset) as usize;
                 let (rec, id, tag) = self.io.seal(BlockKind::Data, &data[at..at + bs as usize]);
                 direct.push((blk, self.io.append(&rec, id, tag)?));
+            }
+            let hook = self.write_hook.lock().clone();
+            if let Some(h) = hook {
+                h();
             }
         }
         {
@@ -1510,8 +1536,12 @@ impl Volume {
             i.mtime = t;
             i.ctime = t;
             self.put_inode(&mut st, ino, &i)?;
-            if st.dirty_bytes > DIRTY_MAX {
-                self.flush_data(&mut st)?;
+            if st.dirty_bytes > DIRTY_MAX
+                && let Err(e) = self.flush_data(&mut st)
+            {
+                // The write itself took effect; what could not be sealed stays
+                // buffered and the next commit retries (and reports) it.
+                log::warn!("write-back of buffered data failed, will retry: {e}");
             }
         }
         Ok(data.len() as u32)
@@ -1525,8 +1555,11 @@ impl Volume {
         if size < i.size {
             let first_gone = size.div_ceil(bs);
             self.drop_blocks(st, ino, i, first_gone, u64::MAX)?;
-            if !size.is_multiple_of(bs) {
-                let blk = size / bs;
+            let blk = size / bs;
+            let stored =
+                st.dirty.contains_key(&(ino, blk)) || self.block_ptr(st, ino, blk)?.is_some();
+            // A hole stays a hole: there is nothing to zero in it.
+            if !size.is_multiple_of(bs) && stored {
                 let mut b = self.load_block_full(st, ino, blk)?;
                 b[(size % bs) as usize..].fill(0);
                 if st.dirty.insert((ino, blk), Plain(b)).is_none() {
@@ -1548,19 +1581,23 @@ impl Volume {
         to: u64,
     ) -> Result<()> {
         let n = self.nodes();
-        let keys = st.tree.collect(
-            n,
-            &Self::block_key(ino, from),
-            &if to == u64::MAX {
-                key(ino, tag::BLOCK + 1, &[])
-            } else {
-                Self::block_key(ino, to)
-            },
-            usize::MAX,
-        )?;
-        for (k, _) in keys {
-            st.tree.remove(n, &k)?;
-            i.blocks = i.blocks.saturating_sub(1);
+        let end = if to == u64::MAX {
+            key(ino, tag::BLOCK + 1, &[])
+        } else {
+            Self::block_key(ino, to)
+        };
+        // In bounded batches (a 1 TiB file has 16 million block entries).
+        loop {
+            let keys = st
+                .tree
+                .collect(n, &Self::block_key(ino, from), &end, 4096)?;
+            if keys.is_empty() {
+                break;
+            }
+            for (k, _) in keys {
+                st.tree.remove(n, &k)?;
+                i.blocks = i.blocks.saturating_sub(1);
+            }
         }
         let dk: Vec<(u64, u64)> = st
             .dirty
@@ -1615,7 +1652,9 @@ impl Volume {
                 let blk = pos / bs;
                 let from = (pos % bs) as usize;
                 let n = ((bs - from as u64).min(zend - pos)) as usize;
-                if n as u64 != bs && pos < i.size {
+                let stored =
+                    st.dirty.contains_key(&(ino, blk)) || self.block_ptr(&st, ino, blk)?.is_some();
+                if n as u64 != bs && pos < i.size && stored {
                     let mut b = self.load_block_full(&st, ino, blk)?;
                     b[from..from + n].fill(0);
                     if st.dirty.insert((ino, blk), Plain(b)).is_none() {
@@ -1658,22 +1697,26 @@ impl Volume {
         if st.dirty.is_empty() {
             return Ok(());
         }
-        self.check_space(st.dirty_bytes as u64)?;
         let bs = self.header.block_size as usize;
+        // Sizes first, before anything is taken out of the dirty map: an
+        // error here must lose nothing.
+        let mut sizes: HashMap<u64, u64> = HashMap::new();
+        for (ino, _) in st.dirty.keys() {
+            if !sizes.contains_key(ino) {
+                let size = match self.get_inode(st, *ino) {
+                    Ok(i) => i.size,
+                    Err(Error::NotFound) => 0, // destroyed: its blocks go
+                    Err(e) => return Err(e),
+                };
+                sizes.insert(*ino, size);
+            }
+        }
         let dirty = std::mem::take(&mut st.dirty);
         st.dirty_bytes = 0;
         // Group by inode so each inode's size is read once.
         let mut jobs: Vec<((u64, u64), Plain, usize)> = Vec::with_capacity(dirty.len());
-        let mut sizes: HashMap<u64, u64> = HashMap::new();
         for ((ino, blk), p) in dirty {
-            let size = match sizes.get(&ino) {
-                Some(s) => *s,
-                None => {
-                    let s = self.get_inode(st, ino).map(|i| i.size).unwrap_or(0);
-                    sizes.insert(ino, s);
-                    s
-                }
-            };
+            let size = sizes[&ino];
             let start = blk * bs as u64;
             if start >= size {
                 continue;
@@ -1715,23 +1758,24 @@ impl Volume {
                 st.dirty.insert((ino, blk), p);
                 continue;
             }
-            match self.io.append(&rec, id, tag) {
-                Ok(ptr) => {
-                    let old = st.tree.insert(
-                        self.nodes(),
-                        &Self::block_key(ino, blk),
-                        ptr.to_bytes().to_vec(),
-                    )?;
-                    if old.is_none() {
-                        let i = match inode_updates.get_mut(&ino) {
-                            Some(i) => i,
-                            None => {
-                                let i = self.get_inode(st, ino)?;
-                                inode_updates.entry(ino).or_insert(i)
-                            }
-                        };
+            let recorded = self.io.append(&rec, id, tag).and_then(|ptr| {
+                let old = st.tree.insert(
+                    self.nodes(),
+                    &Self::block_key(ino, blk),
+                    ptr.to_bytes().to_vec(),
+                )?;
+                if old.is_none() {
+                    if let std::collections::hash_map::Entry::Vacant(e) = inode_updates.entry(ino) {
+                        e.insert(self.get_inode(st, ino)?);
+                    }
+                    if let Some(i) = inode_updates.get_mut(&ino) {
                         i.blocks += 1;
                     }
+                }
+                Ok(ptr)
+            });
+            match recorded {
+                Ok(ptr) => {
                     // Cache exactly what was stored (a short copy frees the full buffer).
                     let plain = if stored < p.0.len() {
                         Plain(p.0[..stored].to_vec())
@@ -1859,7 +1903,12 @@ impl Volume {
         }
         self.flush_data(st)?;
         let tree = st.tree.flush(self.nodes())?;
-        self.io.sync()?;
+        if let Err(e) = self.io.sync() {
+            // A failed fsync may have dropped the dirty pages: never commit a
+            // root over records that might not be on disk.
+            self.poisoned.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
         let payload = RootPayload {
             tree,
             next_ino: st.next_ino,
@@ -1948,6 +1997,7 @@ impl Volume {
     /// blocks out of segments that are mostly dead (live share below `max_live`).
     pub fn clean(&self, max_live: f64) -> Result<CleanStats> {
         self.writable()?;
+        let _gate = self.append_gate.write();
         let mut st = self.st.write();
         self.commit_locked(&mut st)?;
         let n = self.nodes();

@@ -61,11 +61,23 @@ pub trait NodeStore {
     fn remember(&self, _ptr: &BlockPtr, _node: Node) {}
 }
 
+/// Decoded nodes hold names, attributes and xattr values in the clear: wipe
+/// them when the node is dropped (evicted from the cache, or replaced).
+impl Drop for Node {
+    fn drop(&mut self) {
+        for k in self.keys.iter_mut().chain(self.vals.iter_mut()) {
+            crate::cache::wipe(k);
+        }
+    }
+}
+
 impl Node {
     pub fn empty_leaf() -> Self {
         Node {
             leaf: true,
-            ..Default::default()
+            keys: Vec::new(),
+            vals: Vec::new(),
+            kids: Vec::new(),
         }
     }
 
@@ -115,7 +127,8 @@ impl Node {
         let mut node = Node {
             leaf,
             keys: Vec::with_capacity(n),
-            ..Default::default()
+            vals: Vec::new(),
+            kids: Vec::new(),
         };
         for _ in 0..n {
             let k = d.bytes16()?.to_vec();
