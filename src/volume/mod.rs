@@ -257,9 +257,13 @@ fn read_header(storage: &dyn Storage, kms: &dyn Kms, name: &str) -> Result<(Head
 }
 
 fn sign_header(h: &Header, dk: &SecretKey) -> Vec<u8> {
+    sign_header_with(h, &derive_subkey(dk, labels::HEADER_MAC))
+}
+
+/// The header's bytes with its MAC under the `kmsfs v1 header mac` subkey.
+fn sign_header_with(h: &Header, mac_key: &SecretKey) -> Vec<u8> {
     let mut b = h.encode_unsigned();
-    let mac_key = derive_subkey(dk, labels::HEADER_MAC);
-    let mac = crypto::hmac_sha256(&mac_key, &b[..format::HEADER_LEN - format::HEADER_MAC_LEN]);
+    let mac = crypto::hmac_sha256(mac_key, &b[..format::HEADER_LEN - format::HEADER_MAC_LEN]);
     let n = b.len();
     b[n - format::HEADER_MAC_LEN..].copy_from_slice(&mac);
     b
@@ -1917,15 +1921,22 @@ impl Volume {
             snapshots: st.snapshots.clone(),
         };
         let generation = st.generation + 1;
-        let plain = payload.encode();
-        let sealed_len = self.root_sealer.sealed_len(plain.len()) as u32;
-        let prefix = format::root_prefix(&self.header.volume_id, generation, sealed_len);
-        let mut rec = prefix.clone();
-        self.root_sealer.seal_into(&prefix, &plain, &mut rec);
+        let rec = self.seal_root(&self.header.volume_id, generation, &payload);
         write_durably(&*self.io.storage, format::ROOT_FILE, &rec)?;
         st.generation = generation;
         st.changed = false;
         Ok(())
+    }
+
+    /// The bytes of a root record: plaintext prefix, then the payload sealed
+    /// with the root subkey and the prefix as AAD.
+    fn seal_root(&self, volume_id: &[u8; 16], generation: u64, payload: &RootPayload) -> Vec<u8> {
+        let plain = payload.encode();
+        let sealed_len = self.root_sealer.sealed_len(plain.len()) as u32;
+        let prefix = format::root_prefix(volume_id, generation, sealed_len);
+        let mut rec = prefix.clone();
+        self.root_sealer.seal_into(&prefix, &plain, &mut rec);
+        rec
     }
 
     /// Raises the KMS's high-water mark to the last committed generation, so a

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Tree, Volume, value_ptr, write_durably};
+use super::{Tree, Volume, sign_header_with, value_ptr, write_durably};
 use crate::error::{Error, Result};
 use crate::format::{self, BlockPtr, Header, RootPayload, SnapshotRecord, Timestamp};
 use crate::store::Storage;
@@ -37,6 +37,33 @@ fn check_snapshot_name(name: &str) -> Result<()> {
 }
 
 impl Volume {
+    /// Every block a tree references: its nodes, and the data and xattr blocks
+    /// its leaves point to. Fails on the first node that cannot be read.
+    fn tree_blocks(&self, t: &Tree) -> Result<Vec<BlockPtr>> {
+        let ids = std::cell::RefCell::new(Vec::new());
+        let mut err = None;
+        t.walk(
+            self.nodes(),
+            &mut |p| {
+                ids.borrow_mut().push(*p);
+                true
+            },
+            &mut |k, v| {
+                if let Some(p) = value_ptr(k, v) {
+                    ids.borrow_mut().push(p);
+                }
+                Ok(())
+            },
+            &mut |_, e| {
+                err.get_or_insert(e);
+            },
+        )?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(ids.into_inner()),
+        }
+    }
+
     /// Takes a snapshot of the live tree at a consistent point (after a commit).
     pub fn snapshot_create(&self, name: &str) -> Result<SnapshotRecord> {
         self.writable()?;
@@ -81,28 +108,7 @@ impl Volume {
         };
         let mut owner: Vec<Vec<[u8; 16]>> = vec![Vec::new(); roots.len()];
         for (i, t) in roots.iter().enumerate() {
-            let ids = std::cell::RefCell::new(Vec::new());
-            let mut err = None;
-            t.walk(
-                self.nodes(),
-                &mut |p| {
-                    ids.borrow_mut().push(*p);
-                    true
-                },
-                &mut |k, v| {
-                    if let Some(p) = value_ptr(k, v) {
-                        ids.borrow_mut().push(p);
-                    }
-                    Ok(())
-                },
-                &mut |_, e| {
-                    err.get_or_insert(e);
-                },
-            )?;
-            if let Some(e) = err {
-                return Err(e);
-            }
-            let ids = ids.into_inner();
+            let ids = self.tree_blocks(t)?;
             for p in &ids {
                 note(p, i);
             }
@@ -201,22 +207,9 @@ impl Volume {
             .cloned()
             .ok_or_else(|| no_snapshot(name))?;
         let tree = Tree::from_ptr(s.tree);
-        let segs = std::cell::RefCell::new(std::collections::BTreeSet::new());
-        tree.walk(
-            self.nodes(),
-            &mut |p| {
-                segs.borrow_mut().insert(p.segment);
-                true
-            },
-            &mut |k, v| {
-                if let Some(p) = value_ptr(k, v) {
-                    segs.borrow_mut().insert(p.segment);
-                }
-                Ok(())
-            },
-            &mut |_, _| {},
-        )?;
-        let segs = segs.into_inner();
+        // A snapshot that cannot be read in full is not cloned.
+        let segs: std::collections::BTreeSet<u64> =
+            self.tree_blocks(&tree)?.iter().map(|p| p.segment).collect();
         drop(st);
         dest.create_dir(format::SEGMENT_DIR)
             .map_err(|e| Error::io("segment directory of the clone", e))?;
@@ -233,13 +226,7 @@ impl Volume {
             created: Timestamp::now().secs,
             ..self.header.clone()
         };
-        let mut hb = header.encode_unsigned();
-        let mac = crate::crypto::hmac_sha256(
-            &self.header_mac_key,
-            &hb[..format::HEADER_LEN - format::HEADER_MAC_LEN],
-        );
-        let n = hb.len();
-        hb[n - format::HEADER_MAC_LEN..].copy_from_slice(&mac);
+        let hb = sign_header_with(&header, &self.header_mac_key);
         let payload = RootPayload {
             tree: s.tree,
             next_ino: s.next_ino,
@@ -247,12 +234,7 @@ impl Volume {
             committed: Timestamp::now().secs,
             snapshots: Vec::new(),
         };
-        let plain = payload.encode();
-        let generation = 1;
-        let sealed_len = self.root_sealer.sealed_len(plain.len()) as u32;
-        let prefix = format::root_prefix(&volume_id, generation, sealed_len);
-        let mut rec = prefix.clone();
-        self.root_sealer.seal_into(&prefix, &plain, &mut rec);
+        let rec = self.seal_root(&volume_id, 1, &payload);
         write_durably(&*dest, format::HEADER_BACKUP_FILE, &hb)?;
         write_durably(&*dest, format::HEADER_FILE, &hb)?;
         write_durably(&*dest, format::ROOT_FILE, &rec)?;
