@@ -24,11 +24,18 @@ pub const CONTROL_FILE: &str = "kmsfs.ctl";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
-    SnapshotCreate { name: String },
-    SnapshotDelete { name: String },
+    SnapshotCreate {
+        name: String,
+    },
+    SnapshotDelete {
+        name: String,
+    },
     SnapshotList,
     Clean,
     Stats,
+    /// Commit now, and say which process serves the mount (the umount
+    /// helper waits for it to exit: its final commit ends the unmount).
+    Commit,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -107,14 +114,24 @@ impl Drop for ControlServer {
     }
 }
 
+/// Decodes one request line (a JSON object, any trailing newline included).
+pub fn parse_request(line: &[u8]) -> std::result::Result<Request, serde_json::Error> {
+    serde_json::from_slice(line)
+}
+
+/// Decodes one answer line from a mount.
+pub fn parse_response(line: &[u8]) -> std::result::Result<Response, serde_json::Error> {
+    serde_json::from_slice(line)
+}
+
 fn handle(vol: &Volume, c: UnixStream) -> std::io::Result<()> {
-    let mut line = String::new();
+    let mut line = Vec::new();
     // Requests are tiny; never buffer more than this from a client.
-    BufReader::new((&c).take(64 << 10)).read_line(&mut line)?;
+    BufReader::new((&c).take(64 << 10)).read_until(b'\n', &mut line)?;
     if line.is_empty() {
         return Ok(());
     }
-    let resp = match serde_json::from_str::<Request>(&line) {
+    let resp = match parse_request(&line) {
         Err(e) => Response {
             ok: false,
             errno: libc::EINVAL,
@@ -166,9 +183,14 @@ fn execute(vol: &Volume, req: &Request) -> Result<serde_json::Value> {
             serde_json::json!({"segments_removed": s.segments_removed, "bytes_moved": s.bytes_moved,
                 "bytes_freed": s.bytes_freed})
         }
+        Request::Commit => {
+            vol.commit()?;
+            serde_json::json!({"pid": std::process::id(), "generation": vol.generation()})
+        }
         Request::Stats => {
             let c = vol.cache_stats();
-            serde_json::json!({"generation": vol.generation(), "cache_hits": c.hits,
+            serde_json::json!({"generation": vol.generation(),
+                "pending_changes": vol.has_changes(), "cache_hits": c.hits,
                 "cache_misses": c.misses, "cache_evictions": c.evictions, "cache_bytes": c.bytes,
                 "cache_capacity": c.capacity, "stored_bytes": vol.stored_bytes()?})
         }
@@ -193,11 +215,11 @@ pub fn request(volume_dir: &Path, req: &Request) -> Result<serde_json::Value> {
     line.push('\n');
     (&c).write_all(line.as_bytes())
         .map_err(|e| Error::io("control socket", e))?;
-    let mut resp = String::new();
+    let mut resp = Vec::new();
     BufReader::new(&c)
-        .read_line(&mut resp)
+        .read_until(b'\n', &mut resp)
         .map_err(|e| Error::io("control socket", e))?;
-    let r: Response = serde_json::from_str(&resp)
+    let r = parse_response(&resp)
         .map_err(|e| Error::Format(format!("bad answer from the mount: {e}")))?;
     if r.ok {
         Ok(r.data)

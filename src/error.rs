@@ -52,6 +52,10 @@ pub enum Error {
         "the volume was rolled back: it is at generation {found}, but the keystore recorded generation {mark}. Someone restored an older copy of the backing store, or it was tampered with. If you restored it on purpose, open it once with `kmsfs fsck --accept-rollback`"
     )]
     Rollback { found: u64, mark: u64 },
+    #[error(
+        "internal error in {0}: a bug in kmsfs; the request failed and nothing acknowledged was lost. Please report it with the mount log"
+    )]
+    Internal(String),
     #[error(transparent)]
     Kms(#[from] KmsError),
     #[error("I/O error on {what}: {source}")]
@@ -110,6 +114,7 @@ impl Error {
             Error::Format(_) => libc::EIO,
             Error::Locked(_) => libc::EBUSY,
             Error::Rollback { .. } => libc::EIO,
+            Error::Internal(_) => libc::EIO,
             Error::Kms(_) => libc::EACCES,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
@@ -132,6 +137,7 @@ mod tests {
             ),
             (Error::Kms(KmsError::UnwrapFailed), libc::EACCES),
             (Error::NotEmpty, libc::ENOTEMPTY),
+            (Error::Internal("read".into()), libc::EIO),
             (Error::NoXattr, libc::ENODATA),
             (Error::Locked("pid 1".into()), libc::EBUSY),
             (

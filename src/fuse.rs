@@ -20,17 +20,18 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow,
-    WriteFlags,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, Notifier,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
@@ -45,8 +46,15 @@ const MAX_IO: u32 = 1 << 20;
 const MAX_BACKGROUND: u16 = 64;
 /// Directory entries fetched from the core per readdir request.
 const READDIR_BATCH: usize = 512;
-/// How often the committer makes pending changes durable.
+/// Pending changes are committed once no changing request has started for
+/// this long: `sync` and `syncfs` send the daemon nothing but the dirty pages,
+/// so this bounds how long after them data stays volatile.
+pub const IDLE_COMMIT: Duration = Duration::from_millis(500);
+/// Under a steady stream of changes, a commit at least this often (ext4's
+/// default journal commit interval).
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the committer looks at the volume.
+const COMMITTER_TICK: Duration = Duration::from_millis(100);
 /// How often the committer runs the segment cleaner.
 pub const CLEAN_INTERVAL: Duration = Duration::from_secs(300);
 /// Segments whose live share is below this are compacted by the cleaner.
@@ -71,7 +79,9 @@ impl MountSettings {
     pub fn config(&self) -> Config {
         let mut opts = vec![
             MountOption::FSName(self.fsname.clone()),
-            MountOption::Subtype("kmsfs".into()),
+            // As a kernel option (fuser passes Subtype only to fusermount3):
+            // the mount shows as `fuse.kmsfs`, so umount(8) runs our helper.
+            MountOption::CUSTOM("subtype=kmsfs".into()),
             if self.read_only {
                 MountOption::RO
             } else {
@@ -106,6 +116,8 @@ pub struct KmsFs {
     posix_acl: bool,
     committer: Option<Committer>,
     outcome: Outcome,
+    /// Set once the session exists (see [`KmsFs::notifier_slot`]).
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl KmsFs {
@@ -116,12 +128,55 @@ impl KmsFs {
             posix_acl: false,
             committer: None,
             outcome: Arc::new(Mutex::new(None)),
+            notifier: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Where the caller puts the session's notifier once the session exists.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Drops the kernel's cached attributes of `ino`, so that the next stat
+    /// asks the daemon. Needed where the allocation (st_blocks) changes
+    /// without a request that carries attributes back: the kernel keeps the
+    /// attributes of before the write-back for up to [`TTL`] otherwise. A
+    /// negative offset invalidates the attributes only, not the page cache,
+    /// and takes no inode lock in the kernel, so this is safe from a handler.
+    fn invalidate_attr(&self, ino: u64) {
+        match self
+            .notifier
+            .get()
+            .map(|n| n.inval_inode(INodeNo(ino), -1, 0))
+        {
+            None => log::debug!("no notifier yet for inode {ino}"),
+            Some(Ok(())) => log::debug!("invalidated attributes of inode {ino}"),
+            Some(Err(e)) => log::debug!("attribute invalidation of inode {ino}: {e}"),
         }
     }
 
     /// Filled in by `destroy` with the result of the final commit.
     pub fn outcome(&self) -> Outcome {
         self.outcome.clone()
+    }
+
+    /// Runs one request's handler so that a panic in it (a bug) fails that
+    /// request alone: the reply, dropped unsent while unwinding, answers EIO,
+    /// and the volume decides whether it can go on writing (see
+    /// [`Volume::contain_panic`]). Without this, the panic would end the
+    /// session thread and with it the mount.
+    fn contain(&self, op: &'static str, mutating: bool, handler: impl FnOnce()) {
+        if mutating {
+            CHANGING.with(|c| *c.borrow_mut() = Some((self.vol.clone(), op)));
+        }
+        let r = std::panic::catch_unwind(AssertUnwindSafe(handler));
+        if mutating {
+            CHANGING.with(|c| *c.borrow_mut() = None);
+        }
+        if let Err(p) = r {
+            self.vol
+                .contain_panic(op, mutating, &volume::panic_message(&*p));
+        }
     }
 
     /// Mode and ACLs of a new node under `parent`; see [`acl::inherit`].
@@ -208,6 +263,35 @@ impl KmsFs {
         }
         Ok(a)
     }
+}
+
+thread_local! {
+    /// The volume and operation of the changing request this thread runs, for
+    /// the panic hook.
+    static CHANGING: std::cell::RefCell<Option<(Arc<Volume>, &'static str)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Installs (once per process) a panic hook that makes the volume read-only
+/// the moment a changing request panics: the hook runs before unwinding drops
+/// the request's reply (which answers EIO), so no later request of that
+/// caller can slip a change in between. The previous hook (the message and
+/// backtrace in the log) still runs.
+pub fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let _ = CHANGING.try_with(|c| {
+                if let Ok(c) = c.try_borrow()
+                    && let Some((vol, op)) = &*c
+                {
+                    vol.mark_degraded(op);
+                }
+            });
+            prev(info);
+        }));
+    });
 }
 
 /// Converts a core error into the errno for the reply, logging what an
@@ -350,17 +434,19 @@ impl Filesystem for KmsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.vol.lookup(parent.0, name.as_bytes()) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(e, "lookup", parent.0)),
-        }
+        self.contain("lookup", false, || {
+            match self.vol.lookup(parent.0, name.as_bytes()) {
+                Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(e, "lookup", parent.0)),
+            }
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.vol.getattr(ino.0) {
+        self.contain("getattr", false, || match self.vol.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e, "getattr", ino.0)),
-        }
+        });
     }
 
     fn setattr(
@@ -381,30 +467,32 @@ impl Filesystem for KmsFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let s = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: atime.map(time_set),
-            mtime: mtime.map(time_set),
-            ctime: ctime.map(to_timestamp),
-        };
-        let r = self.vol.setattr(ino.0, &s).and_then(|a| match mode {
-            Some(m) => self.chmod_access_acl(ino.0, m).map(|()| a),
-            None => Ok(a),
+        self.contain("setattr", true, || {
+            let s = SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: atime.map(time_set),
+                mtime: mtime.map(time_set),
+                ctime: ctime.map(to_timestamp),
+            };
+            let r = self.vol.setattr(ino.0, &s).and_then(|a| match mode {
+                Some(m) => self.chmod_access_acl(ino.0, m).map(|()| a),
+                None => Ok(a),
+            });
+            match r {
+                Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+                Err(e) => reply.error(errno(e, "setattr", ino.0)),
+            }
         });
-        match r {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(e, "setattr", ino.0)),
-        }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.vol.readlink(ino.0) {
+        self.contain("readlink", false, || match self.vol.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e, "readlink", ino.0)),
-        }
+        });
     }
 
     fn mknod(
@@ -417,21 +505,23 @@ impl Filesystem for KmsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.make(parent.0, mode, umask, |m| {
-            self.vol.mknod(
-                parent.0,
-                name.as_bytes(),
-                m,
-                req.uid(),
-                req.gid(),
-                rdev,
-                None,
-            )
+        self.contain("mknod", true, || {
+            let r = self.make(parent.0, mode, umask, |m| {
+                self.vol.mknod(
+                    parent.0,
+                    name.as_bytes(),
+                    m,
+                    req.uid(),
+                    req.gid(),
+                    rdev,
+                    None,
+                )
+            });
+            match r {
+                Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(e, "mknod", parent.0)),
+            }
         });
-        match r {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(e, "mknod", parent.0)),
-        }
     }
 
     fn mkdir(
@@ -443,29 +533,35 @@ impl Filesystem for KmsFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let mode = libc::S_IFDIR | (mode & 0o7777);
-        let r = self.make(parent.0, mode, umask, |m| {
-            self.vol
-                .mkdir(parent.0, name.as_bytes(), m, req.uid(), req.gid())
+        self.contain("mkdir", true, || {
+            let mode = libc::S_IFDIR | (mode & 0o7777);
+            let r = self.make(parent.0, mode, umask, |m| {
+                self.vol
+                    .mkdir(parent.0, name.as_bytes(), m, req.uid(), req.gid())
+            });
+            match r {
+                Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(e, "mkdir", parent.0)),
+            }
         });
-        match r {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(e, "mkdir", parent.0)),
-        }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.vol.unlink(parent.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e, "unlink", parent.0)),
-        }
+        self.contain("unlink", true, || {
+            match self.vol.unlink(parent.0, name.as_bytes()) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e, "unlink", parent.0)),
+            }
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.vol.rmdir(parent.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e, "rmdir", parent.0)),
-        }
+        self.contain("rmdir", true, || {
+            match self.vol.rmdir(parent.0, name.as_bytes()) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e, "rmdir", parent.0)),
+            }
+        });
     }
 
     fn symlink(
@@ -476,14 +572,16 @@ impl Filesystem for KmsFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let target = target.as_os_str().as_bytes();
-        match self
-            .vol
-            .symlink(parent.0, link_name.as_bytes(), target, req.uid(), req.gid())
-        {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(e, "symlink", parent.0)),
-        }
+        self.contain("symlink", true, || {
+            let target = target.as_os_str().as_bytes();
+            match self
+                .vol
+                .symlink(parent.0, link_name.as_bytes(), target, req.uid(), req.gid())
+            {
+                Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(e, "symlink", parent.0)),
+            }
+        });
     }
 
     fn rename(
@@ -496,26 +594,28 @@ impl Filesystem for KmsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let known = RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE;
-        if !known.contains(flags) {
-            // RENAME_WHITEOUT is for overlay filesystems' upper layers.
-            reply.error(Errno::EINVAL);
-            return;
-        }
-        let f = volume::RenameFlags {
-            noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
-            exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
-        };
-        match self.vol.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            f,
-        ) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e, "rename", parent.0)),
-        }
+        self.contain("rename", true, || {
+            let known = RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE;
+            if !known.contains(flags) {
+                // RENAME_WHITEOUT is for overlay filesystems' upper layers.
+                reply.error(Errno::EINVAL);
+                return;
+            }
+            let f = volume::RenameFlags {
+                noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+                exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+            };
+            match self.vol.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                f,
+            ) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e, "rename", parent.0)),
+            }
+        });
     }
 
     fn link(
@@ -526,28 +626,32 @@ impl Filesystem for KmsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.vol.link(ino.0, newparent.0, newname.as_bytes()) {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(e, "link", ino.0)),
-        }
+        self.contain("link", true, || {
+            match self.vol.link(ino.0, newparent.0, newname.as_bytes()) {
+                Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(e, "link", ino.0)),
+            }
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        // With FUSE_ATOMIC_O_TRUNC the truncation arrives with the open.
-        if flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-            let s = SetAttr {
-                size: Some(0),
-                ..SetAttr::default()
-            };
-            if let Err(e) = self.vol.setattr(ino.0, &s) {
-                reply.error(errno(e, "open", ino.0));
-                return;
+        self.contain("open", true, || {
+            // With FUSE_ATOMIC_O_TRUNC the truncation arrives with the open.
+            if flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+                let s = SetAttr {
+                    size: Some(0),
+                    ..SetAttr::default()
+                };
+                if let Err(e) = self.vol.setattr(ino.0, &s) {
+                    reply.error(errno(e, "open", ino.0));
+                    return;
+                }
             }
-        }
-        match self.vol.open_file(ino.0) {
-            Ok(_) => reply.opened(FileHandle(0), OPEN_FLAGS),
-            Err(e) => reply.error(errno(e, "open", ino.0)),
-        }
+            match self.vol.open_file(ino.0) {
+                Ok(_) => reply.opened(FileHandle(0), OPEN_FLAGS),
+                Err(e) => reply.error(errno(e, "open", ino.0)),
+            }
+        });
     }
 
     fn read(
@@ -561,10 +665,10 @@ impl Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.vol.read(ino.0, offset, size) {
+        self.contain("read", false, || match self.vol.read(ino.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(e, "read", ino.0)),
-        }
+        });
     }
 
     fn write(
@@ -579,16 +683,18 @@ impl Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
-            && let Err(e) = self.vol.kill_suid(ino.0)
-        {
-            reply.error(errno(e, "write", ino.0));
-            return;
-        }
-        match self.vol.write(ino.0, offset, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(e, "write", ino.0)),
-        }
+        self.contain("write", true, || {
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+                && let Err(e) = self.vol.kill_suid(ino.0)
+            {
+                reply.error(errno(e, "write", ino.0));
+                return;
+            }
+            match self.vol.write(ino.0, offset, data) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(e, "write", ino.0)),
+            }
+        });
     }
 
     fn flush(
@@ -599,8 +705,10 @@ impl Filesystem for KmsFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Durability comes from fsync and the periodic commit, not from close.
-        reply.ok();
+        self.contain("flush", true, || {
+            // Durability comes from fsync and the periodic commit, not from close.
+            reply.ok();
+        });
     }
 
     fn release(
@@ -613,11 +721,13 @@ impl Filesystem for KmsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Err(e) = self.vol.release(ino.0) {
-            // The kernel ignores release errors; the log is the only witness.
-            errno(e, "release", ino.0);
-        }
-        reply.ok();
+        self.contain("release", true, || {
+            if let Err(e) = self.vol.release(ino.0) {
+                // The kernel ignores release errors; the log is the only witness.
+                errno(e, "release", ino.0);
+            }
+            reply.ok();
+        });
     }
 
     fn fsync(
@@ -628,10 +738,14 @@ impl Filesystem for KmsFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.vol.fsync(ino.0) {
-            Ok(()) => reply.ok(),
+        self.contain("fsync", true, || match self.vol.fsync(ino.0) {
+            Ok(()) => {
+                // The write-back before the fsync changed the allocation.
+                self.invalidate_attr(ino.0);
+                reply.ok()
+            }
             Err(e) => reply.error(errno(e, "fsync", ino.0)),
-        }
+        });
     }
 
     fn readdir(
@@ -642,18 +756,20 @@ impl Filesystem for KmsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.vol.readdir(ino.0, offset, READDIR_BATCH) {
-            Ok(items) => {
-                for it in items {
-                    let name = OsStr::from_bytes(&it.name);
-                    if reply.add(INodeNo(it.ino), it.offset, file_type(it.kind), name) {
-                        break;
+        self.contain("readdir", false, || {
+            match self.vol.readdir(ino.0, offset, READDIR_BATCH) {
+                Ok(items) => {
+                    for it in items {
+                        let name = OsStr::from_bytes(&it.name);
+                        if reply.add(INodeNo(it.ino), it.offset, file_type(it.kind), name) {
+                            break;
+                        }
                     }
+                    reply.ok();
                 }
-                reply.ok();
+                Err(e) => reply.error(errno(e, "readdir", ino.0)),
             }
-            Err(e) => reply.error(errno(e, "readdir", ino.0)),
-        }
+        });
     }
 
     fn readdirplus(
@@ -664,29 +780,31 @@ impl Filesystem for KmsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.vol.readdir(ino.0, offset, READDIR_BATCH) {
-            Ok(items) => {
-                for it in items {
-                    // An entry removed since the listing is simply left out.
-                    let Ok(a) = self.vol.getattr(it.ino) else {
-                        continue;
-                    };
-                    let name = OsStr::from_bytes(&it.name);
-                    if reply.add(
-                        INodeNo(it.ino),
-                        it.offset,
-                        name,
-                        &TTL,
-                        &file_attr(&a),
-                        Generation(0),
-                    ) {
-                        break;
+        self.contain("readdirplus", false, || {
+            match self.vol.readdir(ino.0, offset, READDIR_BATCH) {
+                Ok(items) => {
+                    for it in items {
+                        // An entry removed since the listing is simply left out.
+                        let Ok(a) = self.vol.getattr(it.ino) else {
+                            continue;
+                        };
+                        let name = OsStr::from_bytes(&it.name);
+                        if reply.add(
+                            INodeNo(it.ino),
+                            it.offset,
+                            name,
+                            &TTL,
+                            &file_attr(&a),
+                            Generation(0),
+                        ) {
+                            break;
+                        }
                     }
+                    reply.ok();
                 }
-                reply.ok();
+                Err(e) => reply.error(errno(e, "readdirplus", ino.0)),
             }
-            Err(e) => reply.error(errno(e, "readdirplus", ino.0)),
-        }
+        });
     }
 
     fn fsyncdir(
@@ -697,32 +815,34 @@ impl Filesystem for KmsFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.vol.fsync(ino.0) {
+        self.contain("fsyncdir", true, || match self.vol.fsync(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e, "fsyncdir", ino.0)),
-        }
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.vol.statfs() {
-            Ok(s) => {
-                let bs = s.block_size.max(1) as u64;
-                let blocks = s.total_bytes / bs;
-                let free = s.free_bytes / bs;
-                // Inodes cost no fixed space: report as many free as free blocks.
-                reply.statfs(
-                    blocks,
-                    free,
-                    free,
-                    s.files.saturating_add(free),
-                    free,
-                    bs as u32,
-                    s.name_max,
-                    bs as u32,
-                )
+        self.contain("statfs", false, || {
+            match self.vol.statfs() {
+                Ok(s) => {
+                    let bs = s.block_size.max(1) as u64;
+                    let blocks = s.total_bytes / bs;
+                    let free = s.free_bytes / bs;
+                    // Inodes cost no fixed space: report as many free as free blocks.
+                    reply.statfs(
+                        blocks,
+                        free,
+                        free,
+                        s.files.saturating_add(free),
+                        free,
+                        bs as u32,
+                        s.name_max,
+                        bs as u32,
+                    )
+                }
+                Err(e) => reply.error(errno(e, "statfs", 1)),
             }
-            Err(e) => reply.error(errno(e, "statfs", 1)),
-        }
+        });
     }
 
     fn setxattr(
@@ -735,28 +855,32 @@ impl Filesystem for KmsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let r = if name.as_bytes() == acl::ACCESS_XATTR {
-            self.set_access_acl(ino.0, value, flags)
-        } else {
-            self.vol.setxattr(ino.0, name.as_bytes(), value, flags)
-        };
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e, "setxattr", ino.0)),
-        }
+        self.contain("setxattr", true, || {
+            let r = if name.as_bytes() == acl::ACCESS_XATTR {
+                self.set_access_acl(ino.0, value, flags)
+            } else {
+                self.vol.setxattr(ino.0, name.as_bytes(), value, flags)
+            };
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e, "setxattr", ino.0)),
+            }
+        });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.vol.getxattr(ino.0, name.as_bytes()) {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
-            Ok(v) => reply.data(&v),
-            Err(e) => reply.error(errno(e, "getxattr", ino.0)),
-        }
+        self.contain("getxattr", false, || {
+            match self.vol.getxattr(ino.0, name.as_bytes()) {
+                Ok(v) if size == 0 => reply.size(v.len() as u32),
+                Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+                Ok(v) => reply.data(&v),
+                Err(e) => reply.error(errno(e, "getxattr", ino.0)),
+            }
+        });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.vol.listxattr(ino.0) {
+        self.contain("listxattr", false, || match self.vol.listxattr(ino.0) {
             Ok(names) => {
                 let mut buf = Vec::new();
                 for n in names {
@@ -772,23 +896,27 @@ impl Filesystem for KmsFs {
                 }
             }
             Err(e) => reply.error(errno(e, "listxattr", ino.0)),
-        }
+        });
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.vol.removexattr(ino.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e, "removexattr", ino.0)),
-        }
+        self.contain("removexattr", true, || {
+            match self.vol.removexattr(ino.0, name.as_bytes()) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e, "removexattr", ino.0)),
+            }
+        });
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // Permission checks are the kernel's (default_permissions); this only
-        // answers whether the inode exists.
-        match self.vol.getattr(ino.0) {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(errno(e, "access", ino.0)),
-        }
+        self.contain("access", false, || {
+            // Permission checks are the kernel's (default_permissions); this only
+            // answers whether the inode exists.
+            match self.vol.getattr(ino.0) {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(errno(e, "access", ino.0)),
+            }
+        });
     }
 
     fn create(
@@ -801,23 +929,25 @@ impl Filesystem for KmsFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let mode = libc::S_IFREG | (mode & 0o7777);
-        let r = self
-            .make(parent.0, mode, umask, |m| {
-                self.vol
-                    .create(parent.0, name.as_bytes(), m, req.uid(), req.gid())
-            })
-            .and_then(|a| self.vol.open_file(a.ino).map(|_| a));
-        match r {
-            Ok(a) => reply.created(
-                &TTL,
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(0),
-                OPEN_FLAGS,
-            ),
-            Err(e) => reply.error(errno(e, "create", parent.0)),
-        }
+        self.contain("create", true, || {
+            let mode = libc::S_IFREG | (mode & 0o7777);
+            let r = self
+                .make(parent.0, mode, umask, |m| {
+                    self.vol
+                        .create(parent.0, name.as_bytes(), m, req.uid(), req.gid())
+                })
+                .and_then(|a| self.vol.open_file(a.ino).map(|_| a));
+            match r {
+                Ok(a) => reply.created(
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(0),
+                    OPEN_FLAGS,
+                ),
+                Err(e) => reply.error(errno(e, "create", parent.0)),
+            }
+        });
     }
 
     fn fallocate(
@@ -830,15 +960,22 @@ impl Filesystem for KmsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.vol.fallocate(ino.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e, "fallocate", ino.0)),
-        }
+        self.contain("fallocate", true, || {
+            match self.vol.fallocate(ino.0, offset, length, mode) {
+                Ok(()) => {
+                    // Punching and zeroing free blocks: st_blocks changes.
+                    self.invalidate_attr(ino.0);
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(e, "fallocate", ino.0)),
+            }
+        });
     }
 }
 
-/// The daemon's background thread: commits every [`COMMIT_INTERVAL`] when
-/// something changed, and runs the cleaner every [`CLEAN_INTERVAL`].
+/// The daemon's background thread: commits pending changes once they have
+/// been idle for [`IDLE_COMMIT`] (or after [`COMMIT_INTERVAL`] of steady
+/// changes), and runs the cleaner every [`CLEAN_INTERVAL`].
 struct Committer {
     stop: Arc<(Mutex<bool>, Condvar)>,
     handle: JoinHandle<()>,
@@ -857,17 +994,14 @@ impl Committer {
 
     fn run(vol: &Volume, stop: &(Mutex<bool>, Condvar)) {
         let mut last_clean = Instant::now();
+        // When the committer first saw the changes now pending.
+        let mut pending_since: Option<Instant> = None;
         let mut stopped = stop.0.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let deadline = Instant::now() + COMMIT_INTERVAL;
-            while !*stopped {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
+            if !*stopped {
                 stopped = stop
                     .1
-                    .wait_timeout(stopped, deadline - now)
+                    .wait_timeout(stopped, COMMITTER_TICK)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
@@ -875,14 +1009,22 @@ impl Committer {
                 return;
             }
             drop(stopped);
-            if vol.has_changes()
-                && let Err(e) = vol.commit()
-            {
-                log::warn!("periodic commit failed (will retry): {e}");
+            match vol.idle_for() {
+                None => pending_since = None,
+                Some(idle) => {
+                    let since = *pending_since.get_or_insert_with(Instant::now);
+                    if idle >= IDLE_COMMIT || since.elapsed() >= COMMIT_INTERVAL {
+                        pending_since = None;
+                        Self::contained(vol, "periodic commit", || match vol.commit() {
+                            Ok(()) => {}
+                            Err(e) => log::warn!("periodic commit failed (will retry): {e}"),
+                        });
+                    }
+                }
             }
             if last_clean.elapsed() >= CLEAN_INTERVAL {
                 last_clean = Instant::now();
-                match vol.clean(CLEAN_MAX_LIVE) {
+                Self::contained(vol, "cleaner", || match vol.clean(CLEAN_MAX_LIVE) {
                     Ok(s) if s.segments_removed > 0 => log::info!(
                         "cleaner: removed {} segments, moved {} blocks ({} bytes), freed {} bytes",
                         s.segments_removed,
@@ -892,9 +1034,17 @@ impl Committer {
                     ),
                     Ok(_) => {}
                     Err(e) => log::warn!("cleaner failed (will retry): {e}"),
-                }
+                });
             }
             stopped = stop.0.lock().unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Runs background work so that a panic in it is contained like a
+    /// request's (see [`KmsFs::contain`]) instead of ending the committer.
+    fn contained(vol: &Volume, what: &str, f: impl FnOnce()) {
+        if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
+            vol.contain_panic(what, true, &volume::panic_message(&*p));
         }
     }
 
@@ -1152,7 +1302,7 @@ mod tests {
         assert!(c.mount_options.contains(&MountOption::NoExec));
         assert!(
             c.mount_options
-                .contains(&MountOption::Subtype("kmsfs".into()))
+                .contains(&MountOption::CUSTOM("subtype=kmsfs".into()))
         );
     }
 }

@@ -18,7 +18,8 @@ pub mod tree;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
@@ -35,6 +36,11 @@ use blocks::BlockIo;
 use tree::{NodeStore, Tree};
 
 pub const ROOT_INO: u64 = 1;
+/// With the `fault-injection` feature (tests only, never in a release
+/// build), getting or setting this xattr panics inside the core, so tests can
+/// check that a bug fails one request and loses nothing.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_XATTR: &[u8] = b"user.kmsfs-fault-injection";
 pub const NAME_MAX: usize = 255;
 pub const SYMLINK_MAX: usize = 4095;
 /// Largest file: 2^50 bytes (1 PiB), well past the 1 TiB promise.
@@ -101,9 +107,14 @@ pub struct Attr {
 }
 
 impl Attr {
-    /// Allocated 512-byte sectors (holes cost nothing).
+    /// Allocated 512-byte sectors, as `du` counts them: stored blocks, but no
+    /// more than the size rounded up to 4 KiB, because the last block of a
+    /// file is stored only as far as the file reaches (a 100-byte file costs
+    /// 4 KiB, not a whole 64 KiB block). Holes cost nothing.
     pub fn sectors(&self) -> u64 {
-        self.inode.blocks * self.block_size as u64 / 512
+        let stored = self.inode.blocks.saturating_mul(self.block_size as u64);
+        let reach = self.inode.size.div_ceil(4096).saturating_mul(4096);
+        stored.min(reach) / 512
     }
     pub fn mode(&self) -> u32 {
         self.inode.kind.mode_bits() | self.inode.perm
@@ -188,6 +199,18 @@ pub struct Volume {
     read_only: bool,
     snapshot: Option<String>,
     poisoned: AtomicBool,
+    /// Set when an operation that changes the volume panicked (a bug): the
+    /// in-memory state may be half-updated, so no further changes are taken.
+    degraded: parking_lot::Mutex<Option<String>>,
+    /// Where each commit's generation is recorded (the rollback high-water
+    /// mark), before the commit returns: a commit reported durable is covered.
+    mark_sink: parking_lot::Mutex<Option<Arc<dyn Kms>>>,
+    /// The last mark could not be recorded (logged once per failure streak).
+    mark_failing: AtomicBool,
+    /// When the last changing operation started (ms since `opened`), for the
+    /// committer's idle detection.
+    last_change_ms: AtomicU64,
+    opened: Instant,
     /// Held shared by a write from appending its whole blocks until they are
     /// in the tree, and exclusively by the cleaner: records appended but not
     /// yet referenced must not look dead to it.
@@ -568,6 +591,11 @@ impl Volume {
             read_only,
             snapshot: opts.snapshot,
             poisoned: AtomicBool::new(false),
+            degraded: parking_lot::Mutex::new(None),
+            mark_sink: parking_lot::Mutex::new(None),
+            mark_failing: AtomicBool::new(false),
+            last_change_ms: AtomicU64::new(0),
+            opened: Instant::now(),
             append_gate: parking_lot::RwLock::new(()),
             write_hook: parking_lot::Mutex::new(None),
             _lock: lock,
@@ -613,6 +641,11 @@ impl Volume {
                 None => "the volume is mounted read-only".into(),
             }));
         }
+        if let Some(why) = &*self.degraded.lock() {
+            return Err(Error::ReadOnly(why.clone()));
+        }
+        self.last_change_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
         if self.poisoned.load(Ordering::Relaxed) {
             return Err(Error::Io {
                 what: "volume".into(),
@@ -622,6 +655,56 @@ impl Volume {
             });
         }
         Ok(())
+    }
+
+    /// What a panic (a bug) caught in operation `op` means for the volume.
+    /// A panic in an operation that only reads changed nothing: the request
+    /// failed and the volume goes on. One in an operation that changes the
+    /// volume may have left the in-memory state half-updated: the volume takes
+    /// no further changes (EROFS, with the reason), and commits what it holds,
+    /// so that everything acknowledged before the panic is durable.
+    pub fn contain_panic(&self, op: &str, mutating: bool, msg: &str) {
+        log::error!("internal error (panic) in {op}: {msg}; that request failed with EIO");
+        if !mutating || self.read_only {
+            return;
+        }
+        self.mark_degraded(op);
+        log::error!(
+            "the mount is now read-only; committing what was acknowledged before the error"
+        );
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit())) {
+            Ok(Ok(())) => log::error!(
+                "committed (generation {}); unmount, run `kmsfs fsck`, and mount again",
+                self.generation()
+            ),
+            Ok(Err(e)) => log::error!("the commit after the internal error failed: {e}"),
+            Err(p) => log::error!(
+                "the commit after the internal error panicked too: {}",
+                panic_message(&*p)
+            ),
+        }
+    }
+
+    /// Stops taking changes after a panic in changing operation `op`. Meant to
+    /// run as early as possible, from a panic hook, before the failed
+    /// request's reply goes out: a caller that sees the EIO must already find
+    /// the volume read-only.
+    pub fn mark_degraded(&self, op: &str) {
+        if self.read_only {
+            return;
+        }
+        let mut d = self.degraded.lock();
+        if d.is_none() {
+            *d = Some(format!(
+                "an internal error in {op} made this mount read-only; everything written before \
+                 it was committed. Unmount, run `kmsfs fsck VOLUME`, and mount again"
+            ));
+        }
+    }
+
+    /// True once a panic in a changing operation made the mount read-only.
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.lock().is_some()
     }
 
     // ----- tree helpers -------------------------------------------------------
@@ -1333,7 +1416,7 @@ impl Volume {
         out: &mut [u8],
     ) -> Result<()> {
         if let Some(p) = st.dirty.get(&(ino, blk)) {
-            out.copy_from_slice(&p.0[from..from + out.len()]);
+            copy_stored(&p.0, from, out);
             return Ok(());
         }
         match self.block_ptr(st, ino, blk)? {
@@ -1346,9 +1429,7 @@ impl Volume {
                     },
                     e => e,
                 })?;
-                let have = plain.0.len().saturating_sub(from).min(out.len());
-                out[..have].copy_from_slice(&plain.0[from..from + have]);
-                out[have..].fill(0);
+                copy_stored(&plain.0, from, out);
             }
         }
         Ok(())
@@ -1380,7 +1461,7 @@ impl Volume {
         let mut stored: Vec<(usize, BlockPtr)> = Vec::new();
         for (k, &(blk, from, n, o)) in pieces.iter().enumerate() {
             if let Some(p) = st.dirty.get(&(ino, blk)) {
-                out[o..o + n].copy_from_slice(&p.0[from..from + n]);
+                copy_stored(&p.0, from, &mut out[o..o + n]);
             } else if let Some(p) = self.block_ptr(&st, ino, blk)? {
                 stored.push((k, p));
             }
@@ -1429,8 +1510,7 @@ impl Volume {
                     },
                     e => e,
                 })?;
-                let have = plain.0.len().saturating_sub(from).min(n);
-                out[o..o + have].copy_from_slice(&plain.0[from..from + have]);
+                copy_stored(&plain.0, from, &mut out[o..o + n]);
             }
         }
         Ok(out)
@@ -1809,6 +1889,16 @@ impl Volume {
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
         self.writable()?;
+        #[cfg(feature = "fault-injection")]
+        if name == FAULT_XATTR {
+            // A bug in the middle of a change: state lock held, tree touched.
+            let mut st = self.st.write();
+            st.changed = true;
+            panic!(
+                "fault injection: setxattr {}",
+                String::from_utf8_lossy(value)
+            );
+        }
         if name.is_empty() || name.len() > NAME_MAX {
             return Err(if name.is_empty() {
                 Error::Invalid("empty xattr name".into())
@@ -1845,6 +1935,10 @@ impl Volume {
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         let st = self.st.read();
+        #[cfg(feature = "fault-injection")]
+        if name == FAULT_XATTR {
+            panic!("fault injection: getxattr on inode {ino}");
+        }
         self.get_inode(&st, ino)?;
         let v = st
             .tree
@@ -1925,7 +2019,35 @@ impl Volume {
         write_durably(&*self.io.storage, format::ROOT_FILE, &rec)?;
         st.generation = generation;
         st.changed = false;
+        self.raise_mark(generation);
         Ok(())
+    }
+
+    /// Records `generation` as the volume's rollback mark in the sink, if any.
+    /// Called with the new root durable and the state lock held, so marks are
+    /// raised in commit order and never ahead of the volume. A failure leaves
+    /// the data durable (the commit stands) but the rollback protection
+    /// behind: it is logged, and the next commit tries again.
+    fn raise_mark(&self, generation: u64) {
+        let Some(kms) = self.mark_sink.lock().clone() else {
+            return;
+        };
+        match kms.record_generation(&self.header.volume_id, generation) {
+            Ok(()) => {
+                if self.mark_failing.swap(false, Ordering::Relaxed) {
+                    log::info!("the keystore records this volume's generation again");
+                }
+            }
+            Err(e) => {
+                if !self.mark_failing.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "could not record generation {generation} in the keystore ({e}); the data \
+                         is committed, but a rollback to it would go unnoticed until a later \
+                         commit records its generation"
+                    );
+                }
+            }
+        }
     }
 
     /// The bytes of a root record: plaintext prefix, then the payload sealed
@@ -1955,9 +2077,26 @@ impl Volume {
         self.commit()
     }
 
+    /// Records every later commit's generation in `kms` (the rollback mark)
+    /// before the commit returns. Without a sink, marks are the caller's job.
+    pub fn set_generation_sink(&self, kms: Option<Arc<dyn Kms>>) {
+        *self.mark_sink.lock() = kms;
+    }
+
+    /// How long ago the last changing operation started, when there are
+    /// uncommitted changes; None when everything is committed.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if !self.has_changes() {
+            return None;
+        }
+        let last = self.last_change_ms.load(Ordering::Relaxed);
+        let now = self.opened.elapsed().as_millis() as u64;
+        Some(Duration::from_millis(now.saturating_sub(last)))
+    }
+
     pub fn has_changes(&self) -> bool {
         let st = self.st.read();
-        st.changed || !st.dirty.is_empty()
+        st.changed || !st.dirty.is_empty() || st.tree.is_dirty()
     }
 
     pub fn statfs(&self) -> Result<StatFs> {
@@ -2174,6 +2313,28 @@ impl Volume {
 }
 
 /// The block pointer held in a leaf value, if the entry holds one.
+/// The message of a caught panic.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
+/// Copies a stored block's plaintext from offset `from` into `out`. A stored
+/// block may be shorter than the block size (the last block of a file is
+/// stored only as far as the file reached when it was sealed, and the file may
+/// have grown since): what lies past its end reads as zeros.
+fn copy_stored(plain: &[u8], from: usize, out: &mut [u8]) {
+    let src = plain.get(from..).unwrap_or(&[]);
+    let have = src.len().min(out.len());
+    out[..have].copy_from_slice(&src[..have]);
+    out[have..].fill(0);
+}
+
 pub(crate) fn value_ptr(k: &[u8], v: &[u8]) -> Option<BlockPtr> {
     match k.get(8) {
         Some(&tag::BLOCK) => BlockPtr::from_bytes(v).ok(),

@@ -434,6 +434,20 @@ impl Mount {
         wait_exit(self.pid, TIMEOUT)
     }
 
+    /// `kmsfs umount MNT`, which returns only after the daemon's final
+    /// commit; asserts success and reaps the daemon.
+    pub fn kmsfs_umount(mut self, env: &Env) {
+        let o = env.run(&[OsStr::new("umount"), self.path.as_os_str()]);
+        assert!(o.status.success(), "kmsfs umount: {}", output_text(&o));
+        self.done = true;
+        // The daemon has exited already (kmsfs umount waited for it).
+        assert!(
+            try_reap(self.pid).is_some(),
+            "kmsfs umount returned before the daemon {} exited",
+            self.pid
+        );
+    }
+
     /// `fusermount3 -u` without waiting for the daemon; returns its pid.
     pub fn unmount_no_wait(mut self) -> i32 {
         assert!(

@@ -19,6 +19,8 @@
 //! Testing aid: `KMSFS_KDF_TEST_PARAMS=1` creates new keystores with the cheap
 //! Argon2id profile (`KdfParams::for_tests`). Never use it for real keystores.
 
+mod umount;
+
 use std::collections::HashSet;
 use std::ffi::{CString, OsString};
 use std::fs::{self, File, OpenOptions as FsOpenOptions};
@@ -154,6 +156,17 @@ enum Command {
     /// Mount a volume; returns once the mount is ready, leaving a daemon
     #[command(after_help = MOUNT_NOTES)]
     Mount(MountArgs),
+    /// Unmount, returning once the daemon's final commit is done (a plain
+    /// umount returns before it): use it before copying the volume directory
+    Umount {
+        mountpoint: PathBuf,
+        /// Lazy unmount: detach now, even if files are still open under it
+        #[arg(short = 'l', long)]
+        lazy: bool,
+        /// Say what is waited for
+        #[arg(short = 'v', long)]
+        verbose: bool,
+    },
     /// Show a volume's parameters and sizes (never a secret); works while mounted
     Info(InfoArgs),
     /// Verify every sealed block and the metadata; exit 3 if anything is damaged
@@ -301,7 +314,9 @@ $XDG_STATE_HOME/kmsfs/<volume-id>.log otherwise). `umount MOUNTPOINT`,
 are also committed on fsync and every 5 seconds. A second read-write mount of the
 volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
 
-const SUBCOMMANDS: &[&str] = &["init", "mount", "info", "fsck", "snapshot", "clone", "help"];
+const SUBCOMMANDS: &[&str] = &[
+    "init", "mount", "umount", "info", "fsck", "snapshot", "clone", "help",
+];
 
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {
@@ -363,6 +378,11 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
             let plan = plan_mount(&cli.keys, a, false)?;
             cmd_mount(plan)
         }
+        Command::Umount {
+            mountpoint,
+            lazy,
+            verbose,
+        } => umount::unmount(&mountpoint, lazy, verbose),
         Command::Info(a) => cmd_info(&cli.keys, a),
         Command::Fsck(a) => cmd_fsck(&cli.keys, a),
         Command::Snapshot(c) => cmd_snapshot(&cli.keys, c),
@@ -1795,33 +1815,6 @@ fn open_volume(plan: &MountPlan, kms: &LocalKeystore) -> Result<Volume> {
     }
 }
 
-/// Raises the keystore's generation mark of a mounted volume periodically.
-struct GenerationMarker {
-    stop: crossbeam_channel::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl GenerationMarker {
-    fn start(vol: Arc<Volume>, kms: Arc<LocalKeystore>) -> Self {
-        let (stop, rx) = crossbeam_channel::bounded::<()>(1);
-        let thread = std::thread::spawn(move || {
-            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                rx.recv_timeout(Duration::from_secs(30))
-            {
-                if let Err(e) = vol.record_generation(&*kms) {
-                    log::warn!("could not record the volume generation in the keystore: {e}");
-                }
-            }
-        });
-        GenerationMarker { stop, thread }
-    }
-
-    fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
-}
-
 /// Opens the keystore and the volume, mounts, reports readiness, and serves
 /// until the filesystem is unmounted.
 fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Result<()> {
@@ -1861,19 +1854,27 @@ fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Resu
     let kms = Arc::new(open_keystore(ks, unlock)?);
     let vol = Arc::new(open_volume(plan, &kms)?);
     // Rollback protection: the keystore keeps the newest generation this
-    // volume reached; raise it every 30 s and at the end.
-    let marker = (!plan.open.read_only).then(|| GenerationMarker::start(vol.clone(), kms.clone()));
+    // volume reached; every commit raises it before it returns.
+    if !plan.open.read_only {
+        vol.set_generation_sink(Some(kms.clone()));
+        if let Err(e) = vol.record_generation(&*kms) {
+            log::warn!("could not record the volume generation in the keystore: {e}");
+        }
+    }
     // This handle keeps the volume lock until after the session has dropped
     // its mount handle (fuser unmounts the mountpoint again at the end of
     // `run`): a new mount, which waits for the lock, cannot be hit by that.
+    crate::fuse::install_panic_hook();
     let fs = KmsFs::new(vol.clone(), plan.settings.clone());
     let outcome = fs.outcome();
+    let notifier = fs.notifier_slot();
     let mut session = Session::new(fs, &plan.mountpoint, &plan.settings.config()).map_err(|e| {
         CliError::error(format!(
             "cannot mount on {}: {e}",
             plan.mountpoint.display()
         ))
     })?;
+    let _ = notifier.set(session.notifier());
     *phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::Mounted(session.unmount_callable());
     // Read-write mounts take snapshot/clean commands over the control socket.
     let control = if plan.open.read_only {
@@ -1889,12 +1890,7 @@ fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Resu
     ready.ok();
     let r = session.run();
     drop(control);
-    if let Some(m) = marker {
-        m.stop();
-        if let Err(e) = vol.record_generation(&*kms) {
-            log::warn!("could not record the volume generation in the keystore: {e}");
-        }
-    }
+    vol.set_generation_sink(None);
     drop(vol);
     log::info!("session ended");
     if let Err(e) = r {

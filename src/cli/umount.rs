@@ -1,0 +1,163 @@
+//! `kmsfs umount DIR`: an unmount that returns only when the volume is complete.
+//!
+//! The kernel does not wait for a FUSE daemon when a `fuse` (not `fuseblk`)
+//! filesystem is unmounted: no DESTROY is sent, and umount(2) returns while
+//! the daemon may still hold changes of the last [`crate::fuse::IDLE_COMMIT`]
+//! (its final commit follows within milliseconds). util-linux's umount(8)
+//! finds FUSE mounts by statfs and runs no `umount.<type>` helper for them,
+//! so this command is the unmount to use before copying or snapshotting the
+//! backing directory: it asks the daemon to commit and for its pid, unmounts,
+//! and returns once the daemon has made its final commit and exited.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{CliError, exit};
+use crate::control::{self, Request};
+
+/// How long to wait for the daemon's final commit before giving up waiting
+/// (the unmount itself has happened by then).
+const DAEMON_WAIT: Duration = Duration::from_secs(600);
+
+/// Commits, unmounts `target`, and waits for the daemon's final commit.
+pub fn unmount(target: &Path, lazy: bool, verbose: bool) -> Result<(), CliError> {
+    // The daemon of this mount, found through the volume named as the mount
+    // source. A dead daemon (no answer) leaves nothing to wait for.
+    let pid = mount_source(target).and_then(|vol| match control::request(&vol, &Request::Commit) {
+        Ok(v) => v["pid"].as_i64().and_then(|p| i32::try_from(p).ok()),
+        Err(e) => {
+            if verbose {
+                eprintln!(
+                    "kmsfs umount: no answer from the daemon of {}: {e}",
+                    vol.display()
+                );
+            }
+            None
+        }
+    });
+    // Hold the daemon by a pidfd before unmounting: waiting on it cannot
+    // mistake a new process that reuses the pid for ours.
+    let pidfd = pid.and_then(pidfd_open);
+    let mut flags = 0;
+    if lazy {
+        flags |= libc::MNT_DETACH;
+    }
+    let c = CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| CliError::new(exit::USAGE, "the mount point contains a NUL byte"))?;
+    // SAFETY: umount2 with a valid C string and integer flags.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+        let e = std::io::Error::last_os_error();
+        let next = if e.raw_os_error() == Some(libc::EBUSY) {
+            "; close the files open under it (`fuser -vm DIR` lists them), then retry"
+        } else {
+            ""
+        };
+        return Err(CliError::new(
+            exit::ERROR,
+            format!("cannot unmount {}: {e}{next}", target.display()),
+        ));
+    }
+    if let Some(fd) = pidfd {
+        if verbose {
+            eprintln!("kmsfs umount: waiting for the daemon's final commit");
+        }
+        if !wait_readable(&fd, DAEMON_WAIT) {
+            eprintln!(
+                "kmsfs umount: {} is unmounted, but its daemon is still committing after {} s; \
+                 its log says when it is done",
+                target.display(),
+                DAEMON_WAIT.as_secs()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The source (volume directory) of the kmsfs mount at `target`, from
+/// /proc/self/mountinfo.
+fn mount_source(target: &Path) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = std::path::absolute(target).ok()?;
+    // The last matching line is the top mount at that point.
+    info.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mountpoint = unescape(left.split(' ').nth(4)?);
+        let mut r = right.split(' ');
+        let fstype = r.next()?;
+        let source = unescape(r.next()?);
+        (Path::new(&mountpoint) == want && fstype.starts_with("fuse"))
+            .then(|| PathBuf::from(source))
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                out.push(v as u8);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn pidfd_open(pid: i32) -> Option<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: the kernel just returned this descriptor to us; we own it.
+    Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// Waits until the process behind a pidfd has exited (the pidfd turns readable).
+fn wait_readable(fd: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        // SAFETY: poll on one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if r > 0 {
+            return true;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape(r"/srv/my\040vault"), "/srv/my vault");
+        assert_eq!(unescape(r"a\134b"), r"a\b");
+        assert_eq!(unescape(r"trailing\04"), r"trailing\04");
+        assert_eq!(unescape("plain"), "plain");
+    }
+}

@@ -1,0 +1,233 @@
+//! What was acknowledged survives: sync/syncfs followed by the idle commit,
+//! `kmsfs umount` then an immediate copy of the backing directory, the
+//! rollback mark raised by every commit, and a panic in one request (a bug,
+//! injected with the `fault-injection` feature) that fails that request
+//! alone and loses nothing.
+//!
+//! Nothing here waits on a clock to decide a result: each wait polls for an
+//! event (a commit visible on disk, a daemon's exit) with a generous deadline.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Env, errno_of, output_text, pattern, wait_until};
+
+fn generation(env: &Env) -> u64 {
+    env.info_json()["generation"]
+        .as_u64()
+        .expect("generation in info --json")
+}
+
+/// Copies a directory tree (the backing store) with cp -a.
+fn copy_dir(from: &Path, to: &Path) {
+    common::sh(&format!("cp -a '{}' '{}'", from.display(), to.display()));
+}
+
+#[test]
+fn syncfs_then_idle_commit_survives_kill9() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    let before = generation(&env);
+    let data = pattern(3 << 20, 31);
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(m.p("synced"))
+        .unwrap();
+    (&f).write_all(&data).unwrap();
+    fs::create_dir(m.p("dir-made")).unwrap();
+    // syncfs, as `sync -f` does: the kernel writes the dirty pages to the
+    // daemon and sends nothing else; the daemon commits once writes go idle.
+    // SAFETY: syncfs on an open descriptor.
+    assert_eq!(unsafe { libc::syncfs(f.as_raw_fd()) }, 0);
+    drop(f);
+    // No fsync anywhere: only the idle commit can make this durable. Once
+    // the mount reports nothing pending, everything syncfs handed it is in a
+    // commit (an event, not a delay).
+    wait_until(
+        "the idle commit after syncfs",
+        Duration::from_secs(60),
+        || {
+            let info = env.info_json();
+            info["mount_cache"]["pending_changes"] == serde_json::json!(false)
+        },
+    );
+    assert!(generation(&env) > before, "no commit happened");
+    m.kill9();
+    let m = env.mount();
+    assert!(fs::read(m.p("synced")).unwrap() == data, "synced data lost");
+    assert!(m.p("dir-made").is_dir(), "directory lost");
+    m.unmount();
+    env.assert_fsck_clean();
+}
+
+#[test]
+fn kmsfs_umount_then_immediate_copy_is_complete() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    // Data, metadata-only changes and a rename, none of them fsync'ed.
+    let big = pattern(5 << 20, 7);
+    fs::write(m.p("big"), &big).unwrap();
+    fs::create_dir_all(m.p("a/b/c")).unwrap();
+    for i in 0..50u64 {
+        fs::write(
+            m.p(&format!("a/b/c/f{i}")),
+            pattern(1000 + i as usize * 37, i),
+        )
+        .unwrap();
+    }
+    fs::write(m.p("tmp"), b"replaced atomically").unwrap();
+    fs::rename(m.p("tmp"), m.p("final")).unwrap();
+    fs::set_permissions(
+        m.p("final"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    fs::remove_file(m.p("a/b/c/f0")).unwrap();
+    m.kmsfs_umount(&env);
+    // At once: no wait between the unmount and the copy.
+    let copy = env.root().join("copy");
+    copy_dir(&env.vol, &copy);
+    // Mount the copy (the original stays as it is) and compare.
+    let mnt2 = env.root().join("mnt-copy");
+    let m2 = env.mount_other(&copy, &mnt2, &[]);
+    assert!(
+        fs::read(m2.p("big")).unwrap() == big,
+        "big differs in the copy"
+    );
+    for i in 1..50u64 {
+        let got = fs::read(m2.p(&format!("a/b/c/f{i}"))).unwrap();
+        assert!(got == pattern(1000 + i as usize * 37, i), "f{i} differs");
+    }
+    assert!(!m2.p("a/b/c/f0").exists(), "the unlink is missing");
+    assert!(!m2.p("tmp").exists(), "the rename is missing");
+    assert_eq!(fs::read(m2.p("final")).unwrap(), b"replaced atomically");
+    let mode = fs::metadata(m2.p("final")).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    m2.unmount();
+    let o = env.run(&["fsck", copy.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "fsck of the copy: {}",
+        output_text(&o)
+    );
+}
+
+#[test]
+fn every_fsync_raises_the_rollback_mark() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    fs::write(m.p("one"), b"first state").unwrap();
+    File::open_sync(&m.p("one"));
+    // A copy of the backing store as it stands after the first fsync.
+    let old = env.root().join("old");
+    copy_dir(&env.vol, &old);
+    fs::write(m.p("two"), b"second state").unwrap();
+    File::open_sync(&m.p("two"));
+    // The daemon dies: no final commit, no mark raised at unmount. The mark
+    // must already cover the second fsync.
+    m.kill9();
+    let cur = env.root().join("cur");
+    fs::rename(&env.vol, &cur).unwrap();
+    fs::rename(&old, &env.vol).unwrap();
+    let o = env.try_mount("", &[]);
+    assert!(
+        !o.status.success(),
+        "the rolled-back volume was mounted: {}",
+        output_text(&o)
+    );
+    let text = output_text(&o);
+    assert!(
+        text.contains("rolled back") && text.contains("--accept-rollback"),
+        "unexpected message: {text}"
+    );
+    // The real state mounts, with both files.
+    fs::rename(&env.vol, env.root().join("stale")).unwrap();
+    fs::rename(&cur, &env.vol).unwrap();
+    let m = env.mount();
+    assert_eq!(fs::read(m.p("two")).unwrap(), b"second state");
+    m.unmount();
+}
+
+/// fsync of a path, through a fresh descriptor.
+struct File;
+impl File {
+    fn open_sync(p: &Path) {
+        fs::File::open(p).unwrap().sync_all().unwrap();
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs --features fault-injection (scripts/test.sh sets it)"
+)]
+fn a_panic_fails_one_request_and_loses_nothing() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    let data = pattern(200_000, 5);
+    fs::write(m.p("before"), &data).unwrap();
+    let fault = "user.kmsfs-fault-injection";
+    let getx = |p: &Path| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let n = std::ffi::CString::new(fault).unwrap();
+        let mut buf = [0u8; 64];
+        // SAFETY: getxattr with valid C strings and a buffer of the given size.
+        let r =
+            unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        (r, std::io::Error::last_os_error())
+    };
+    let setx = |p: &Path| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let n = std::ffi::CString::new(fault).unwrap();
+        // SAFETY: setxattr with valid C strings and a 1-byte value.
+        let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), b"x".as_ptr().cast(), 1, 0) };
+        (r, std::io::Error::last_os_error())
+    };
+    // A panic in a read-only request: EIO for it, the mount goes on read-write.
+    let (r, e) = getx(&m.p("before"));
+    assert_eq!((r, errno_of(&e)), (-1, libc::EIO), "getxattr: {e}");
+    assert!(fs::read(m.p("before")).unwrap() == data);
+    fs::write(m.p("still-writable"), b"yes").unwrap();
+    // A panic in a changing request: EIO, then the mount turns read-only
+    // after committing what it had acknowledged.
+    let (r, e) = setx(&m.p("before"));
+    assert_eq!((r, errno_of(&e)), (-1, libc::EIO), "setxattr: {e}");
+    let e = fs::write(m.p("after"), b"no").unwrap_err();
+    assert_eq!(errno_of(&e), libc::EROFS, "write after the panic: {e}");
+    assert!(fs::read(m.p("before")).unwrap() == data, "reads go on");
+    // The log says what happened and when the commit after it is done (it
+    // is written after the reply went out: wait for it).
+    wait_until(
+        "the commit after the panic",
+        Duration::from_secs(60),
+        || fs::read_to_string(&env.log).is_ok_and(|l| l.contains("committed (generation")),
+    );
+    let log = fs::read_to_string(&env.log).unwrap();
+    assert!(
+        log.contains("internal error (panic) in setxattr") && log.contains("read-only"),
+        "the log does not say what happened:\n{log}"
+    );
+    // Kill the daemon: what was written before the panic was committed then.
+    m.kill9();
+    let m = env.mount();
+    assert!(fs::read(m.p("before")).unwrap() == data, "data lost");
+    assert_eq!(fs::read(m.p("still-writable")).unwrap(), b"yes");
+    assert!(!m.p("after").exists());
+    m.unmount();
+    env.assert_fsck_clean();
+}
