@@ -28,6 +28,21 @@ pub fn env() -> Env {
     Env { dir, kms }
 }
 
+impl Env {
+    /// A second handle on the same keystore file, shareable as a volume's
+    /// generation sink (what the mount daemon gives its volume).
+    pub fn kms_handle(&self) -> Arc<dyn kmsfs::kms::Kms> {
+        Arc::new(
+            LocalKeystore::open_or_create_with_params(
+                &self.dir.path().join("keystore"),
+                Unlock::Passphrase(Passphrase::new("test passphrase".into())),
+                KdfParams::for_tests(),
+            )
+            .unwrap(),
+        )
+    }
+}
+
 pub fn small_opts() -> CreateOptions {
     CreateOptions {
         block_size: 4096,
