@@ -310,8 +310,9 @@ const MOUNT_NOTES: &str = "\
 allow_other implies default_permissions: the kernel then enforces modes and POSIX ACLs.
 The daemon logs to log=PATH (default /var/log/kmsfs/<volume-id>.log for root,
 $XDG_STATE_HOME/kmsfs/<volume-id>.log otherwise). `umount MOUNTPOINT`,
-`fusermount3 -u MOUNTPOINT` or SIGTERM to the daemon commit and end it; changes
-are also committed on fsync and every 5 seconds. A second read-write mount of the
+`fusermount3 -u MOUNTPOINT` or SIGTERM to the daemon commit and end it (`kmsfs umount
+MOUNTPOINT` also waits for that final commit); changes are also committed on fsync, 0.5 s
+after writes go idle, and every 5 s under steady writes. A second read-write mount of the
 volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
 
 const SUBCOMMANDS: &[&str] = &[
