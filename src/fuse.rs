@@ -822,7 +822,17 @@ impl Filesystem for KmsFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.contain("statfs", false, || {
+        self.contain("statfs", true, || {
+            // statfs is synchronous, and umount(8) sends one for its target
+            // right before unmounting (the kernel then ends the session
+            // without waiting for the daemon): pending changes are committed
+            // here, so a plain `umount` leaves a complete volume, and `df`
+            // describes a committed state. Nothing pending costs nothing.
+            if self.vol.has_changes()
+                && let Err(e) = self.vol.commit()
+            {
+                log::warn!("commit on statfs failed (will retry): {e}");
+            }
             match self.vol.statfs() {
                 Ok(s) => {
                     let bs = s.block_size.max(1) as u64;

@@ -68,53 +68,41 @@ fn syncfs_then_idle_commit_survives_kill9() {
     env.assert_fsck_clean();
 }
 
-#[test]
-fn kmsfs_umount_then_immediate_copy_is_complete() {
-    require_fuse!();
-    let env = Env::new();
-    let m = env.mount();
-    // Data, metadata-only changes and a rename, none of them fsync'ed.
-    let big = pattern(5 << 20, 7);
-    fs::write(m.p("big"), &big).unwrap();
+/// Changes of every kind, none fsync'ed; checked by `check_changes`.
+fn make_changes(m: &common::Mount) {
+    fs::write(m.p("big"), pattern(5 << 20, 7)).unwrap();
     fs::create_dir_all(m.p("a/b/c")).unwrap();
     for i in 0..50u64 {
-        fs::write(
-            m.p(&format!("a/b/c/f{i}")),
-            pattern(1000 + i as usize * 37, i),
-        )
-        .unwrap();
+        let data = pattern(1000 + i as usize * 37, i);
+        fs::write(m.p(&format!("a/b/c/f{i}")), data).unwrap();
     }
     fs::write(m.p("tmp"), b"replaced atomically").unwrap();
     fs::rename(m.p("tmp"), m.p("final")).unwrap();
-    fs::set_permissions(
-        m.p("final"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    fs::set_permissions(m.p("final"), mode).unwrap();
     fs::remove_file(m.p("a/b/c/f0")).unwrap();
-    m.kmsfs_umount(&env);
-    // At once: no wait between the unmount and the copy.
-    let copy = env.root().join("copy");
-    copy_dir(&env.vol, &copy);
-    // Mount the copy (the original stays as it is) and compare.
-    let mnt2 = env.root().join("mnt-copy");
-    let m2 = env.mount_other(&copy, &mnt2, &[]);
-    assert!(
-        fs::read(m2.p("big")).unwrap() == big,
-        "big differs in the copy"
-    );
+}
+
+fn check_changes(m: &common::Mount) {
+    let big = fs::read(m.p("big")).unwrap();
+    assert!(big == pattern(5 << 20, 7), "big differs");
     for i in 1..50u64 {
-        let got = fs::read(m2.p(&format!("a/b/c/f{i}"))).unwrap();
+        let got = fs::read(m.p(&format!("a/b/c/f{i}"))).unwrap();
         assert!(got == pattern(1000 + i as usize * 37, i), "f{i} differs");
     }
-    assert!(!m2.p("a/b/c/f0").exists(), "the unlink is missing");
-    assert!(!m2.p("tmp").exists(), "the rename is missing");
-    assert_eq!(fs::read(m2.p("final")).unwrap(), b"replaced atomically");
-    let mode = fs::metadata(m2.p("final")).unwrap().permissions();
-    assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-        0o600
-    );
+    assert!(!m.p("a/b/c/f0").exists(), "the unlink is missing");
+    assert!(!m.p("tmp").exists(), "the rename is missing");
+    assert_eq!(fs::read(m.p("final")).unwrap(), b"replaced atomically");
+    let mode = fs::metadata(m.p("final")).unwrap().permissions();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&mode);
+    assert_eq!(mode & 0o777, 0o600, "the chmod is missing");
+}
+
+/// Mounts the copy of a volume (beside the original) and checks it.
+fn check_copy(env: &Env, copy: &Path) {
+    let mnt2 = env.root().join("mnt-copy");
+    let m2 = env.mount_other(copy, &mnt2, &[]);
+    check_changes(&m2);
     m2.unmount();
     let o = env.run(&["fsck", copy.to_str().unwrap()]);
     assert_eq!(
@@ -123,6 +111,33 @@ fn kmsfs_umount_then_immediate_copy_is_complete() {
         "fsck of the copy: {}",
         output_text(&o)
     );
+}
+
+#[test]
+fn plain_umount_then_immediate_copy_is_complete() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    make_changes(&m);
+    // util-linux umount, and the copy at once: the kernel does not wait for
+    // the daemon, so the copy may run while it is still exiting.
+    let pid = m.umount_plain();
+    let copy = env.root().join("copy");
+    copy_dir(&env.vol, &copy);
+    common::wait_exit(pid, common::TIMEOUT);
+    check_copy(&env, &copy);
+}
+
+#[test]
+fn kmsfs_umount_then_immediate_copy_is_complete() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    make_changes(&m);
+    m.kmsfs_umount(&env);
+    let copy = env.root().join("copy");
+    copy_dir(&env.vol, &copy);
+    check_copy(&env, &copy);
 }
 
 #[test]

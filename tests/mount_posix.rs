@@ -610,3 +610,37 @@ fn unlinked_open_files_and_many_entries() {
     m.unmount();
     env.assert_fsck_clean();
 }
+
+/// `du` on the mount counts what files really use: small files cost their
+/// size rounded up to 4 KiB (the stored granularity), not a whole 64 KiB
+/// block, and holes cost nothing.
+#[test]
+fn du_counts_what_files_use() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    fs::create_dir(m.p("d")).unwrap();
+    let mut want = 0u64;
+    for i in 0..300u64 {
+        let len = 1 + (i * 7919) % 20_000;
+        fs::write(m.p(&format!("d/f{i}")), pattern(len as usize, i)).unwrap();
+        want += len.div_ceil(4096) * 4096;
+    }
+    // 1 MiB of data, then a hole to 64 MiB.
+    let f = File::create(m.p("d/sparse")).unwrap();
+    (&f).write_all(&pattern(1 << 20, 1)).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    want += 1 << 20;
+    // After a remount everything is committed, so allocation is exact.
+    m.unmount();
+    let m = env.mount();
+    let out = common::sh(&format!("du -s -B1 '{}'", m.p("d").display()));
+    let got: u64 = out.split_whitespace().next().unwrap().parse().unwrap();
+    // du also counts the directory itself (a few KiB at most).
+    assert!(
+        got >= want && got <= want + (64 << 10),
+        "du says {got} bytes; the files use {want}"
+    );
+    m.unmount();
+}

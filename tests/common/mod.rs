@@ -448,6 +448,15 @@ impl Mount {
         );
     }
 
+    /// A plain `umount DIR` (util-linux), without waiting for the daemon;
+    /// returns its pid (reap it with [`wait_exit`]).
+    pub fn umount_plain(mut self) -> i32 {
+        let o = Command::new("umount").arg(&self.path).output().unwrap();
+        assert!(o.status.success(), "umount: {}", output_text(&o));
+        self.done = true;
+        self.pid
+    }
+
     /// `fusermount3 -u` without waiting for the daemon; returns its pid.
     pub fn unmount_no_wait(mut self) -> i32 {
         assert!(
