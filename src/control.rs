@@ -230,7 +230,7 @@ pub fn request(volume_dir: &Path, req: &Request) -> Result<serde_json::Value> {
 
 fn remote_error(errno: i32, msg: String) -> Error {
     match errno {
-        libc::EEXIST => Error::Exists,
+        libc::EEXIST => Error::AlreadyExists(msg),
         libc::EROFS => Error::ReadOnly(msg),
         libc::ENOSPC => Error::NoSpace(msg),
         libc::EIO => Error::integrity("the mounted volume", msg),

@@ -14,6 +14,10 @@ pub enum Error {
     NotFound,
     #[error("file exists")]
     Exists,
+    /// Something named already exists (a snapshot, a volume): the message
+    /// names it and the way out.
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("not a directory")]
     NotDir,
     #[error("is a directory")]
@@ -38,7 +42,9 @@ pub enum Error {
     NotSupported(String),
     #[error("permission denied: {0}")]
     Permission(String),
-    #[error("the backing store is full ({0}); free space on it, then retry (nothing was lost)")]
+    #[error(
+        "the backing store is full ({0}): the change was refused, so a file being written may be incomplete; free space on the backing store (files deleted on the volume are reclaimed by `kmsfs clean`), then write it again"
+    )]
     NoSpace(String),
     #[error(
         "integrity error: {what}: {detail}; the backing data was modified or damaged. Run `kmsfs fsck` and restore the affected files from a backup or snapshot"
@@ -96,7 +102,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::NotFound => libc::ENOENT,
-            Error::Exists => libc::EEXIST,
+            Error::Exists | Error::AlreadyExists(_) => libc::EEXIST,
             Error::NotDir => libc::ENOTDIR,
             Error::IsDir => libc::EISDIR,
             Error::NotEmpty => libc::ENOTEMPTY,

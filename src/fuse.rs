@@ -300,12 +300,55 @@ fn errno(e: Error, op: &str, ino: u64) -> Errno {
     let n = e.errno();
     match &e {
         Error::Integrity { .. } => log::warn!("{op} on inode {ino}: {e}"),
-        Error::Io { .. } | Error::NoSpace(_) | Error::Format(_) => {
-            log::warn!("{op} on inode {ino}: {e}")
+        // A full store fails every write until space is freed: one line per
+        // NOSPACE_LOG_EVERY, with the count of the refusals in between.
+        Error::NoSpace(_) => {
+            if let Some(skipped) = NOSPACE_LOG.admit() {
+                let more = if skipped > 0 {
+                    format!(" ({skipped} more refused since the last report)")
+                } else {
+                    String::new()
+                };
+                log::warn!("{op} on inode {ino}: {e}{more}");
+            }
         }
+        Error::Io { .. } | Error::Format(_) => log::warn!("{op} on inode {ino}: {e}"),
         _ => log::debug!("{op} on inode {ino}: {e}"),
     }
     Errno::from_i32(n)
+}
+
+const NOSPACE_LOG_EVERY: Duration = Duration::from_secs(10);
+static NOSPACE_LOG: RateLimit = RateLimit::new();
+
+/// Lets one event through per [`NOSPACE_LOG_EVERY`] and counts the others.
+struct RateLimit {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimit {
+    const fn new() -> Self {
+        RateLimit {
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Some(number suppressed since the last admitted event), or None.
+    fn admit(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match s.0 {
+            Some(last) if now.duration_since(last) < NOSPACE_LOG_EVERY => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let skipped = s.1;
+                *s = (Some(now), 0);
+                Some(skipped)
+            }
+        }
+    }
 }
 
 fn file_type(k: FileKind) -> FileType {

@@ -373,6 +373,14 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
         }
     }
     let cli: Cli = parse_or_exit(args)?;
+    if !matches!(cli.command, Command::Mount(_)) {
+        // A reader that goes away (`kmsfs info VOL | head -1`) ends the
+        // command quietly, as with any Unix tool, instead of a panic in
+        // println!. Not for mount: its daemon must survive a client that
+        // closes a socket early.
+        // SAFETY: signal() with a valid signal number and SIG_DFL.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Init(a) => cmd_init(&cli.keys, a),
         Command::Mount(a) => {
@@ -1006,6 +1014,8 @@ fn cmd_init(keys: &KeyArgs, a: InitArgs) -> Result<()> {
         segment_size: size("segment-size", &a.segment_size)?,
         cmk: a.cmk.clone(),
     };
+    // Bad sizes are usage errors (exit 2), found before anything is created.
+    opts.check().map_err(|e| CliError::usage(e.to_string()))?;
     let dir = &a.volume_dir;
     let created_dir = !dir.exists();
     if created_dir {
@@ -1479,17 +1489,67 @@ struct MountPlan {
     fake: bool,
 }
 
+/// The mount point, absolute, checked: an existing directory that nothing is
+/// mounted on. A dead FUSE mount (its daemon killed) and a directory already
+/// in use get messages that say so and how to clear them.
+fn check_mountpoint(given: &Path) -> Result<PathBuf> {
+    let dead = |p: &Path| {
+        CliError::new(
+            exit::BUSY,
+            format!(
+                "mount point {0} is a dead FUSE mount (the process that served it is gone); \
+                 clear it with `fusermount3 -u {0}` (or `umount -l {0}`), then mount again",
+                p.display()
+            ),
+        )
+    };
+    let abs = std::path::absolute(given)
+        .map_err(|e| CliError::error(format!("mount point {}: {e}", given.display())))?;
+    match fs::metadata(&abs) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(dead(&abs)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CliError::usage(format!(
+                "mount point {} does not exist; create it with `mkdir -p {}`",
+                abs.display(),
+                abs.display()
+            )));
+        }
+        Err(e) => {
+            return Err(CliError::error(format!(
+                "mount point {}: {e}",
+                abs.display()
+            )));
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(CliError::usage(format!(
+                "mount point {} is not a directory",
+                abs.display()
+            )));
+        }
+        Ok(_) => {}
+    }
+    let mountpoint = fs::canonicalize(&abs).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOTCONN) => dead(&abs),
+        _ => CliError::error(format!("mount point {}: {e}", abs.display())),
+    })?;
+    if let Some((fstype, source)) = umount::mounted_at(&mountpoint) {
+        return Err(CliError::new(
+            exit::BUSY,
+            format!(
+                "{} is already a mount point ({fstype} from {source}); unmount it first \
+                 (`kmsfs umount {}`) or choose another directory",
+                mountpoint.display(),
+                mountpoint.display()
+            ),
+        ));
+    }
+    Ok(mountpoint)
+}
+
 fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<MountPlan> {
     let opts = parse_mount_options(&a.options, sloppy)?;
     let volume = check_volume(&a.volume_dir)?;
-    let mountpoint = fs::canonicalize(&a.mountpoint)
-        .map_err(|e| CliError::error(format!("mount point {}: {e}", a.mountpoint.display())))?;
-    if !mountpoint.is_dir() {
-        return Err(CliError::error(format!(
-            "mount point {} is not a directory",
-            mountpoint.display()
-        )));
-    }
+    let mountpoint = check_mountpoint(&a.mountpoint)?;
     // The daemon reads the volume by path: through its own mount it would deadlock.
     if volume.starts_with(&mountpoint) || mountpoint.starts_with(&volume) {
         return Err(CliError::usage(format!(

@@ -75,9 +75,16 @@ pub fn unmount(target: &Path, lazy: bool, verbose: bool) -> Result<(), CliError>
     Ok(())
 }
 
-/// The source (volume directory) of the kmsfs mount at `target`, from
-/// /proc/self/mountinfo.
+/// The source (volume directory) of the FUSE mount at `target`.
 fn mount_source(target: &Path) -> Option<PathBuf> {
+    mounted_at(target)
+        .filter(|(fstype, _)| fstype.starts_with("fuse"))
+        .map(|(_, source)| PathBuf::from(source))
+}
+
+/// The filesystem type and source of the mount whose mount point is exactly
+/// `target` (the top one, if several are stacked), from /proc/self/mountinfo.
+pub fn mounted_at(target: &Path) -> Option<(String, String)> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = std::path::absolute(target).ok()?;
     // The last matching line is the top mount at that point.
@@ -87,8 +94,7 @@ fn mount_source(target: &Path) -> Option<PathBuf> {
         let mut r = right.split(' ');
         let fstype = r.next()?;
         let source = unescape(r.next()?);
-        (Path::new(&mountpoint) == want && fstype.starts_with("fuse"))
-            .then(|| PathBuf::from(source))
+        (Path::new(&mountpoint) == want).then(|| (fstype.to_string(), source))
     })
 }
 

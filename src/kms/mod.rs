@@ -17,6 +17,20 @@ pub use keystore::{LocalKeystore, Unlock};
 
 /// Errors of the key management service. Messages name the cause and the next step and
 /// never contain secret material.
+/// What to do about a corrupt keystore: restore the backup when there is one
+/// (it is read automatically when it still opens, so it is damaged too or
+/// from an older passphrase), else a copy kept elsewhere.
+fn restore_hint(path: &str) -> String {
+    let bak = format!("{path}.bak");
+    if std::path::Path::new(&bak).exists() {
+        format!(
+            "its backup {bak} could not be used either; restore a copy of the keystore kept elsewhere"
+        )
+    } else {
+        "there is no backup next to it; restore a copy of the keystore kept elsewhere".to_string()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KmsError {
     /// The keystore key check failed: wrong passphrase or keyfile.
@@ -28,7 +42,7 @@ pub enum KmsError {
         path: String,
     },
     /// The keystore file (and its backup, if any) cannot be decoded.
-    #[error("keystore {path} is corrupt: {detail}; restore it from {path}.bak")]
+    #[error("keystore {path} is corrupt: {detail}; {}", restore_hint(.path))]
     Corrupt {
         /// Keystore file.
         path: String,
@@ -68,7 +82,9 @@ pub enum KmsError {
         detail: String,
     },
     /// No CMK with this id or alias.
-    #[error("no key named {0} in the keystore; list keys with `kmsfs key list`")]
+    #[error(
+        "no key named {0} in this keystore: the volume was made with another keystore (point --keystore or KMSFS_KEYSTORE at that one), or the key was deleted"
+    )]
     KeyNotFound(String),
     /// The CMK exists but not the version named by a wrapped key.
     #[error(
@@ -400,10 +416,29 @@ mod tests {
             e.to_string(),
             "key cmk-0123 is disabled; enable it with `kmsfs key enable cmk-0123`"
         );
+        // No backup: the message must not send the user to one.
         let e = KmsError::Corrupt {
-            path: "/k".into(),
+            path: "/nonexistent-dir/k".into(),
             detail: "bad".into(),
         };
-        assert!(e.to_string().contains("/k.bak"));
+        assert!(e.to_string().contains("no backup next to it"), "{e}");
+        assert!(!e.to_string().contains("k.bak"), "{e}");
+        let dir = std::env::temp_dir().join(format!("kmsfs-hint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("k.bak"), b"x").unwrap();
+        let path = dir.join("k").display().to_string();
+        let e = KmsError::Corrupt {
+            path: path.clone(),
+            detail: "bad".into(),
+        };
+        assert!(
+            e.to_string()
+                .contains(&format!("{path}.bak could not be used")),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = KmsError::KeyNotFound("cmk-1".into());
+        assert!(e.to_string().contains("another keystore"), "{e}");
+        assert!(!e.to_string().contains("key list"), "{e}");
     }
 }

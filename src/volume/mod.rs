@@ -65,6 +65,29 @@ pub struct CreateOptions {
     pub cmk: Option<String>,
 }
 
+impl CreateOptions {
+    /// Checks the sizes (the same rules `init` applies).
+    pub fn check(&self) -> Result<()> {
+        if !(format::MIN_BLOCK_SIZE..=format::MAX_BLOCK_SIZE).contains(&self.block_size)
+            || !self.block_size.is_power_of_two()
+        {
+            return Err(Error::Invalid(format!(
+                "block size {} must be a power of two from 4 KiB to 1 MiB (4K, 8K, ... 1M)",
+                self.block_size
+            )));
+        }
+        if !(format::MIN_SEGMENT_SIZE..=format::MAX_SEGMENT_SIZE).contains(&self.segment_size)
+            || self.segment_size < self.block_size.saturating_mul(2)
+        {
+            return Err(Error::Invalid(format!(
+                "segment size {} must be 1 MiB to 1 GiB and at least two blocks",
+                self.segment_size
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions {
@@ -312,24 +335,12 @@ impl Volume {
         opts: &CreateOptions,
     ) -> Result<[u8; 16]> {
         if storage.exists(format::HEADER_FILE) || storage.exists(format::ROOT_FILE) {
-            return Err(Error::Exists);
-        }
-        if !(format::MIN_BLOCK_SIZE..=format::MAX_BLOCK_SIZE).contains(&opts.block_size)
-            || !opts.block_size.is_power_of_two()
-        {
-            return Err(Error::Invalid(format!(
-                "block size {} must be a power of two from 4 KiB to 1 MiB",
-                opts.block_size
+            return Err(Error::AlreadyExists(format!(
+                "{} already holds a kmsfs volume; choose an empty directory",
+                storage.describe()
             )));
         }
-        if !(format::MIN_SEGMENT_SIZE..=format::MAX_SEGMENT_SIZE).contains(&opts.segment_size)
-            || opts.segment_size < opts.block_size * 2
-        {
-            return Err(Error::Invalid(format!(
-                "segment size {} must be 1 MiB to 1 GiB and at least two blocks",
-                opts.segment_size
-            )));
-        }
+        opts.check()?;
         let volume_id: [u8; 16] = crypto::random_array();
         let (dk, wrapped) = kms.generate_data_key(opts.cmk.as_deref(), &ctx_for(&volume_id))?;
         let header = Header {
@@ -804,9 +815,12 @@ impl Volume {
         let n = self.nodes();
         // In bounded batches: a huge file must not need memory for all its keys.
         loop {
-            let keys = st
-                .tree
-                .collect(n, &key(ino, 0, &[]), &key(ino + 1, 0, &[]), 4096)?;
+            let keys = st.tree.collect(
+                n,
+                &key(ino, 0, &[]),
+                &key(ino.saturating_add(1), 0, &[]),
+                4096,
+            )?;
             if keys.is_empty() {
                 break;
             }
@@ -855,7 +869,8 @@ impl Volume {
             usize::MAX,
         )?;
         for (k, _) in orphans {
-            let ino = u64::from_be_bytes(k[9..17].try_into().unwrap());
+            let ino = key_u64(&k)
+                .ok_or_else(|| Error::integrity("orphan list", "malformed orphan record key"))?;
             self.destroy_inode(&mut st, ino)?;
         }
         Ok(())
@@ -1275,7 +1290,9 @@ impl Volume {
             &key(ino, tag::DIRCOOKIE, &start.to_be_bytes()),
             &key(ino, tag::DIRCOOKIE + 1, &[]),
             &mut |k, v| {
-                let cookie = u64::from_be_bytes(k[9..17].try_into().unwrap());
+                let cookie = key_u64(k).ok_or_else(|| {
+                    Error::integrity(format!("directory {ino}"), "malformed readdir record key")
+                })?;
                 names.push((cookie, v.to_vec()));
                 Ok(names.len() + out.len() < max)
             },
@@ -2310,6 +2327,12 @@ impl Volume {
         }
         Ok(stats)
     }
+}
+
+/// The u64 (big-endian) that follows ino and tag in a tree key (a readdir cookie,
+/// an orphan's ino); None if the key is too short.
+fn key_u64(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.get(9..17)?.try_into().ok()?))
 }
 
 /// The block pointer held in a leaf value, if the entry holds one.

@@ -70,7 +70,10 @@ impl Volume {
         check_snapshot_name(name)?;
         let mut st = self.st.write();
         if st.snapshots.iter().any(|s| s.name == name) {
-            return Err(Error::Exists);
+            return Err(Error::AlreadyExists(format!(
+                "a snapshot named {name} already exists; choose another name, or delete the old \
+                 one first with `kmsfs snapshot delete VOLUME {name}`"
+            )));
         }
         self.commit_locked(&mut st)?;
         let tree = st.tree.flush(self.nodes())?;
@@ -197,7 +200,10 @@ impl Volume {
         bring_segment: &dyn Fn(&str) -> std::io::Result<()>,
     ) -> Result<[u8; 16]> {
         if dest.exists(format::HEADER_FILE) || dest.exists(format::ROOT_FILE) {
-            return Err(Error::Exists);
+            return Err(Error::AlreadyExists(format!(
+                "{} already holds a kmsfs volume; clone into an empty directory",
+                dest.describe()
+            )));
         }
         let st = self.st.read();
         let s = st
