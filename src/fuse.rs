@@ -1075,7 +1075,10 @@ impl Committer {
                     }
                 }
             }
-            if last_clean.elapsed() >= CLEAN_INTERVAL {
+            // A full store with space freed since: clean now (at most once
+            // per COMMITTER_TICK * 10), so writes work again within seconds.
+            let pressed = vol.wants_clean() && last_clean.elapsed() >= COMMITTER_TICK * 10;
+            if pressed || last_clean.elapsed() >= CLEAN_INTERVAL {
                 last_clean = Instant::now();
                 Self::contained(vol, "cleaner", || match vol.clean(CLEAN_MAX_LIVE) {
                     Ok(s) if s.segments_removed > 0 => log::info!(

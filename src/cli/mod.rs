@@ -176,6 +176,13 @@ enum Command {
     Snapshot(SnapshotCmd),
     /// Create a new, independent volume from a snapshot (shares the data key; nothing is re-encrypted)
     Clone(CloneArgs),
+    /// Reclaim the space of deleted and overwritten data now (through the mount when mounted)
+    Clean {
+        volume_dir: PathBuf,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -316,7 +323,7 @@ after writes go idle, and every 5 s under steady writes. A second read-write mou
 volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
 
 const SUBCOMMANDS: &[&str] = &[
-    "init", "mount", "umount", "info", "fsck", "snapshot", "clone", "help",
+    "init", "mount", "umount", "info", "fsck", "snapshot", "clone", "clean", "help",
 ];
 
 /// Entry point of the binary; returns the process exit code.
@@ -396,6 +403,7 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
         Command::Fsck(a) => cmd_fsck(&cli.keys, a),
         Command::Snapshot(c) => cmd_snapshot(&cli.keys, c),
         Command::Clone(a) => cmd_clone(&cli.keys, a),
+        Command::Clean { volume_dir, json } => cmd_clean(&cli.keys, &volume_dir, json),
     }
 }
 
@@ -839,6 +847,57 @@ fn with_volume_or_mount(
         Err(Error::Locked(_)) => Ok(crate::control::request(&canon, &req)?),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Segments whose live share is below this are compacted by `kmsfs clean`.
+const CLEAN_MAX_LIVE: f64 = 0.5;
+
+fn cmd_clean(keys: &KeyArgs, volume_dir: &Path, json: bool) -> Result<()> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal;
+    let bar = ProgressBar::new(0);
+    if json || !std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {bytes}/{total_bytes} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message("cleaning");
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let t = Instant::now();
+    let r = with_volume_or_mount(keys, volume_dir, crate::control::Request::Clean, |v| {
+        let s = v.clean_with_progress(CLEAN_MAX_LIVE, &|p| match p {
+            crate::volume::CleanProgress::Scanning { done, total } => {
+                bar.set_message("scanning");
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            crate::volume::CleanProgress::Moving { done, total } => {
+                bar.set_message("moving");
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+        })?;
+        Ok(serde_json::json!({"segments_removed": s.segments_removed,
+            "bytes_moved": s.bytes_moved, "bytes_freed": s.bytes_freed}))
+    });
+    bar.finish_and_clear();
+    let r = r?;
+    if json {
+        println!("{r}");
+    } else {
+        println!(
+            "cleaned {}: freed {} ({} segments removed, {} copied) in {:.1} s",
+            volume_dir.display(),
+            human(r["bytes_freed"].as_u64().unwrap_or(0)),
+            r["segments_removed"].as_u64().unwrap_or(0),
+            human(r["bytes_moved"].as_u64().unwrap_or(0)),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 fn cmd_snapshot(keys: &KeyArgs, c: SnapshotCmd) -> Result<()> {

@@ -186,6 +186,13 @@ pub struct StatFs {
     pub name_max: u32,
 }
 
+/// Where a clean stands (see [`Volume::clean_with_progress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CleanProgress {
+    Scanning { done: u64, total: u64 },
+    Moving { done: u64, total: u64 },
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CleanStats {
     pub segments_removed: u64,
@@ -234,6 +241,10 @@ pub struct Volume {
     /// committer's idle detection.
     last_change_ms: AtomicU64,
     opened: Instant,
+    /// A write was refused for lack of space since the last clean.
+    space_pressure: AtomicBool,
+    /// Blocks were dropped (deletes, truncates, punches) since the last clean.
+    freed_since_clean: AtomicBool,
     /// Held shared by a write from appending its whole blocks until they are
     /// in the tree, and exclusively by the cleaner: records appended but not
     /// yet referenced must not look dead to it.
@@ -607,6 +618,8 @@ impl Volume {
             mark_failing: AtomicBool::new(false),
             last_change_ms: AtomicU64::new(0),
             opened: Instant::now(),
+            space_pressure: AtomicBool::new(false),
+            freed_since_clean: AtomicBool::new(false),
             append_gate: parking_lot::RwLock::new(()),
             write_hook: parking_lot::Mutex::new(None),
             _lock: lock,
@@ -812,6 +825,7 @@ impl Volume {
 
     /// Removes an inode and everything it owns (blocks, xattrs, target).
     fn destroy_inode(&self, st: &mut State, ino: u64) -> Result<()> {
+        self.freed_since_clean.store(true, Ordering::Relaxed);
         let n = self.nodes();
         // In bounded batches: a huge file must not need memory for all its keys.
         loop {
@@ -1687,6 +1701,7 @@ impl Volume {
         } else {
             Self::block_key(ino, to)
         };
+        self.freed_since_clean.store(true, Ordering::Relaxed);
         // In bounded batches (a 1 TiB file has 16 million block entries).
         loop {
             let keys = st
@@ -1784,6 +1799,7 @@ impl Volume {
             .space()
             .map_err(|e| Error::io("backing store", e))?;
         if free < bytes + reserve_bytes(self.header.segment_size) {
+            self.space_pressure.store(true, Ordering::Relaxed);
             return Err(Error::NoSpace(format!(
                 "{} has {} bytes free",
                 self.io.storage.describe(),
@@ -2163,7 +2179,33 @@ impl Volume {
     /// Reclaims space: deletes segments nothing references and moves the live
     /// blocks out of segments that are mostly dead (live share below `max_live`).
     pub fn clean(&self, max_live: f64) -> Result<CleanStats> {
+        self.clean_with_progress(max_live, &|_| {})
+    }
+
+    /// Something was freed (the cleaner can reclaim it).
+    pub(crate) fn note_freed(&self) {
+        self.freed_since_clean.store(true, Ordering::Relaxed);
+    }
+
+    /// True when a write was refused for lack of space and space has been
+    /// freed in the volume since: the cleaner should run now rather than at
+    /// its next period, so that writes work again within seconds.
+    pub fn wants_clean(&self) -> bool {
+        self.space_pressure.load(Ordering::Relaxed)
+            && self.freed_since_clean.load(Ordering::Relaxed)
+    }
+
+    /// [`Volume::clean`], reporting its progress: first the trees walked
+    /// (done, total), then the live bytes copied out of the segments it
+    /// empties (done, total).
+    pub fn clean_with_progress(
+        &self,
+        max_live: f64,
+        progress: &dyn Fn(CleanProgress),
+    ) -> Result<CleanStats> {
         self.writable()?;
+        self.space_pressure.store(false, Ordering::Relaxed);
+        self.freed_since_clean.store(false, Ordering::Relaxed);
         let _gate = self.append_gate.write();
         let mut st = self.st.write();
         self.commit_locked(&mut st)?;
@@ -2172,7 +2214,13 @@ impl Volume {
         // Live bytes per segment, by walking every root once (shared blocks count once).
         let mut live: HashMap<u64, u64> = HashMap::new();
         let mut seen = std::collections::HashSet::new();
-        for t in self.all_trees(&st) {
+        let trees = self.all_trees(&st);
+        let n_trees = trees.len() as u64;
+        for (i, t) in trees.into_iter().enumerate() {
+            progress(CleanProgress::Scanning {
+                done: i as u64,
+                total: n_trees,
+            });
             let mut err = None;
             let mut data_live = Vec::new();
             t.walk(
@@ -2208,6 +2256,7 @@ impl Volume {
         let mut stats = CleanStats::default();
         let mut victims = std::collections::HashSet::new();
         let mut empty = Vec::new();
+        let mut to_move = 0u64;
         for f in storage
             .list(format::SEGMENT_DIR)
             .map_err(|e| Error::io("segment directory", e))?
@@ -2225,8 +2274,13 @@ impl Volume {
             } else if (l as f64) < max_live * size as f64 {
                 victims.insert(id);
                 stats.bytes_freed += size - l;
+                to_move += l;
             }
         }
+        progress(CleanProgress::Scanning {
+            done: n_trees,
+            total: n_trees,
+        });
         // Readers on an older root (a snapshot mount, a clone in progress) may
         // still need any segment: while they are there, delete nothing.
         let Some(_readers) = storage
@@ -2266,6 +2320,10 @@ impl Volume {
                 let np = io.copy(p, kind)?;
                 m.1.blocks_moved += 1;
                 m.1.bytes_moved += p.len as u64;
+                progress(CleanProgress::Moving {
+                    done: m.1.bytes_moved,
+                    total: to_move,
+                });
                 m.0.insert(p.block_id, np);
                 Ok(Some(np))
             };

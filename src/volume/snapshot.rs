@@ -149,6 +149,7 @@ impl Volume {
     /// Deletes a snapshot; the cleaner then frees the blocks only it used.
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         self.writable()?;
+        self.note_freed();
         {
             let mut st = self.st.write();
             let i = st
