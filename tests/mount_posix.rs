@@ -644,3 +644,57 @@ fn du_counts_what_files_use() {
     );
     m.unmount();
 }
+
+/// One file size limit (16 TiB, as ext4), enforced alike by truncate, write
+/// and fallocate, with EFBIG at once.
+#[test]
+fn file_size_limit_is_enforced_everywhere() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    const LIMIT: u64 = 16 << 40;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.p("big"))
+        .unwrap();
+    let e = f.set_len(999_999_999_999_999).unwrap_err();
+    assert_eq!(errno_of(&e), libc::EFBIG, "truncate: {e}");
+    let e = f.set_len(LIMIT + 1).unwrap_err();
+    assert_eq!(errno_of(&e), libc::EFBIG, "truncate past the limit: {e}");
+    // Exactly the limit is fine (and sparse).
+    f.set_len(LIMIT).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), LIMIT);
+    // A write that would end past it.
+    let fd = f.as_raw_fd();
+    let buf = [7u8; 4096];
+    // SAFETY: pwrite from a valid buffer on an open descriptor.
+    let r = unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), (LIMIT - 100) as i64) };
+    let e = std::io::Error::last_os_error();
+    if r < 0 {
+        assert_eq!(errno_of(&e), libc::EFBIG, "pwrite: {e}");
+    } else {
+        // The kernel's write-back cache took the write (FUSE lets no daemon
+        // lower the kernel's file size limit): the refusal comes back at
+        // write-back, and fsync reports it instead of claiming success.
+        let e = f.sync_all().unwrap_err();
+        assert!(
+            [libc::EFBIG, libc::EIO].contains(&errno_of(&e)),
+            "fsync after a write past the limit: {e}"
+        );
+    }
+    // fallocate past it.
+    // SAFETY: fallocate on an open descriptor.
+    let r = unsafe { libc::fallocate(fd, 0, (LIMIT - 10) as i64, 4096) };
+    let e = std::io::Error::last_os_error();
+    assert_eq!((r, errno_of(&e)), (-1, libc::EFBIG), "fallocate: {e}");
+    drop(f);
+    m.unmount();
+    env.assert_fsck_clean();
+    // What is stored never passed the limit.
+    let m = env.mount();
+    assert_eq!(fs::metadata(m.p("big")).unwrap().len(), LIMIT);
+    m.unmount();
+}

@@ -43,8 +43,11 @@ pub const ROOT_INO: u64 = 1;
 pub const FAULT_XATTR: &[u8] = b"user.kmsfs-fault-injection";
 pub const NAME_MAX: usize = 255;
 pub const SYMLINK_MAX: usize = 4095;
-/// Largest file: 2^50 bytes (1 PiB), well past the 1 TiB promise.
-pub const MAX_FILE_SIZE: u64 = 1 << 50;
+/// Largest file: 16 TiB, ext4's limit with 4 KiB blocks, so that anything
+/// copied off ext4 fits and a typo (`truncate -s 999999999999999`) fails at
+/// once with EFBIG instead of creating a sparse monster. Enforced the same way
+/// by truncate, write, fallocate and copy_file_range (which arrives as writes).
+pub const MAX_FILE_SIZE: u64 = 16 << 40;
 /// Reads at least this large decrypt whole blocks straight into the reply.
 const DIRECT_READ_MIN: usize = 128 << 10;
 /// Dirty data beyond this is sealed and appended (not committed) to bound memory.
