@@ -81,6 +81,13 @@ impl Error {
         {
             return Error::NoSpace(what.into());
         }
+        if source.raw_os_error() == Some(libc::EACCES) {
+            return Error::Permission(format!(
+                "{} in the backing store; run kmsfs as a user that may read and write the volume \
+                 directory (its owner, or root), or fix its permissions",
+                what.into()
+            ));
+        }
         Error::Io {
             what: what.into(),
             source,
@@ -144,6 +151,10 @@ mod tests {
             (Error::Kms(KmsError::UnwrapFailed), libc::EACCES),
             (Error::NotEmpty, libc::ENOTEMPTY),
             (Error::Internal("read".into()), libc::EIO),
+            (
+                Error::io("kmsfs.root", io::Error::from_raw_os_error(libc::EACCES)),
+                libc::EACCES,
+            ),
             (Error::NoXattr, libc::ENODATA),
             (Error::Locked("pid 1".into()), libc::EBUSY),
             (

@@ -137,3 +137,35 @@ fn a_mount_point_in_use_is_refused() {
     assert_eq!(fs::read(m.p("still-here")).unwrap(), b"yes");
     m.unmount();
 }
+
+/// A user who may not read the volume directory is told exactly that (not
+/// "not a kmsfs volume", not "damaged, restore from backup").
+#[test]
+fn permission_denied_on_the_backing_store_is_said_as_such() {
+    common::require_root("the permission test (runs a command as nobody)");
+    let env = Env::new();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&env.vol, fs::Permissions::from_mode(0o700)).unwrap();
+    let o = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(common::BIN)
+        .args(["info", env.vol_str()])
+        .env("KMSFS_KEYSTORE", &env.keystore)
+        .env("KMSFS_PASSPHRASE_FILE", &env.pass)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("permission denied"), "{text}");
+    for wrong in ["not a kmsfs volume", "restore", "damaged", "kmsfs init"] {
+        assert!(!text.contains(wrong), "says {wrong:?}: {text}");
+    }
+}

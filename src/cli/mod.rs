@@ -709,14 +709,36 @@ fn is_volume(dir: &Path) -> bool {
     dir.join(format::HEADER_FILE).exists() || dir.join(format::HEADER_BACKUP_FILE).exists()
 }
 
+/// A permission problem on the volume directory, said as such (never as
+/// "not a volume" or "damaged").
+fn permission_error(dir: &Path, e: &std::io::Error) -> CliError {
+    CliError::error(format!(
+        "permission denied on the volume directory {} ({e}); run kmsfs as a user that may read \
+         and write it (its owner, or root), or fix its permissions",
+        dir.display()
+    ))
+}
+
 fn check_volume(dir: &Path) -> Result<PathBuf> {
-    let canon = fs::canonicalize(dir)
-        .map_err(|e| CliError::error(format!("volume directory {}: {e}", dir.display())))?;
+    let canon = fs::canonicalize(dir).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            permission_error(dir, &e)
+        } else {
+            CliError::error(format!("volume directory {}: {e}", dir.display()))
+        }
+    })?;
     if !canon.is_dir() {
         return Err(CliError::error(format!(
             "{} is not a directory",
             dir.display()
         )));
+    }
+    for f in [format::HEADER_FILE, format::HEADER_BACKUP_FILE] {
+        if let Err(e) = fs::symlink_metadata(canon.join(f))
+            && e.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            return Err(permission_error(&canon, &e));
+        }
     }
     if !is_volume(&canon) {
         return Err(CliError::error(format!(
