@@ -105,6 +105,10 @@ fn write_golden_volume() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "the golden keystore uses the 1 MiB test KDF profile: needs --features test-hooks (scripts/test.sh sets it)"
+)]
 fn golden_v1_volume_opens_and_reads() {
     let tmp = tempfile::tempdir().unwrap();
     copy_tree(&golden_dir(), tmp.path());

@@ -1,7 +1,7 @@
 //! What was acknowledged survives: sync/syncfs followed by the idle commit,
 //! `kmsfs umount` then an immediate copy of the backing directory, the
 //! rollback mark raised by every commit, and a panic in one request (a bug,
-//! injected with the `fault-injection` feature) that fails that request
+//! injected with the `test-hooks` feature) that fails that request
 //! alone and loses nothing.
 //!
 //! Nothing here waits on a clock to decide a result: each wait polls for an
@@ -187,8 +187,8 @@ impl File {
 
 #[test]
 #[cfg_attr(
-    not(feature = "fault-injection"),
-    ignore = "needs --features fault-injection (scripts/test.sh sets it)"
+    not(feature = "test-hooks"),
+    ignore = "needs --features test-hooks (scripts/test.sh sets it)"
 )]
 fn a_panic_fails_one_request_and_loses_nothing() {
     require_fuse!();
@@ -196,7 +196,7 @@ fn a_panic_fails_one_request_and_loses_nothing() {
     let m = env.mount();
     let data = pattern(200_000, 5);
     fs::write(m.p("before"), &data).unwrap();
-    let fault = "user.kmsfs-fault-injection";
+    let fault = "user.kmsfs-test-hooks";
     let getx = |p: &Path| {
         let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
         let n = std::ffi::CString::new(fault).unwrap();

@@ -16,8 +16,9 @@
 //! Exit codes are in [`exit`] and docs/EXIT-CODES.md. Every error is printed as
 //! one line `kmsfs: <message>`.
 //!
-//! Testing aid: `KMSFS_KDF_TEST_PARAMS=1` creates new keystores with the cheap
-//! Argon2id profile (`KdfParams::for_tests`). Never use it for real keystores.
+//! Testing aid, only in builds with the `test-hooks` feature (never a release):
+//! `KMSFS_KDF_TEST_PARAMS=1` creates new keystores with the cheap Argon2id
+//! profile (`KdfParams::for_tests`). Other builds ignore the variable.
 
 mod umount;
 
@@ -680,11 +681,12 @@ fn prompt_passphrase(prompt: &str) -> Result<Passphrase> {
 }
 
 fn open_keystore(path: &Path, unlock: Unlock) -> Result<LocalKeystore> {
-    let params = if std::env::var(ENV_KDF_TEST).as_deref() == Ok("1") {
-        KdfParams::for_tests()
-    } else {
-        KdfParams::DEFAULT
-    };
+    let params =
+        if cfg!(feature = "test-hooks") && std::env::var(ENV_KDF_TEST).as_deref() == Ok("1") {
+            KdfParams::for_tests()
+        } else {
+            KdfParams::DEFAULT
+        };
     Ok(LocalKeystore::open_or_create_with_params(
         path, unlock, params,
     )?)

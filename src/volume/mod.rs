@@ -36,11 +36,11 @@ use blocks::BlockIo;
 use tree::{NodeStore, Tree};
 
 pub const ROOT_INO: u64 = 1;
-/// With the `fault-injection` feature (tests only, never in a release
+/// With the `test-hooks` feature (tests only, never in a release
 /// build), getting or setting this xattr panics inside the core, so tests can
 /// check that a bug fails one request and loses nothing.
-#[cfg(feature = "fault-injection")]
-pub const FAULT_XATTR: &[u8] = b"user.kmsfs-fault-injection";
+#[cfg(feature = "test-hooks")]
+pub const FAULT_XATTR: &[u8] = b"user.kmsfs-test-hooks";
 pub const NAME_MAX: usize = 255;
 pub const SYMLINK_MAX: usize = 4095;
 /// Largest file: 16 TiB, ext4's limit with 4 KiB blocks, so that anything
@@ -1925,7 +1925,7 @@ impl Volume {
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
         self.writable()?;
-        #[cfg(feature = "fault-injection")]
+        #[cfg(feature = "test-hooks")]
         if name == FAULT_XATTR {
             // A bug in the middle of a change: state lock held, tree touched.
             let mut st = self.st.write();
@@ -1971,7 +1971,7 @@ impl Volume {
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         let st = self.st.read();
-        #[cfg(feature = "fault-injection")]
+        #[cfg(feature = "test-hooks")]
         if name == FAULT_XATTR {
             panic!("fault injection: getxattr on inode {ino}");
         }
