@@ -11,7 +11,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -79,6 +79,12 @@ impl ControlServer {
         let listener = bound?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        // Clients hold only a weak reference until their request is read: an
+        // idle client never keeps the volume (and its lock) alive.
+        let weak = Arc::downgrade(&vol);
+        drop(vol);
+        let owner = nix::unistd::getuid().as_raw();
+        let active = Arc::new(AtomicUsize::new(0));
         let thread = std::thread::Builder::new()
             .name("kmsfs-control".into())
             .spawn(move || {
@@ -86,11 +92,38 @@ impl ControlServer {
                     if stop2.load(Ordering::SeqCst) {
                         break;
                     }
-                    if let Ok(c) = conn {
-                        let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
-                        if let Err(e) = handle(&vol, c) {
-                            log::warn!("control socket: {e}");
-                        }
+                    let Ok(c) = conn else { continue };
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                    let _ = c.set_write_timeout(Some(Duration::from_secs(30)));
+                    if let Err(refusal) = admit(&c, owner) {
+                        log::warn!("control socket: {}", refusal.error);
+                        let _ = send(&c, &refusal);
+                        continue;
+                    }
+                    if active.load(Ordering::SeqCst) >= MAX_CLIENTS {
+                        let _ = send(
+                            &c,
+                            &Response::failure(
+                                libc::EBUSY,
+                                format!(
+                                    "{MAX_CLIENTS} control requests are already running; retry"
+                                ),
+                            ),
+                        );
+                        continue;
+                    }
+                    active.fetch_add(1, Ordering::SeqCst);
+                    let (weak, mine) = (weak.clone(), active.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("kmsfs-control-client".into())
+                        .spawn(move || {
+                            if let Err(e) = handle(&weak, c) {
+                                log::warn!("control socket: {e}");
+                            }
+                            mine.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    if spawned.is_err() {
+                        active.fetch_sub(1, Ordering::SeqCst);
                     }
                 }
             })?;
@@ -124,20 +157,67 @@ pub fn parse_response(line: &[u8]) -> std::result::Result<Response, serde_json::
     serde_json::from_slice(line)
 }
 
-fn handle(vol: &Volume, c: UnixStream) -> std::io::Result<()> {
+/// Control requests served at once; more are refused with EBUSY.
+const MAX_CLIENTS: usize = 8;
+
+/// Who may control a mount: the user who mounted it, or root. The socket's
+/// mode (0600) already says so; the peer's credentials (SO_PEERCRED, from the
+/// kernel, not the client) are checked too, in case the socket's mode or
+/// directory on a shared backing store were changed behind our back.
+fn admit(c: &UnixStream, owner: u32) -> std::result::Result<(), Response> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let cred = getsockopt(c, PeerCredentials).map_err(|e| {
+        Response::failure(
+            libc::EACCES,
+            format!("cannot read the client's credentials ({e}); request refused"),
+        )
+    })?;
+    let uid = cred.uid();
+    if uid == 0 || uid == owner {
+        Ok(())
+    } else {
+        Err(Response::failure(
+            libc::EACCES,
+            format!(
+                "uid {uid} may not control this mount: only uid {owner}, who mounted it, or root may"
+            ),
+        ))
+    }
+}
+
+fn send(c: &UnixStream, resp: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_string(resp).unwrap_or_default();
+    out.push('\n');
+    (&*c).write_all(out.as_bytes())
+}
+
+impl Response {
+    fn failure(errno: i32, error: String) -> Self {
+        Response {
+            ok: false,
+            errno,
+            error,
+            data: serde_json::Value::Null,
+        }
+    }
+}
+
+fn handle(vol: &std::sync::Weak<Volume>, c: UnixStream) -> std::io::Result<()> {
     let mut line = Vec::new();
     // Requests are tiny; never buffer more than this from a client.
     BufReader::new((&c).take(64 << 10)).read_until(b'\n', &mut line)?;
     if line.is_empty() {
         return Ok(());
     }
+    let Some(vol) = vol.upgrade() else {
+        return send(
+            &c,
+            &Response::failure(libc::ESHUTDOWN, "the mount is shutting down".into()),
+        );
+    };
+    let vol = &*vol;
     let resp = match parse_request(&line) {
-        Err(e) => Response {
-            ok: false,
-            errno: libc::EINVAL,
-            error: format!("bad request: {e}"),
-            data: serde_json::Value::Null,
-        },
+        Err(e) => Response::failure(libc::EINVAL, format!("bad request: {e}")),
         Ok(req) => match execute(vol, &req) {
             Ok(data) => Response {
                 ok: true,
@@ -145,17 +225,10 @@ fn handle(vol: &Volume, c: UnixStream) -> std::io::Result<()> {
                 error: String::new(),
                 data,
             },
-            Err(e) => Response {
-                ok: false,
-                errno: e.errno(),
-                error: e.to_string(),
-                data: serde_json::Value::Null,
-            },
+            Err(e) => Response::failure(e.errno(), e.to_string()),
         },
     };
-    let mut out = serde_json::to_string(&resp).unwrap_or_default();
-    out.push('\n');
-    (&c).write_all(out.as_bytes())
+    send(&c, &resp)
 }
 
 fn execute(vol: &Volume, req: &Request) -> Result<serde_json::Value> {

@@ -1,0 +1,90 @@
+//! The control socket of a mount: several clients at once (an idle one
+//! blocks nobody), and only the user who mounted, or root, may use it, by the
+//! peer's kernel credentials, even when the socket's mode was loosened.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use common::Env;
+
+fn ctl(env: &Env) -> PathBuf {
+    env.vol.join("kmsfs.ctl")
+}
+
+/// Sends one request line on `c` and returns the answer line as JSON.
+fn ask(c: &mut UnixStream, req: &str) -> serde_json::Value {
+    // A refused client is answered at once and may find the socket closed
+    // by the time it writes: the answer is what counts.
+    let _ = c.write_all(format!("{req}\n").as_bytes());
+    let mut line = String::new();
+    BufReader::new(&*c).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {line:?}: {e}"))
+}
+
+#[test]
+fn an_idle_client_blocks_no_other() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    // A connects and says nothing.
+    let mut a = UnixStream::connect(ctl(&env)).unwrap();
+    // Meanwhile B, and the CLI, are served.
+    let mut b = UnixStream::connect(ctl(&env)).unwrap();
+    let r = ask(&mut b, r#"{"op":"stats"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    env.ok(&["snapshot", "create", env.vol_str(), "while-a-waits"]);
+    // A, still connected (a server serving one client at a time would have
+    // timed it out before it got to B), is answered too.
+    let r = ask(&mut a, r#"{"op":"snapshot-list"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["data"][0]["name"], "while-a-waits", "{r}");
+    m.unmount();
+}
+
+/// Connects to `path` from a thread running as uid/gid 65534 (nobody). Only
+/// that thread changes credentials (raw setresuid affects the calling thread
+/// alone), and the kernel records them at connect time for SO_PEERCRED.
+fn connect_as_nobody(path: &Path) -> std::io::Result<UnixStream> {
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        // SAFETY: raw setresgid/setresuid on this thread only; it never
+        // returns to root and ends right after connecting.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534), 0);
+        }
+        UnixStream::connect(path)
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn only_the_mounting_user_or_root_may_control() {
+    require_fuse!();
+    common::require_root("the control socket test (connects as another user)");
+    let env = Env::new();
+    let m = env.mount();
+    // A hostile share loosened the modes: the socket is reachable by anyone.
+    fs_mode(&env.vol, 0o755);
+    fs_mode(&ctl(&env), 0o666);
+    let mut c = connect_as_nobody(&ctl(&env)).expect("the loosened socket is reachable");
+    let r = ask(&mut c, r#"{"op":"snapshot-create","name":"intruder"}"#);
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["errno"], libc::EACCES, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("uid 65534"), "{r}");
+    // Nothing happened, and root is still served.
+    let mut root = UnixStream::connect(ctl(&env)).unwrap();
+    let r = ask(&mut root, r#"{"op":"snapshot-list"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["data"].as_array().map(Vec::len), Some(0), "{r}");
+    m.unmount();
+}
+
+fn fs_mode(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
