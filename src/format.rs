@@ -281,12 +281,17 @@ pub fn segment_file_name(id: u64) -> String {
     format!("{SEGMENT_DIR}/{id:016x}.seg")
 }
 
+/// The id of a segment file name as `segment_file_name` writes it (16 lowercase hex
+/// digits). Ids past `i64::MAX` are never written (ids count up from 1), so such a name
+/// is not taken for a segment: the next id after it would overflow.
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     let stem = name.strip_suffix(".seg")?;
-    if stem.len() != 16 {
+    if stem.len() != 16 || !stem.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
-    u64::from_str_radix(stem, 16).ok()
+    u64::from_str_radix(stem, 16)
+        .ok()
+        .filter(|&id| id <= i64::MAX as u64)
 }
 
 pub fn encode_segment_header(volume_id: &[u8; 16], segment_id: u64) -> Vec<u8> {
@@ -812,9 +817,12 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
+    if !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
     (0..s.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
         .collect()
 }
 

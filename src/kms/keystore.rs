@@ -408,6 +408,17 @@ impl State {
     }
 }
 
+/// Decodes a keystore payload (the plaintext inside the sealed body) and drops it:
+/// the entry point the decoder fuzz tests use to reach [`State`] decoding without
+/// sealing every input. Never panics, whatever the bytes.
+///
+/// # Errors
+/// What is malformed, as in [`KmsError::Corrupt`] details.
+#[doc(hidden)]
+pub fn decode_payload(payload: &[u8]) -> Result<(), String> {
+    State::decode(payload).map(drop)
+}
+
 fn decode_cmk(r: &mut Reader<'_>) -> Result<Cmk, String> {
     let id_len = usize::from(r.u8("id length")?);
     let id = r.string(id_len, "id")?;

@@ -227,7 +227,7 @@ impl Volume {
         for (ino, blk, p) in &f.blocks {
             segs.insert(p.segment);
             if let Some(i) = f.inodes.get(ino)
-                && blk * bs >= i.size
+                && blk.checked_mul(bs).is_none_or(|at| at >= i.size)
             {
                 errors.push(format!(
                     "{label}: {} : block {blk} lies beyond the file size",

@@ -272,6 +272,10 @@ impl Tree {
     }
 
     /// Calls `f` for each entry with `start <= key < end` in order, until it returns false.
+    ///
+    /// Only entries that `get` and `remove` can reach are visited: a key stored
+    /// under a child outside the range its parent gives that child (a damaged
+    /// tree) is skipped, so that a scan-and-remove loop always makes progress.
     pub fn range(
         &self,
         s: &dyn NodeStore,
@@ -279,11 +283,13 @@ impl Tree {
         end: &[u8],
         f: &mut EntryFn,
     ) -> Result<()> {
+        /// `lo..hi`: the keys the parent routes to this node (None: unbounded).
         fn go(
             n: &Node,
             s: &dyn NodeStore,
             start: &[u8],
             end: &[u8],
+            (lo, hi): (Option<&[u8]>, Option<&[u8]>),
             f: &mut EntryFn,
         ) -> Result<bool> {
             if n.leaf {
@@ -291,10 +297,18 @@ impl Tree {
                     Ok(i) | Err(i) => i,
                 };
                 for i in from..n.keys.len() {
-                    if n.keys[i].as_slice() >= end {
+                    let k = n.keys[i].as_slice();
+                    if k >= end {
                         return Ok(false);
                     }
-                    if !f(&n.keys[i], &n.vals[i])? {
+                    if hi.is_some_and(|hi| k >= hi) {
+                        // The rest of this leaf is out of place too.
+                        return Ok(true);
+                    }
+                    if lo.is_some_and(|lo| k < lo) {
+                        continue;
+                    }
+                    if !f(k, &n.vals[i])? {
                         return Ok(false);
                     }
                 }
@@ -305,15 +319,26 @@ impl Tree {
                 if i > 0 && n.keys[i].as_slice() >= end {
                     return Ok(false);
                 }
+                // keys[0] stands for the parent's lower bound; in a damaged tree
+                // the parent's bounds may be the tighter ones.
+                let kid_lo = match (i, lo) {
+                    (0, lo) => lo,
+                    (_, Some(lo)) => Some(lo.max(n.keys[i].as_slice())),
+                    (_, None) => Some(n.keys[i].as_slice()),
+                };
+                let kid_hi = match (n.keys.get(i + 1), hi) {
+                    (Some(k), Some(hi)) => Some(hi.min(k.as_slice())),
+                    (k, hi) => k.map(Vec::as_slice).or(hi),
+                };
                 let c = resolve(&n.kids[i], s)?;
-                if !go(&c, s, start, end, f)? {
+                if !go(&c, s, start, end, (kid_lo, kid_hi), f)? {
                     return Ok(false);
                 }
             }
             Ok(true)
         }
         let r = resolve(&self.root, s)?;
-        go(&r, s, start, end, f)?;
+        go(&r, s, start, end, (None, None), f)?;
         Ok(())
     }
 
@@ -421,26 +446,65 @@ impl Tree {
                 } else {
                     (i - 1, i)
                 };
-                let sep = n.keys[r].clone();
-                let mut right = match n.kids.remove(r) {
-                    Child::Dirty(b) => *b,
-                    Child::Clean(p) => (*s.load(&p)?).clone(),
+                // Read both siblings before changing this node (a failed read
+                // changes nothing), and merge only siblings that fit together:
+                // in a damaged tree they may be out of order or of different levels.
+                let right_stored = match &n.kids[r] {
+                    Child::Clean(p) => Some(s.load(p)?),
+                    Child::Dirty(_) => None,
                 };
-                n.keys.remove(r);
-                if !right.leaf {
-                    right.keys[0] = sep;
-                }
-                let left = child_mut(&mut n.kids[l], s)?;
-                left.keys.append(&mut right.keys);
-                left.vals.append(&mut right.vals);
-                left.kids.append(&mut right.kids);
-                if left.encoded_len() > NODE_MAX && left.keys.len() >= 2 {
-                    let (sep, right) = left.split();
-                    n.keys.insert(l + 1, sep);
-                    n.kids.insert(l + 1, Child::Dirty(Box::new(right)));
+                child_mut(&mut n.kids[l], s)?;
+                let right: Option<&Node> = match (&n.kids[r], &right_stored) {
+                    (_, Some(stored)) => Some(stored),
+                    (Child::Dirty(b), None) => Some(b),
+                    (Child::Clean(_), None) => None,
+                };
+                let fits = match (&n.kids[l], right) {
+                    (Child::Dirty(left), Some(right)) => siblings_fit(left, &n.keys[r], right),
+                    _ => false,
+                };
+                if fits {
+                    let sep = n.keys.remove(r);
+                    let mut right = match (n.kids.remove(r), right_stored) {
+                        (Child::Dirty(b), _) => *b,
+                        (Child::Clean(_), Some(stored)) => (*stored).clone(),
+                        (Child::Clean(_), None) => unreachable!("a clean child was loaded"),
+                    };
+                    if !right.leaf {
+                        right.keys[0] = sep;
+                    }
+                    let Child::Dirty(left) = &mut n.kids[l] else {
+                        unreachable!("made dirty above")
+                    };
+                    left.keys.append(&mut right.keys);
+                    left.vals.append(&mut right.vals);
+                    left.kids.append(&mut right.kids);
+                    if left.encoded_len() > NODE_MAX && left.keys.len() >= 2 {
+                        let (sep, right) = left.split();
+                        n.keys.insert(l + 1, sep);
+                        n.kids.insert(l + 1, Child::Dirty(Box::new(right)));
+                    }
                 }
             }
             Ok(old)
+        }
+        /// Whether `right` (after separator `sep`) can be appended to `left`:
+        /// same level, and the merged keys strictly ordered.
+        fn siblings_fit(left: &Node, sep: &[u8], right: &Node) -> bool {
+            if left.leaf != right.leaf || (!right.leaf && right.keys.is_empty()) {
+                return false;
+            }
+            // In internal nodes the separator stands for right's first key.
+            let first = if right.leaf {
+                right.keys.first().map(Vec::as_slice)
+            } else {
+                Some(sep)
+            };
+            let joined = match (left.keys.last(), first) {
+                (Some(a), Some(b)) => a.as_slice() < b,
+                _ => true,
+            };
+            joined && (right.leaf || right.keys.get(1).is_none_or(|k| sep < k.as_slice()))
         }
         // Avoid dirtying the root for a missing key.
         if self.get(s, key)?.is_none() {
@@ -676,6 +740,50 @@ mod tests {
             assert!(t.remove(&s, k).unwrap().is_some());
         }
         assert!(t.collect(&s, b"", b"\xff", 10).unwrap().is_empty());
+    }
+
+    /// A damaged (but authentic) tree: a leaf holds a key outside the range its
+    /// parent routes to it. `get` cannot reach it, so `range` must not yield it
+    /// either, or a scan-and-remove loop (deleting a file) never ends.
+    #[test]
+    fn range_skips_keys_out_of_place() {
+        let s = MemNodes::default();
+        let mut l = Node::empty_leaf();
+        l.keys = vec![b"a".to_vec(), b"z".to_vec()];
+        l.vals = vec![b"1".to_vec(), b"2".to_vec()];
+        let mut r = Node::empty_leaf();
+        r.keys = vec![b"c".to_vec(), b"m".to_vec()];
+        r.vals = vec![b"3".to_vec(), b"4".to_vec()];
+        let root = Node {
+            leaf: false,
+            keys: vec![Vec::new(), b"b".to_vec()],
+            vals: Vec::new(),
+            kids: vec![
+                Child::Clean(s.store(&l).unwrap()),
+                Child::Clean(s.store(&r).unwrap()),
+            ],
+        };
+        let mut t = Tree::from_ptr(s.store(&root).unwrap());
+        assert_eq!(t.get(&s, b"z").unwrap(), None);
+        let keys = |t: &Tree| -> Vec<Vec<u8>> {
+            t.collect(&s, b"", b"\xff", 100)
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(keys(&t), [b"a".to_vec(), b"c".to_vec(), b"m".to_vec()]);
+        // Deleting everything the scan finds terminates.
+        for _ in 0..10 {
+            let found = keys(&t);
+            if found.is_empty() {
+                break;
+            }
+            for k in found {
+                assert!(t.remove(&s, &k).unwrap().is_some());
+            }
+        }
+        assert!(keys(&t).is_empty());
     }
 
     #[test]
