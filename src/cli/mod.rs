@@ -20,6 +20,7 @@
 //! `KMSFS_KDF_TEST_PARAMS=1` creates new keystores with the cheap Argon2id
 //! profile (`KdfParams::for_tests`). Other builds ignore the variable.
 
+mod salvage;
 mod umount;
 
 use std::collections::HashSet;
@@ -184,6 +185,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy every file that still verifies out of a (damaged) volume into DEST;
+    /// exit 3 if anything was damaged
+    Salvage(salvage::SalvageArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -324,7 +328,7 @@ after writes go idle, and every 5 s under steady writes. A second read-write mou
 volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
 
 const SUBCOMMANDS: &[&str] = &[
-    "init", "mount", "umount", "info", "fsck", "snapshot", "clone", "clean", "help",
+    "init", "mount", "umount", "info", "fsck", "snapshot", "clone", "clean", "salvage", "help",
 ];
 
 /// Entry point of the binary; returns the process exit code.
@@ -405,6 +409,7 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
         Command::Snapshot(c) => cmd_snapshot(&cli.keys, c),
         Command::Clone(a) => cmd_clone(&cli.keys, a),
         Command::Clean { volume_dir, json } => cmd_clean(&cli.keys, &volume_dir, json),
+        Command::Salvage(a) => salvage::run(&cli.keys, a),
     }
 }
 
