@@ -9,12 +9,19 @@
 //! engine is consistent after a power loss at every write or sync point.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::{File, TryLockError};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use nix::dir::Dir;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, FcntlArg, OFlag, fcntl, openat, renameat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat, mkdirat};
+use nix::sys::statvfs::fstatvfs;
+use nix::unistd::{UnlinkatFlags, fsync, unlinkat};
 use parking_lot::Mutex;
 
 pub trait Storage: Send + Sync {
@@ -32,7 +39,7 @@ pub trait Storage: Send + Sync {
     fn exists(&self, name: &str) -> bool {
         self.len(name).is_ok()
     }
-    /// Creates or truncates `name` and writes `data` (not durable until synced).
+    /// Creates or replaces `name` with `data` (not durable until synced).
     fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()>;
     /// Appends to `name`, creating it if needed.
     fn append(&self, name: &str, data: &[u8]) -> io::Result<()>;
@@ -84,16 +91,128 @@ pub fn lock_volume(s: &dyn Storage) -> crate::error::Result<Box<dyn std::any::An
 }
 
 /// A directory on a local or network filesystem.
+///
+/// The backing directory may sit on a share that others can write, so nothing
+/// planted in it may turn the daemon (often root) against its own host. Every
+/// name is a plain relative path (no absolute path, no `..`), resolved one
+/// component at a time relative to a descriptor of the volume directory
+/// without following symbolic links (`openat` with `O_NOFOLLOW`,
+/// `AT_SYMLINK_NOFOLLOW`), and only regular files and real directories are
+/// used: a symbolic link, FIFO, socket or device where kmsfs keeps a file is
+/// refused with an error that names it, and opening one never blocks. Files
+/// replaced whole (`write_file`) are created afresh, so a planted hard link is
+/// unlinked, never written through, and a lock file with other names is never
+/// truncated.
 pub struct FsStorage {
     root: PathBuf,
+    /// The volume directory, opened on first use (`init` and `clone` make the
+    /// storage before the directory exists).
+    dir: OnceLock<OwnedFd>,
+    /// Subdirectories (`seg`), opened without following links and kept, so a
+    /// cold segment open costs no more path walking than before.
+    subdirs: Mutex<HashMap<String, Arc<OwnedFd>>>,
     /// Open handles, so reads of segments are a pread and appends need no open.
     handles: Mutex<HashMap<String, Arc<File>>>,
+}
+
+/// The directory a last path component is resolved in.
+enum At<'a> {
+    Top(BorrowedFd<'a>),
+    Sub(Arc<OwnedFd>),
+}
+
+impl AsFd for At<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            At::Top(fd) => fd.as_fd(),
+            At::Sub(fd) => fd.as_fd(),
+        }
+    }
+}
+
+/// How a backing file is opened.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Reading an existing file.
+    Read,
+    /// Reading and appending, created when missing (segments).
+    Append,
+    /// Reading and writing, created when missing, never truncated (lock files).
+    Lock,
+}
+
+/// Checks that `name` is a plain relative path inside the volume directory
+/// (`""` is the directory itself) and returns its components.
+fn components(name: &str) -> io::Result<Vec<&str>> {
+    if name.is_empty() {
+        return Ok(Vec::new());
+    }
+    if name.contains('\0')
+        || name
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{name:?} is not a plain relative name inside the volume directory \
+                 (absolute paths, \"..\", \".\" and empty components are refused)"
+            ),
+        ));
+    }
+    Ok(name.split('/').collect())
+}
+
+/// Splits a file name into its directory (`""` is the top) and last component.
+fn split_name(name: &str) -> io::Result<(&str, &str)> {
+    if components(name)?.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an empty name does not name a file",
+        ));
+    }
+    Ok(match name.rfind('/') {
+        Some(i) => (&name[..i], &name[i + 1..]),
+        None => ("", name),
+    })
+}
+
+/// The file type bits of a stat result.
+fn kind(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT
+}
+
+fn kind_text(k: SFlag) -> &'static str {
+    if k == SFlag::S_IFLNK {
+        "a symbolic link"
+    } else if k == SFlag::S_IFIFO {
+        "a FIFO (named pipe)"
+    } else if k == SFlag::S_IFSOCK {
+        "a socket"
+    } else if k == SFlag::S_IFCHR {
+        "a character device"
+    } else if k == SFlag::S_IFBLK {
+        "a block device"
+    } else if k == SFlag::S_IFDIR {
+        "a directory"
+    } else if k == SFlag::S_IFREG {
+        "a regular file"
+    } else {
+        "a special file"
+    }
+}
+
+/// Mode of the files kmsfs creates.
+fn file_mode() -> Mode {
+    Mode::S_IRUSR | Mode::S_IWUSR
 }
 
 impl FsStorage {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         FsStorage {
             root: root.into(),
+            dir: OnceLock::new(),
+            subdirs: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
         }
     }
@@ -102,8 +221,121 @@ impl FsStorage {
         &self.root
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+    /// The error for something kmsfs never makes, found where it keeps a
+    /// regular file or directory: the one sign of tampering this layer sees.
+    fn planted(&self, name: &str, found: SFlag, expected: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is {}, where kmsfs keeps {expected}; kmsfs never makes one there, so the \
+                 backing directory may have been tampered with. Inspect it, remove it, then retry",
+                self.root.join(name).display(),
+                kind_text(found)
+            ),
+        )
+    }
+
+    /// Turns a failed open of `leaf` (in `at`; `name` for messages) into a
+    /// clear error when something other than the expected kind is there (a
+    /// symbolic link refused by O_NOFOLLOW, a FIFO without a reader, ...).
+    fn diagnose(
+        &self,
+        at: BorrowedFd<'_>,
+        leaf: &str,
+        name: &str,
+        expected: SFlag,
+        err: Errno,
+    ) -> io::Error {
+        match fstatat(at, leaf, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if kind(&st) != expected => self.planted(
+                name,
+                kind(&st),
+                if expected == SFlag::S_IFDIR {
+                    "a directory"
+                } else {
+                    "a regular file"
+                },
+            ),
+            _ => err.into(),
+        }
+    }
+
+    /// The volume directory. The administrator names it, so it is opened as
+    /// given (a symbolic link to it is fine); everything inside is opened
+    /// relative to this descriptor.
+    fn top(&self) -> io::Result<BorrowedFd<'_>> {
+        if let Some(fd) = self.dir.get() {
+            return Ok(fd.as_fd());
+        }
+        let fd = nix::fcntl::open(
+            &self.root,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        // A concurrent first use may have won the race: the same directory.
+        let _ = self.dir.set(fd);
+        Ok(self.dir.get().expect("set just above").as_fd())
+    }
+
+    /// The directory `dir` ("" is the top), each component a real directory.
+    fn dir(&self, dir: &str) -> io::Result<At<'_>> {
+        let comps = components(dir)?;
+        if comps.is_empty() {
+            return Ok(At::Top(self.top()?));
+        }
+        if let Some(fd) = self.subdirs.lock().get(dir) {
+            return Ok(At::Sub(fd.clone()));
+        }
+        let top = self.top()?;
+        let mut cur: Option<OwnedFd> = None;
+        for (i, c) in comps.iter().enumerate() {
+            let at = cur.as_ref().map_or(top, |f| f.as_fd());
+            // O_DIRECTORY fails before a FIFO could block the open.
+            let fd = openat(
+                at,
+                *c,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| self.diagnose(at, c, &comps[..=i].join("/"), SFlag::S_IFDIR, e))?;
+            cur = Some(fd);
+        }
+        let fd = Arc::new(cur.expect("at least one component"));
+        let mut m = self.subdirs.lock();
+        if m.len() >= 16 {
+            m.clear();
+        }
+        m.insert(dir.to_string(), fd.clone());
+        Ok(At::Sub(fd))
+    }
+
+    /// Opens a regular file of the volume, refusing anything else without
+    /// blocking on it.
+    fn open_file(&self, name: &str, access: Access) -> io::Result<File> {
+        let (dir, leaf) = split_name(name)?;
+        let at = self.dir(dir)?;
+        let base = match access {
+            Access::Read => OFlag::O_RDONLY,
+            Access::Append => OFlag::O_RDWR | OFlag::O_APPEND | OFlag::O_CREAT,
+            Access::Lock => OFlag::O_RDWR | OFlag::O_CREAT,
+        };
+        // O_NONBLOCK: opening a planted FIFO returns at once (and is then refused).
+        let flags =
+            base | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK;
+        let fd = openat(&at, leaf, flags, file_mode())
+            .map_err(|e| self.diagnose(at.as_fd(), leaf, name, SFlag::S_IFREG, e))?;
+        let k = kind(&fstat(&fd)?);
+        if k != SFlag::S_IFREG {
+            return Err(self.planted(name, k, "a regular file"));
+        }
+        // Ordinary blocking I/O from here on.
+        let keep = if access == Access::Append {
+            OFlag::O_APPEND
+        } else {
+            OFlag::empty()
+        };
+        fcntl(&fd, FcntlArg::F_SETFL(keep))?;
+        Ok(File::from(fd))
     }
 
     fn handle(&self, name: &str, create: bool) -> io::Result<Arc<File>> {
@@ -111,12 +343,7 @@ impl FsStorage {
         if let Some(f) = h.get(name) {
             return Ok(f.clone());
         }
-        let f = OpenOptions::new()
-            .read(true)
-            .append(create)
-            .create(create)
-            .mode(0o600)
-            .open(self.path(name))?;
+        let f = self.open_file(name, if create { Access::Append } else { Access::Read })?;
         let f = Arc::new(f);
         // Bound the number of cached handles; segments are many but only a few are hot.
         if h.len() > 256 {
@@ -131,30 +358,11 @@ impl FsStorage {
     }
 }
 
-fn flock(f: &File, op: libc::c_int) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-impl FsStorage {
-    fn open_lock_file(&self, name: &str) -> io::Result<File> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(self.path(name))
-    }
-}
-
 impl Storage for FsStorage {
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
-        std::fs::read(self.path(name))
+        let mut v = Vec::new();
+        self.open_file(name, Access::Read)?.read_to_end(&mut v)?;
+        Ok(v)
     }
 
     fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -199,18 +407,56 @@ impl Storage for FsStorage {
     }
 
     fn len(&self, name: &str) -> io::Result<u64> {
-        Ok(std::fs::metadata(self.path(name))?.len())
+        let (dir, leaf) = split_name(name)?;
+        let at = self.dir(dir)?;
+        let st = fstatat(&at, leaf, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        if kind(&st) != SFlag::S_IFREG {
+            return Err(self.planted(name, kind(&st), "a regular file"));
+        }
+        Ok(st.st_size as u64)
     }
 
+    /// Anything at the name counts, a planted link included (`init` must
+    /// not take such a directory for empty).
+    fn exists(&self, name: &str) -> bool {
+        let Ok((dir, leaf)) = split_name(name) else {
+            return false;
+        };
+        self.dir(dir)
+            .is_ok_and(|at| fstatat(&at, leaf, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok())
+    }
+
+    /// Replaces `name` by a new file: an old regular file there is unlinked
+    /// first (a hard link planted there to a file elsewhere is never written
+    /// through), anything else is refused.
     fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()> {
         self.forget(name);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(self.path(name))?;
-        f.write_all(data)
+        let (dir, leaf) = split_name(name)?;
+        let at = self.dir(dir)?;
+        match fstatat(&at, leaf, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if kind(&st) == SFlag::S_IFREG => {
+                match unlinkat(&at, leaf, UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(st) => return Err(self.planted(name, kind(&st), "a regular file")),
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let fd = openat(
+            &at,
+            leaf,
+            OFlag::O_WRONLY
+                | OFlag::O_CREAT
+                | OFlag::O_EXCL
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NOCTTY,
+            file_mode(),
+        )
+        .map_err(|e| self.diagnose(at.as_fd(), leaf, name, SFlag::S_IFREG, e))?;
+        File::from(fd).write_all(data)
     }
 
     fn append(&self, name: &str, data: &[u8]) -> io::Result<()> {
@@ -228,54 +474,89 @@ impl Storage for FsStorage {
     }
 
     fn sync(&self, name: &str) -> io::Result<()> {
-        let f = match self.handles.lock().get(name) {
-            Some(f) => f.clone(),
-            None => Arc::new(File::open(self.path(name))?),
+        let cached = self.handles.lock().get(name).cloned();
+        let f = match cached {
+            Some(f) => f,
+            None => Arc::new(self.open_file(name, Access::Read)?),
         };
         f.sync_data()
     }
 
+    /// Moves only a regular file into place (never a link planted at `from`).
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         self.forget(from);
         self.forget(to);
-        std::fs::rename(self.path(from), self.path(to))
+        let (fdir, fleaf) = split_name(from)?;
+        let (tdir, tleaf) = split_name(to)?;
+        let fat = self.dir(fdir)?;
+        let tat = self.dir(tdir)?;
+        let st = fstatat(&fat, fleaf, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        if kind(&st) != SFlag::S_IFREG {
+            return Err(self.planted(from, kind(&st), "a regular file"));
+        }
+        renameat(&fat, fleaf, &tat, tleaf)
+            .map_err(|e| self.diagnose(tat.as_fd(), tleaf, to, SFlag::S_IFREG, e))
     }
 
+    /// Unlinks the name itself: a planted link goes, never its target.
     fn remove(&self, name: &str) -> io::Result<()> {
         self.forget(name);
-        std::fs::remove_file(self.path(name))
+        let (dir, leaf) = split_name(name)?;
+        let at = self.dir(dir)?;
+        unlinkat(&at, leaf, UnlinkatFlags::NoRemoveDir)
+            .map_err(|e| self.diagnose(at.as_fd(), leaf, name, SFlag::S_IFREG, e))
     }
 
     fn sync_dir(&self, dir: &str) -> io::Result<()> {
-        File::open(self.path(dir))?.sync_all()
+        Ok(fsync(self.dir(dir)?)?)
     }
 
     fn create_dir(&self, dir: &str) -> io::Result<()> {
-        match std::fs::create_dir(self.path(dir)) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            r => r,
+        let (parent, leaf) = split_name(dir)?;
+        let at = self.dir(parent)?;
+        match mkdirat(&at, leaf, Mode::from_bits_truncate(0o777)) {
+            Ok(()) => Ok(()),
+            Err(Errno::EEXIST) => {
+                let st = fstatat(&at, leaf, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+                if kind(&st) == SFlag::S_IFDIR {
+                    Ok(())
+                } else {
+                    Err(self.planted(dir, kind(&st), "a directory"))
+                }
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
     fn list(&self, dir: &str) -> io::Result<Vec<String>> {
+        let at = self.dir(dir)?;
+        // A descriptor of its own: reading a directory moves its offset.
+        let fd = openat(
+            &at,
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut d = Dir::from_fd(fd)?;
         let mut v = Vec::new();
-        for e in std::fs::read_dir(self.path(dir))? {
-            v.push(e?.file_name().to_string_lossy().into_owned());
+        for e in d.iter() {
+            let e = e?;
+            let n = e.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                v.push(String::from_utf8_lossy(n).into_owned());
+            }
         }
         v.sort();
         Ok(v)
     }
 
     fn space(&self) -> io::Result<(u64, u64)> {
-        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: `c` is a valid NUL-terminated path and `s` a valid out-pointer.
-        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let frsize = s.f_frsize as u64;
-        Ok((s.f_blocks as u64 * frsize, s.f_bavail as u64 * frsize))
+        let s = fstatvfs(self.top()?)?;
+        let frsize = s.fragment_size() as u64;
+        Ok((
+            s.blocks() as u64 * frsize,
+            s.blocks_available() as u64 * frsize,
+        ))
     }
 
     fn describe(&self) -> String {
@@ -287,6 +568,7 @@ impl Storage for FsStorage {
         let Some(f) = self.handles.lock().get(name).cloned() else {
             return;
         };
+        // nix has no sync_file_range.
         // SAFETY: sync_file_range on a descriptor we own; integer arguments only.
         unsafe {
             libc::sync_file_range(
@@ -299,36 +581,29 @@ impl Storage for FsStorage {
     }
 
     fn lock_readers_shared(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
-        let f = self.open_lock_file(crate::format::READERS_FILE)?;
-        flock(&f, libc::LOCK_SH)?;
+        let f = self.open_file(crate::format::READERS_FILE, Access::Lock)?;
+        f.lock_shared()?;
         Ok(Box::new(f))
     }
 
     fn try_lock_readers_exclusive(
         &self,
     ) -> io::Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
-        let f = self.open_lock_file(crate::format::READERS_FILE)?;
-        match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+        let f = self.open_file(crate::format::READERS_FILE, Access::Lock)?;
+        match f.try_lock() {
             Ok(()) => Ok(Some(Box::new(f))),
-            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
-            Err(e) => Err(e),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(e)) => Err(e),
         }
     }
 
     fn lock_exclusive(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
-        use std::io::{Read, Seek};
-        use std::os::fd::AsRawFd;
-        let mut f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(self.path(crate::format::LOCK_FILE))?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        use std::io::Seek;
+        use std::os::unix::fs::MetadataExt;
+        let mut f = self.open_file(crate::format::LOCK_FILE, Access::Lock)?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
                 let mut holder = String::new();
                 let _ = f.read_to_string(&mut holder);
                 return Err(io::Error::new(
@@ -336,11 +611,21 @@ impl Storage for FsStorage {
                     format!("held by {}", holder.trim()),
                 ));
             }
-            return Err(err);
+            Err(TryLockError::Error(e)) => return Err(e),
         }
-        f.set_len(0)?;
-        f.seek(io::SeekFrom::Start(0))?;
-        writeln!(f, "pid {}", std::process::id())?;
+        // The holder's pid is a courtesy for messages: a lock file with other
+        // names (a hard link to a file elsewhere) is locked but never truncated.
+        let links = f.metadata()?.nlink();
+        if links == 1 {
+            f.set_len(0)?;
+            f.seek(io::SeekFrom::Start(0))?;
+            writeln!(f, "pid {}", std::process::id())?;
+        } else {
+            log::warn!(
+                "{} has {links} names (hard links); kmsfs locks it but does not write to it",
+                self.root.join(crate::format::LOCK_FILE).display()
+            );
+        }
         Ok(Box::new(f))
     }
 }
@@ -700,6 +985,52 @@ mod tests {
         s.append("a", b"12345").unwrap();
         let e = s.append("a", b"123456").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+    }
+
+    #[test]
+    fn backing_names_stay_inside_the_volume() {
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "seg/../../x",
+            "seg/..",
+            "./kmsfs.root",
+            "seg//a",
+            "seg/",
+            "/",
+            "a\0b",
+        ] {
+            let e = components(bad).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+            assert!(e.to_string().contains("plain relative name"), "{e}");
+        }
+        assert_eq!(components("").unwrap(), Vec::<&str>::new());
+        assert_eq!(components("seg/0001.seg").unwrap(), vec!["seg", "0001.seg"]);
+        assert_eq!(split_name("kmsfs.root").unwrap(), ("", "kmsfs.root"));
+        assert_eq!(split_name("seg/a").unwrap(), ("seg", "a"));
+        assert!(split_name("").is_err());
+
+        // Every operation refuses them before touching anything.
+        let d = tempfile::tempdir().unwrap();
+        let inner = d.path().join("vol");
+        std::fs::create_dir(&inner).unwrap();
+        std::fs::write(d.path().join("x"), b"victim").unwrap();
+        let s = FsStorage::new(&inner);
+        for bad in ["../x", "/etc/passwd", "seg/../../x"] {
+            let kind = io::ErrorKind::InvalidInput;
+            assert_eq!(s.read(bad).unwrap_err().kind(), kind);
+            assert_eq!(s.len(bad).unwrap_err().kind(), kind);
+            assert_eq!(s.write_file(bad, b"x").unwrap_err().kind(), kind);
+            assert_eq!(s.append(bad, b"x").unwrap_err().kind(), kind);
+            assert_eq!(s.remove(bad).unwrap_err().kind(), kind);
+            assert_eq!(s.rename(bad, "y").unwrap_err().kind(), kind);
+            assert_eq!(s.rename("y", bad).unwrap_err().kind(), kind);
+            assert_eq!(s.sync_dir(bad).unwrap_err().kind(), kind);
+            assert_eq!(s.create_dir(bad).unwrap_err().kind(), kind);
+            assert_eq!(s.list(bad).unwrap_err().kind(), kind);
+            assert!(!s.exists(bad));
+        }
+        assert_eq!(std::fs::read(d.path().join("x")).unwrap(), b"victim");
     }
 
     #[test]
