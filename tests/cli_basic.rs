@@ -140,7 +140,8 @@ fn init_creates_and_refuses() {
         "--block-size",
         "3K",
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
+    // A bad size is a usage error (docs/EXIT-CODES.md).
+    assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
     assert!(
         !env.root().join("y").exists(),
         "a failed init leaves no directory behind"

@@ -265,7 +265,7 @@ fn tampered_snapshot_blocks_are_detected() {
     let seg = storage
         .names()
         .into_iter()
-        .filter(|n| n.starts_with("seg/"))
+        .filter(|n| n.starts_with("seg/") && n.ends_with(".seg"))
         .nth(1)
         .unwrap();
     let s = storage.reboot();

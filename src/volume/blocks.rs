@@ -4,6 +4,15 @@
 //! appended to the current segment until it reaches the segment size; a new
 //! session always starts a new segment, so a torn tail left by a crash is never
 //! written after. Nothing here overwrites a byte that was written before.
+//!
+//! Tree nodes are written twice ("ditto blocks"): each node record also goes
+//! to the segment's mirror file `seg/N.meta` (same segment header, then the
+//! node records only, appended in the same order). A record is position
+//! independent (its AAD binds its id and kind, not where it lies), so when a
+//! node cannot be read or verified in `seg/N.seg` (the file is missing,
+//! truncated or damaged), the copy with the same block id and tag in
+//! `seg/N.meta` serves instead: losing one backing file loses at most the
+//! data blocks it held, never the tree.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -31,7 +40,15 @@ struct Writer {
     written_back: u64,
     next_segment: u64,
     unsynced: BTreeSet<u64>,
+    /// Segments whose mirror file exists (written this session).
+    mirrored: BTreeSet<u64>,
+    unsynced_mirrors: BTreeSet<u64>,
     new_files: bool,
+}
+
+/// The mirror file of segment `id` (see the module comment).
+pub fn mirror_file_name(id: u64) -> String {
+    format!("{SEGMENT_DIR}/{id:016x}.meta")
 }
 
 /// A sealed record ready to append: (record bytes, block id, tag).
@@ -51,7 +68,12 @@ pub struct BlockIo {
     pub data_cache: BlockCache,
     nodes: Vec<Mutex<NodeShard>>,
     node_shard_bytes: usize,
+    /// Where each node record lies in a mirror file, built on the first
+    /// fallback to that mirror: segment id -> block id -> (offset, length).
+    mirror_index: Mutex<std::collections::HashMap<u64, Arc<MirrorIndex>>>,
 }
+
+type MirrorIndex = std::collections::HashMap<[u8; 16], (u64, usize)>;
 
 /// Decoded tree nodes, bounded by their encoded size.
 struct NodeShard {
@@ -78,8 +100,11 @@ impl BlockIo {
                 written_back: 0,
                 next_segment,
                 unsynced: BTreeSet::new(),
+                mirrored: BTreeSet::new(),
+                unsynced_mirrors: BTreeSet::new(),
                 new_files: false,
             }),
+            mirror_index: Mutex::new(std::collections::HashMap::new()),
             data_cache: BlockCache::new(cache_bytes),
             nodes: (0..NODE_CACHE_SHARDS)
                 .map(|_| {
@@ -153,6 +178,27 @@ impl BlockIo {
         let end = len + rec.len() as u64;
         w.current = Some((id, end));
         w.unsynced.insert(id);
+        if rec.get(4) == Some(&(BlockKind::Node as u8)) {
+            let mirror = mirror_file_name(id);
+            let r = if w.mirrored.contains(&id) {
+                self.storage.append(&mirror, rec)
+            } else {
+                self.storage
+                    .append(&mirror, &format::encode_segment_header(&self.volume_id, id))
+                    .and_then(|()| self.storage.append(&mirror, rec))
+            };
+            if let Err(e) = r {
+                // The node is in the segment but not mirrored: fail the
+                // write like a failed append (the caller retries or reports),
+                // and never append after a torn mirror tail.
+                w.current = None;
+                return Err(Error::io(format!("mirror {mirror}"), e));
+            }
+            if w.mirrored.insert(id) {
+                w.new_files = true;
+            }
+            w.unsynced_mirrors.insert(id);
+        }
         // Keep the device busy while we write, instead of all at the next sync.
         if end - w.written_back >= WRITEBACK_STEP {
             self.storage
@@ -227,14 +273,106 @@ impl BlockIo {
     }
 
     /// Reads the raw record a pointer names and checks that it is the record
-    /// the pointer expects (length, id, tag), without decrypting.
+    /// the pointer expects (length, id, tag), without decrypting. A tree node
+    /// that fails here is read from its mirror instead.
     pub fn read_raw(&self, p: &BlockPtr, kind: BlockKind) -> Result<Vec<u8>> {
         Self::check_len(p, kind)?;
-        let rec = self.fetch_vec(p.segment, p.offset as u64, p.len as usize, &|| {
-            format!("{kind:?} {p:?}")
+        let primary = self
+            .fetch_vec(p.segment, p.offset as u64, p.len as usize, &|| {
+                format!("{kind:?} {p:?}")
+            })
+            .and_then(|rec| Self::check_record(&rec, p, kind).map(|()| rec));
+        match primary {
+            Err(e @ Error::Integrity { .. }) if kind == BlockKind::Node => {
+                let rec = self.mirror_record(p).map_err(|_| e)?;
+                self.warn_mirror_used(p);
+                Ok(rec)
+            }
+            r => r,
+        }
+    }
+
+    /// The copy of node `p` in its segment's mirror file, checked like the
+    /// original (length, kind, id, tag).
+    fn mirror_record(&self, p: &BlockPtr) -> Result<Vec<u8>> {
+        let index = self.mirror_index_of(p.segment)?;
+        let name = mirror_file_name(p.segment);
+        let &(offset, len) = index.get(&p.block_id).ok_or_else(|| {
+            Error::integrity(format!("Node {p:?}"), format!("no copy in mirror {name}"))
         })?;
-        Self::check_record(&rec, p, kind)?;
+        let rec = self
+            .storage
+            .read_at_vec(&name, offset, len)
+            .map_err(|e| Error::io(&name, e))?;
+        Self::check_record(&rec, p, BlockKind::Node)?;
         Ok(rec)
+    }
+
+    fn warn_mirror_used(&self, p: &BlockPtr) {
+        log::warn!(
+            "tree node {} in {} is damaged or missing; using its copy in {} \
+             (run `kmsfs fsck` to see what else is damaged)",
+            format::hex(&p.block_id),
+            segment_file_name(p.segment),
+            mirror_file_name(p.segment)
+        );
+    }
+
+    /// For fsck: whether each copy of node `p` (in its segment, in the
+    /// segment's mirror) reads and verifies, without falling back.
+    pub fn check_node_copies(&self, p: &BlockPtr) -> (Result<()>, Result<()>) {
+        let aad = block_aad(&self.volume_id, &p.block_id, BlockKind::Node);
+        let open = |rec: Vec<u8>| -> Result<()> {
+            self.sealer
+                .open(&aad, &rec[RECORD_HEADER_LEN..])
+                .map(|_| ())
+                .map_err(|e| Error::integrity(format!("Node {p:?}"), e))
+        };
+        let primary = Self::check_len(p, BlockKind::Node)
+            .and_then(|()| {
+                self.fetch_vec(p.segment, p.offset as u64, p.len as usize, &|| {
+                    format!("Node {p:?}")
+                })
+            })
+            .and_then(|rec| Self::check_record(&rec, p, BlockKind::Node).map(|()| rec))
+            .and_then(open);
+        let mirror = self.mirror_record(p).and_then(open);
+        (primary, mirror)
+    }
+
+    /// Where each record of a mirror file lies, read once per mirror.
+    fn mirror_index_of(&self, segment: u64) -> Result<Arc<MirrorIndex>> {
+        if let Some(i) = self.mirror_index.lock().get(&segment) {
+            return Ok(i.clone());
+        }
+        let name = mirror_file_name(segment);
+        let bytes = self.storage.read(&name).map_err(|e| Error::io(&name, e))?;
+        let mut index = MirrorIndex::new();
+        let mut at = SEGMENT_HEADER_LEN;
+        // Records back to back; a torn or damaged tail ends the scan.
+        while let Some(len) = bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        {
+            let Some(rec) = bytes.get(at..at.saturating_add(4).saturating_add(len)) else {
+                break;
+            };
+            if len < 1 + 16 + 16 {
+                break;
+            }
+            if let Ok(id) = <[u8; 16]>::try_from(&rec[5..21]) {
+                index.insert(id, (at as u64, rec.len()));
+            }
+            at += rec.len();
+        }
+        let index = Arc::new(index);
+        self.mirror_index.lock().insert(segment, index.clone());
+        Ok(index)
+    }
+
+    /// Forgets what is known of a mirror file (deleted or rewritten).
+    pub fn forget_mirror(&self, segment: u64) {
+        self.mirror_index.lock().remove(&segment);
     }
 
     fn open_record(&self, rec: &[u8], p: &BlockPtr, kind: BlockKind) -> Result<Vec<u8>> {
@@ -369,13 +507,27 @@ impl BlockIo {
             .collect()
     }
 
-    /// Reads and decrypts a block.
+    /// Reads and decrypts a block (a tree node from its mirror when the
+    /// original fails to read or to verify).
     pub fn read_block(&self, p: &BlockPtr, kind: BlockKind) -> Result<Vec<u8>> {
         let rec = self.read_raw(p, kind)?;
         let aad = block_aad(&self.volume_id, &p.block_id, kind);
-        self.sealer
-            .open(&aad, &rec[RECORD_HEADER_LEN..])
-            .map_err(|e| Error::integrity(format!("{kind:?} {p:?}"), e))
+        match self.sealer.open(&aad, &rec[RECORD_HEADER_LEN..]) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let e = Error::integrity(format!("{kind:?} {p:?}"), e);
+                if kind != BlockKind::Node {
+                    return Err(e);
+                }
+                let rec = self.mirror_record(p).map_err(|_| e)?;
+                let v = self
+                    .sealer
+                    .open(&aad, &rec[RECORD_HEADER_LEN..])
+                    .map_err(|e| Error::integrity(format!("{kind:?} {p:?} (mirror)"), e))?;
+                self.warn_mirror_used(p);
+                Ok(v)
+            }
+        }
     }
 
     /// Data block through the decrypted-block cache.
@@ -405,6 +557,14 @@ impl BlockIo {
                 .sync(&name)
                 .map_err(|e| Error::io(format!("segment {name}"), e))?;
             w.unsynced.remove(&id);
+        }
+        let ids: Vec<u64> = w.unsynced_mirrors.iter().copied().collect();
+        for id in ids {
+            let name = mirror_file_name(id);
+            self.storage
+                .sync(&name)
+                .map_err(|e| Error::io(format!("mirror {name}"), e))?;
+            w.unsynced_mirrors.remove(&id);
         }
         if w.new_files {
             self.storage

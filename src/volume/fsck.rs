@@ -93,8 +93,28 @@ impl Volume {
         let mut present = HashSet::new();
         for n in names {
             let Some(id) = format::parse_segment_file_name(&n) else {
-                r.warnings
-                    .push(format!("unexpected file {}/{n}", format::SEGMENT_DIR));
+                // A node mirror: its header must name this volume and segment.
+                let mirror_id = n
+                    .strip_suffix(".meta")
+                    .and_then(|stem| format::parse_segment_file_name(&format!("{stem}.seg")));
+                match mirror_id {
+                    Some(id) => {
+                        let name = super::blocks::mirror_file_name(id);
+                        let mut h = [0u8; format::SEGMENT_HEADER_LEN];
+                        let ok = storage.read_at(&name, 0, &mut h).is_ok()
+                            && matches!(format::decode_segment_header(&h),
+                                Ok((vid, sid)) if vid == self.header.key_domain && sid == id);
+                        if !ok {
+                            r.errors.push(format!(
+                                "mirror {name}: damaged header, or it belongs to another volume \
+                                 or segment"
+                            ));
+                        }
+                    }
+                    None => r
+                        .warnings
+                        .push(format!("unexpected file {}/{n}", format::SEGMENT_DIR)),
+                }
                 continue;
             };
             present.insert(id);
@@ -141,10 +161,13 @@ impl Volume {
         let mut f = TreeFacts::default();
         let mut errors = Vec::new();
         let mut node_count = 0u64;
+        let mut node_ptrs: Vec<BlockPtr> = Vec::new();
+        let mut checked_nodes: HashSet<[u8; 16]> = HashSet::new();
         {
             let mut on_node = |p: &BlockPtr| {
                 segs.insert(p.segment);
                 node_count += 1;
+                node_ptrs.push(*p);
                 true
             };
             let mut on_entry = |k: &[u8], v: &[u8]| -> Result<()> {
@@ -197,6 +220,37 @@ impl Volume {
                 node_errors.push(format!("{label}: tree node {p:?}: {e}"))
             })?;
             errors.extend(node_errors);
+        }
+        // Both copies of every node: the walk above reads through the mirror
+        // when a segment copy fails, so damage to either is found only here.
+        for p in &node_ptrs {
+            if !checked_nodes.insert(p.block_id) {
+                continue;
+            }
+            let (primary, mirror) = self.io.check_node_copies(p);
+            let seg = format::segment_file_name(p.segment);
+            let mirror_name = super::blocks::mirror_file_name(p.segment);
+            match (&primary, &mirror) {
+                (Ok(()), Ok(())) => {}
+                (Err(e), Ok(())) => errors.push(format!(
+                    "{label}: tree node in {seg} is damaged ({e}); its copy in {mirror_name} \
+                     is intact and serves instead"
+                )),
+                (Ok(()), Err(e)) if !self.io.storage.exists(&mirror_name) => {
+                    let _ = e;
+                    r.warnings.push(format!(
+                        "{label}: {mirror_name} is missing: tree nodes of {seg} have no second \
+                         copy (written by an older kmsfs, or the file was deleted)"
+                    ));
+                }
+                (Ok(()), Err(e)) => errors.push(format!(
+                    "{label}: the copy of a tree node in {mirror_name} is damaged ({e}); the \
+                     original in {seg} is intact"
+                )),
+                (Err(e), Err(_)) => errors.push(format!(
+                    "{label}: tree node in {seg} is damaged ({e}) and has no intact copy"
+                )),
+            }
         }
         r.nodes_checked += node_count;
         // Paths for messages.

@@ -2170,6 +2170,47 @@ impl Volume {
         self.commit()
     }
 
+    /// Removes the node mirror of a segment being deleted; returns its size.
+    fn remove_mirror(&self, id: u64) -> Result<u64> {
+        let name = blocks::mirror_file_name(id);
+        self.io.forget_mirror(id);
+        match self.io.storage.len(&name) {
+            Ok(n) => {
+                self.io
+                    .storage
+                    .remove(&name)
+                    .map_err(|e| Error::io(&name, e))?;
+                Ok(n)
+            }
+            Err(_) => Ok(0),
+        }
+    }
+
+    /// The pointers of every tree node reachable from the live tree and the
+    /// snapshots (tests locate live records with it).
+    #[doc(hidden)]
+    pub fn node_pointers(&self) -> Result<Vec<BlockPtr>> {
+        let trees = self.all_trees(&self.st.read());
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for t in trees {
+            t.walk(
+                self.nodes(),
+                &mut |p| {
+                    if seen.insert(p.block_id) {
+                        out.push(*p);
+                        true
+                    } else {
+                        false
+                    }
+                },
+                &mut |_, _| Ok(()),
+                &mut |_, _| {},
+            )?;
+        }
+        Ok(out)
+    }
+
     /// Every tree to keep alive: the live one and each snapshot's.
     fn all_trees(&self, st: &State) -> Vec<Tree> {
         let mut v = vec![st.tree.clone()];
@@ -2299,8 +2340,8 @@ impl Volume {
         for (id, size) in &empty {
             let name = format::segment_file_name(*id);
             storage.remove(&name).map_err(|e| Error::io(&name, e))?;
+            stats.bytes_freed += size + self.remove_mirror(*id)?;
             stats.segments_removed += 1;
-            stats.bytes_freed += size;
             removed = true;
         }
         if removed {
@@ -2377,6 +2418,7 @@ impl Volume {
             let name = format::segment_file_name(id);
             if storage.len(&name).is_ok() {
                 storage.remove(&name).map_err(|e| Error::io(&name, e))?;
+                stats.bytes_freed += self.remove_mirror(id)?;
                 stats.segments_removed += 1;
                 removed = true;
             }
