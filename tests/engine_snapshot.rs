@@ -290,12 +290,15 @@ fn tampered_snapshot_blocks_are_detected() {
         Err(e) => e,
     };
     assert_eq!(e.errno(), libc::EIO);
-    // The root record authenticates the snapshot table: any change is refused.
+    // The root record authenticates the snapshot table: a change to both
+    // root slots is refused.
     let s = storage.reboot();
-    s.with_file(kmsfs::format::ROOT_FILE, |d| {
-        let n = d.len();
-        d[n - 30] ^= 1;
-    });
+    for slot in kmsfs::volume::ROOT_SLOTS {
+        s.with_file(slot, |d| {
+            let n = d.len();
+            d[n - 30] ^= 1;
+        });
+    }
     assert_eq!(
         Volume::open(Arc::new(s), &env.kms, Default::default())
             .err()

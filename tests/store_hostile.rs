@@ -390,7 +390,9 @@ fn root_symlink_is_refused_on_open_and_replaced_by_a_commit() {
     });
     let v = fx.open_rw().unwrap();
     plant_symlink(&fx.p(format::ROOT_FILE), &victim.path);
+    // Commits alternate between the two root slots: the second replaces it.
     write_and_commit(&v, b"g").unwrap();
+    write_and_commit(&v, b"h").unwrap();
     v.close().unwrap();
     victim.assert_intact();
     assert!(is_regular(&fx.p(format::ROOT_FILE)));

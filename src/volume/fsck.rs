@@ -88,6 +88,21 @@ impl Volume {
                 },
             }
         }
+        // Both root slots: the newest is in use; the other is the fallback.
+        for name in super::ROOT_SLOTS {
+            match storage.read(name) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => r.warnings.push(format!(
+                    "root record {name} is missing: no fallback commit (a volume not written \
+                     since it was created or last opened by an older kmsfs)"
+                )),
+                Err(e) => r.errors.push(format!("root record {name}: {e}")),
+                Ok(b) => {
+                    if let Err(e) = self.check_root_record(&b) {
+                        r.errors.push(format!("root record {name}: {e}"));
+                    }
+                }
+            }
+        }
         // Segment files.
         let names = storage.list(format::SEGMENT_DIR).unwrap_or_default();
         let mut present = HashSet::new();

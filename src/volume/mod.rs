@@ -220,6 +220,14 @@ struct State {
     /// Open handles per inode (unlinked inodes live until the last close).
     open: HashMap<u64, u32>,
     changed: bool,
+    /// Which root slot ([`ROOT_SLOTS`]) holds the newest commit; the next
+    /// commit goes to the other one.
+    newest_slot: usize,
+    /// The trees of the commit in the other slot (the previous one): the
+    /// fallback if the newest slot is damaged, so the cleaner keeps them.
+    previous: Vec<BlockPtr>,
+    /// The trees of the newest commit (they become `previous` at the next).
+    committed: Vec<BlockPtr>,
 }
 
 pub struct Volume {
@@ -329,8 +337,68 @@ fn sign_header_with(h: &Header, mac_key: &SecretKey) -> Vec<u8> {
     b
 }
 
+/// The two root record slots. A commit replaces the slot that does not hold
+/// the newest commit, so the newest stays intact while the other is being
+/// written, and one damaged or lost root file costs at most the last commit.
+pub const ROOT_SLOTS: [&str; 2] = [format::ROOT_FILE, "kmsfs.root.1"];
+
+/// One root slot as read from the backing store (not yet authenticated).
+struct RootSlot {
+    index: usize,
+    bytes: Vec<u8>,
+    /// Volume id and generation from the plaintext prefix (None: unparsable).
+    vid: Option<[u8; 16]>,
+    generation: u64,
+}
+
+/// Reads the root slots that exist, newest (claimed) generation first. An
+/// unreadable or unparsable slot is kept (it sorts last) so that opening can
+/// say what it skipped; no slot at all is an error.
+fn read_root_slots(storage: &dyn Storage) -> Result<Vec<RootSlot>> {
+    let mut slots = Vec::new();
+    let mut missing = 0;
+    for (index, name) in ROOT_SLOTS.iter().enumerate() {
+        match storage.read(name) {
+            Ok(bytes) => {
+                let (vid, generation) = match format::split_root(&bytes) {
+                    Ok((vid, g, _, _)) => (Some(vid), g),
+                    Err(_) => (None, 0),
+                };
+                slots.push(RootSlot {
+                    index,
+                    bytes,
+                    vid,
+                    generation,
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing += 1,
+            Err(e) => return Err(Error::io(*name, e)),
+        }
+    }
+    if missing == ROOT_SLOTS.len() {
+        return Err(Error::Format(format!(
+            "{}: the root record ({}) is missing: the volume was never completely created, or the \
+             files were deleted. Run `kmsfs fsck` for details",
+            storage.describe(),
+            ROOT_SLOTS.join(", ")
+        )));
+    }
+    slots.sort_by_key(|s| {
+        (
+            std::cmp::Reverse(s.vid.is_some()),
+            std::cmp::Reverse(s.generation),
+        )
+    });
+    Ok(slots)
+}
+
 fn write_durably(storage: &dyn Storage, name: &str, data: &[u8]) -> Result<()> {
-    let tmp = format!("{name}.tmp");
+    write_durably_via(storage, &format!("{name}.tmp"), name, data)
+}
+
+/// As [`write_durably`], through the temporary file `tmp`.
+fn write_durably_via(storage: &dyn Storage, tmp: &str, name: &str, data: &[u8]) -> Result<()> {
+    let tmp = tmp.to_string();
     storage
         .write_file(&tmp, data)
         .map_err(|e| Error::io(&tmp, e))?;
@@ -348,7 +416,7 @@ impl Volume {
         kms: &dyn Kms,
         opts: &CreateOptions,
     ) -> Result<[u8; 16]> {
-        if storage.exists(format::HEADER_FILE) || storage.exists(format::ROOT_FILE) {
+        if storage.exists(format::HEADER_FILE) || ROOT_SLOTS.iter().any(|n| storage.exists(n)) {
             return Err(Error::AlreadyExists(format!(
                 "{} already holds a kmsfs volume; choose an empty directory",
                 storage.describe()
@@ -426,19 +494,17 @@ impl Volume {
         };
         let primary = read_header(&*storage, kms, format::HEADER_FILE);
         let backup = || read_header(&*storage, kms, format::HEADER_BACKUP_FILE);
-        let root_bytes = storage.read(format::ROOT_FILE).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Format(format!(
-                    "{}: the root record {} is missing: the volume was never completely created, or the file was deleted. Run `kmsfs fsck` for details",
-                    storage.describe(),
-                    format::ROOT_FILE
-                ))
-            } else {
-                Error::io(format::ROOT_FILE, e)
-            }
+        let slots = read_root_slots(&*storage)?;
+        let root_vid = slots.iter().find_map(|s| s.vid).ok_or_else(|| {
+            Error::integrity(
+                "root record",
+                format!(
+                    "every copy ({}) is damaged; run `kmsfs salvage` on a backup, or restore the \
+                     volume directory from one",
+                    ROOT_SLOTS.join(", ")
+                ),
+            )
         })?;
-        let (root_vid, _, _, _) = format::split_root(&root_bytes)
-            .map_err(|e| Error::integrity(format!("root record {}", format::ROOT_FILE), e))?;
         // Use the primary header unless it is damaged or belongs to another volume.
         let (header, dk, repair) = match primary {
             Ok((h, dk)) if h.volume_id == root_vid => (h, dk, false),
@@ -489,33 +555,106 @@ impl Volume {
             }
         }
         let accept_rollback = opts.accept_rollback;
-        let vol = Volume::assemble(
-            storage,
-            header,
-            dk,
-            Some(&root_bytes),
-            read_only,
-            opts,
-            Some(lock),
-        )?;
-        // Rollback: the KMS keeps the highest generation this volume reached.
+        // The newest intact commit: a root slot that unseals and whose tree
+        // answers for the root directory. A damaged newer slot is skipped, and
+        // said so.
+        let mut skipped: Vec<(&'static str, u64, String)> = Vec::new();
+        let mut chosen: Option<(Volume, usize)> = None;
+        for s in &slots {
+            let attempt = Volume::assemble(
+                storage.clone(),
+                header.clone(),
+                dk.duplicate(),
+                Some(&s.bytes),
+                read_only,
+                opts.clone(),
+                None,
+            )
+            .and_then(|v| v.getattr(ROOT_INO).map(|_| v));
+            match attempt {
+                Ok(v) => {
+                    chosen = Some((v, s.index));
+                    break;
+                }
+                // Damage skips to the next slot; anything else (an unknown
+                // snapshot name, an I/O error) is the answer as it is.
+                Err(e @ Error::Integrity { .. }) => {
+                    skipped.push((ROOT_SLOTS[s.index], s.generation, e.to_string()))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        drop(dk);
+        let Some((mut vol, slot)) = chosen else {
+            let why: Vec<String> = skipped
+                .iter()
+                .map(|(name, _, e)| format!("{name}: {e}"))
+                .collect();
+            return Err(Error::integrity(
+                "root record",
+                format!(
+                    "no intact commit: {}. Run `kmsfs salvage` on a backup, or restore the volume \
+                     directory from one",
+                    why.join("; ")
+                ),
+            ));
+        };
+        vol._lock = Some(lock);
+        vol.st.write().newest_slot = slot;
+        vol.load_previous_root(&slots, slot);
         let generation = vol.generation();
+        for s in slots.iter().filter(|s| s.vid.is_none() && s.index != slot) {
+            log::warn!(
+                "{}: root record {} is damaged (unreadable); it is rewritten by the next commit",
+                vol.io.storage.describe(),
+                ROOT_SLOTS[s.index]
+            );
+        }
+        for (name, g, why) in &skipped {
+            log::warn!(
+                "{}: skipped the commit in {name} (generation {g}): {why}; opened generation \
+                 {generation}: the changes of the skipped commit are lost",
+                vol.io.storage.describe()
+            );
+        }
+        // Rollback: the KMS keeps the highest generation this volume reached.
+        // Falling back over a damaged newest root is not a rollback, but it
+        // only ever goes one commit back (an attacker who damages the newest
+        // copy gains at most that).
+        // A missing slot counts as damaged: every volume written since it was
+        // created has both.
+        let fell_back = !skipped.is_empty()
+            || slots.len() < ROOT_SLOTS.len()
+            || slots.iter().any(|s| s.vid.is_none());
         if let Some(mark) = kms.generation_mark(&vol.header.volume_id)?
             && generation < mark
         {
-            if !accept_rollback {
+            if fell_back && generation + 1 == mark {
+                log::warn!(
+                    "{}: the newest commit (generation {mark}) is damaged; continuing from \
+                     generation {generation}",
+                    vol.io.storage.describe()
+                );
+                let mut st = vol.st.write();
+                st.generation = mark;
+                st.changed = true;
+            } else if !accept_rollback {
                 return Err(Error::Rollback {
                     found: generation,
                     mark,
                 });
+            } else {
+                log::warn!(
+                    "{}: accepting a rollback from generation {mark} to {generation}",
+                    vol.io.storage.describe()
+                );
+                let mut st = vol.st.write();
+                st.generation = mark;
+                st.changed = true;
             }
-            log::warn!(
-                "{}: accepting a rollback from generation {mark} to {generation}",
-                vol.io.storage.describe()
-            );
-            let mut st = vol.st.write();
-            st.generation = mark;
-            st.changed = true;
+        } else if fell_back && !read_only {
+            // Rewrite the damaged slot at once (the next commit goes there).
+            vol.st.write().changed = true;
         }
         if !read_only {
             vol.purge_orphans()?;
@@ -609,6 +748,17 @@ impl Volume {
                 dirty_bytes: 0,
                 open: HashMap::new(),
                 changed: false,
+                // A new volume's first commit goes to slot 0.
+                newest_slot: if payload.is_some() { 0 } else { 1 },
+                previous: Vec::new(),
+                committed: payload
+                    .as_ref()
+                    .map(|p| {
+                        std::iter::once(p.tree)
+                            .chain(p.snapshots.iter().map(|s| s.tree))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }),
             header,
             root_sealer,
@@ -2052,7 +2202,23 @@ impl Volume {
         };
         let generation = st.generation + 1;
         let rec = self.seal_root(&self.header.volume_id, generation, &payload);
-        write_durably(&*self.io.storage, format::ROOT_FILE, &rec)?;
+        // Into the slot that does not hold the newest commit: that one stays
+        // intact whatever happens to this write.
+        let slot = 1 - st.newest_slot;
+        // Both slots go through the one kmsfs.root.tmp (commits are serial).
+        write_durably_via(
+            &*self.io.storage,
+            format::ROOT_TMP_FILE,
+            ROOT_SLOTS[slot],
+            &rec,
+        )?;
+        st.newest_slot = slot;
+        st.previous = std::mem::replace(
+            &mut st.committed,
+            std::iter::once(payload.tree)
+                .chain(payload.snapshots.iter().map(|s| s.tree))
+                .collect(),
+        );
         st.generation = generation;
         st.changed = false;
         self.raise_mark(generation);
@@ -2217,7 +2383,46 @@ impl Volume {
         for s in &st.snapshots {
             v.push(Tree::from_ptr(s.tree));
         }
+        // The previous commit's trees (the fallback slot) stay readable too.
+        v.extend(st.previous.iter().map(|p| Tree::from_ptr(*p)));
         v
+    }
+
+    /// fsck: whether a root record belongs to this volume and unseals.
+    pub(crate) fn check_root_record(&self, b: &[u8]) -> Result<()> {
+        let (vid, _, prefix, sealed) =
+            format::split_root(b).map_err(|e| Error::integrity("root record", e))?;
+        if vid != self.header.volume_id {
+            return Err(Error::integrity("root record", "belongs to another volume"));
+        }
+        let plain = self
+            .root_sealer
+            .open(prefix, sealed)
+            .map_err(|e| Error::integrity("root record", e))?;
+        RootPayload::decode(&plain).map_err(|e| Error::integrity("root record", e))?;
+        Ok(())
+    }
+
+    /// Notes the trees of the commit in the other root slot (if it is intact
+    /// and older), which the cleaner must keep as the fallback.
+    fn load_previous_root(&self, slots: &[RootSlot], newest: usize) {
+        let Some(other) = slots.iter().find(|s| s.index != newest) else {
+            return;
+        };
+        let Ok((vid, _, prefix, sealed)) = format::split_root(&other.bytes) else {
+            return;
+        };
+        if vid != self.header.volume_id {
+            return;
+        }
+        let Ok(plain) = self.root_sealer.open(prefix, sealed) else {
+            return;
+        };
+        if let Ok(p) = RootPayload::decode(&plain) {
+            self.st.write().previous = std::iter::once(p.tree)
+                .chain(p.snapshots.iter().map(|s| s.tree))
+                .collect();
+        }
     }
 
     /// Reclaims space: deletes segments nothing references and moves the live
@@ -2252,7 +2457,13 @@ impl Volume {
         self.freed_since_clean.store(false, Ordering::Relaxed);
         let _gate = self.append_gate.write();
         let mut st = self.st.write();
-        self.commit_locked(&mut st)?;
+        // Two commits, even with nothing pending: afterwards the fallback slot
+        // holds the same trees as the live one, so what the last changes freed
+        // is reclaimable now rather than one commit later.
+        for _ in 0..2 {
+            st.changed = true;
+            self.commit_locked(&mut st)?;
+        }
         let n = self.nodes();
         let storage = &self.io.storage;
         // Live bytes per segment, by walking every root once (shared blocks count once).
@@ -2409,6 +2620,10 @@ impl Volume {
             let m = moved.borrow();
             stats.blocks_moved = m.1.blocks_moved;
             stats.bytes_moved = m.1.bytes_moved;
+            st.changed = true;
+            self.commit_locked(&mut st)?;
+            // Twice: the other root slot (the fallback) still names the old
+            // places; after a second commit both slots name the new ones.
             st.changed = true;
             self.commit_locked(&mut st)?;
         }
