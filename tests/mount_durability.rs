@@ -246,3 +246,43 @@ fn a_panic_fails_one_request_and_loses_nothing() {
     m.unmount();
     env.assert_fsck_clean();
 }
+
+/// One root slot lost: the mount falls back to the commit before, says so in
+/// its log, and the next commit makes both slots whole again.
+#[test]
+fn mount_falls_back_over_a_lost_root_slot_and_says_so() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    fs::write(m.p("early"), b"committed first").unwrap();
+    File::open_sync(&m.p("early"));
+    fs::write(m.p("late"), b"committed last").unwrap();
+    File::open_sync(&m.p("late"));
+    m.kmsfs_umount(&env);
+    // The slot with the newest generation goes.
+    let newest = kmsfs::volume::ROOT_SLOTS
+        .iter()
+        .filter_map(|n| {
+            let b = fs::read(env.vol.join(n)).ok()?;
+            let (_, g, _, _) = kmsfs::format::split_root(&b).ok()?;
+            Some((g, *n))
+        })
+        .max()
+        .expect("a root slot");
+    fs::remove_file(env.vol.join(newest.1)).unwrap();
+    let m = env.mount();
+    assert_eq!(fs::read(m.p("early")).unwrap(), b"committed first");
+    m.kmsfs_umount(&env);
+    let log = env.log_text();
+    assert!(
+        log.contains(&format!(
+            "the newest commit (generation {}) is damaged",
+            newest.0
+        )),
+        "the log does not say what was skipped:\n{log}"
+    );
+    env.assert_fsck_clean();
+    for n in kmsfs::volume::ROOT_SLOTS {
+        assert!(env.vol.join(n).is_file(), "{n} was not rewritten");
+    }
+}
