@@ -28,9 +28,9 @@ use std::fmt::Debug;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
@@ -48,25 +48,36 @@ use kmsfs::format::{
 use kmsfs::kms::keystore::{self, LocalKeystore, Unlock};
 use kmsfs::kms::{EncryptionContext, Kms, KmsError, WrappedKey};
 use kmsfs::store::{FsStorage, MemStorage, Storage};
-use kmsfs::volume::blocks::BlockIo;
+use kmsfs::volume::blocks::{BlockIo, mirror_file_name};
 use kmsfs::volume::tree::{Child, Node, NodeStore, Tree};
 use kmsfs::volume::{CreateOptions, OpenOptions, ROOT_INO, RenameFlags, SetAttr, Volume};
 
 // ----- runner -----------------------------------------------------------------------
 
+/// Cases per cheap target: `KMSFS_FUZZ_CASES`, by default 2000 (200 in a debug
+/// build, which runs the full-path targets about ten times slower).
 fn base_cases() -> u32 {
     match std::env::var("KMSFS_FUZZ_CASES") {
         Ok(s) => s
             .trim()
             .parse()
             .unwrap_or_else(|_| panic!("KMSFS_FUZZ_CASES={s:?} is not a number")),
+        Err(_) if cfg!(debug_assertions) => 200,
         Err(_) => 2000,
     }
 }
 
 fn seed_for(name: &str) -> RngSeed {
     match std::env::var("KMSFS_FUZZ_SEED") {
-        Ok(s) if s.trim() == "random" => RngSeed::Random,
+        // A fresh seed, but a known one: failures print it, to be rerun with it.
+        Ok(s) if s.trim() == "random" => {
+            use std::hash::{BuildHasher, Hasher};
+            RngSeed::Fixed(
+                std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish(),
+            )
+        }
         Ok(s) => RngSeed::Fixed(
             s.trim()
                 .parse()
@@ -79,7 +90,23 @@ fn seed_for(name: &str) -> RngSeed {
     }
 }
 
-/// Runs `test` on `base_cases() / divisor` inputs drawn from `strategy`.
+/// How long one case may run before it counts as a hang (seconds).
+fn case_timeout() -> Duration {
+    Duration::from_secs(
+        std::env::var("KMSFS_FUZZ_CASE_TIMEOUT")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(120),
+    )
+}
+
+/// The case being run, for the watchdog: when it started, and the input.
+type Current = Arc<Mutex<Option<(Instant, Box<dyn Debug + Send>)>>>;
+
+/// Runs `test` on `base_cases() / divisor` inputs drawn from `strategy`. A panic is a
+/// failure (proptest shrinks the input and reports it); a case that runs longer than
+/// `KMSFS_FUZZ_CASE_TIMEOUT` seconds (default 120) is a hang: its input is printed and
+/// the process aborts, rather than the suite waiting forever.
 fn fuzz<S>(
     name: &str,
     divisor: u32,
@@ -87,7 +114,7 @@ fn fuzz<S>(
     test: impl Fn(S::Value) -> Result<(), TestCaseError>,
 ) where
     S: Strategy,
-    S::Value: Debug,
+    S::Value: Debug + Clone + Send + 'static,
 {
     let seed = seed_for(name);
     let config = Config {
@@ -97,8 +124,39 @@ fn fuzz<S>(
         rng_seed: seed,
         ..Config::default()
     };
+    let current: Current = Arc::new(Mutex::new(None));
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (current, done, name) = (current.clone(), done.clone(), name.to_string());
+        let limit = case_timeout();
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::park_timeout(Duration::from_millis(200));
+                let cur = current.lock().unwrap();
+                if let Some((started, input)) = cur.as_ref()
+                    && started.elapsed() > limit
+                {
+                    // Straight to stderr: the test harness's capture would be lost.
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "{name} (seed {seed}): a case has run for more than {limit:?} (a hang?); input: {input:#?}"
+                    );
+                    std::process::abort();
+                }
+            }
+        })
+    };
     let mut runner = TestRunner::new(config);
-    if let Err(e) = runner.run(&strategy, test) {
+    let result = runner.run(&strategy, |v| {
+        *current.lock().unwrap() = Some((Instant::now(), Box::new(v.clone())));
+        let r = test(v);
+        *current.lock().unwrap() = None;
+        r
+    });
+    done.store(true, Ordering::Relaxed);
+    watchdog.thread().unpark();
+    watchdog.join().unwrap();
+    if let Err(e) = result {
         panic!("{name} (seed {seed}): {e}");
     }
 }
@@ -1216,7 +1274,7 @@ fn keystore_file_full_path() {
     );
     fuzz(
         "keystore file mutated",
-        4,
+        1,
         cases,
         |(bytes, bak, bad_bak)| {
             let backup = match bak {
@@ -1241,7 +1299,7 @@ fn keystore_file_full_path() {
         2 => mutated(keystore_payload_strategy()),
     ];
     let sealer = Sealer::new(CipherKind::Aes256GcmSiv, &f.seal_key);
-    fuzz("keystore payload sealed", 4, payloads, |payload| {
+    fuzz("keystore payload sealed", 1, payloads, |payload| {
         let aad = &f.file[..KS_HEADER_LEN];
         let mut bytes = aad.to_vec();
         sealer.seal_into(aad, &payload, &mut bytes);
@@ -1277,7 +1335,7 @@ fn passphrase_keystore_file_full_path() {
     // any derivation, which the keyfile target covers for every value).
     fuzz(
         "passphrase keystore mutated",
-        16,
+        4,
         mutated(Just(file.clone())),
         |bytes| {
             if bytes.len() >= 23 && bytes[10] == 1 {
@@ -1326,6 +1384,8 @@ struct SegFixture {
     header: Vec<u8>,
     records: Vec<Vec<u8>>,
     ptrs: Vec<(BlockPtr, BlockKind)>,
+    /// The segment's mirror file (a second copy of its tree nodes).
+    mirror: Vec<u8>,
 }
 
 fn segment_fixture() -> SegFixture {
@@ -1362,6 +1422,7 @@ fn segment_fixture() -> SegFixture {
         header: seg[..format::SEGMENT_HEADER_LEN].to_vec(),
         records,
         ptrs,
+        mirror: storage.read(&mirror_file_name(1)).unwrap(),
     }
 }
 
@@ -1371,6 +1432,13 @@ enum SegCase {
     Record(Index, Vec<Mutation>),
     /// Mutations anywhere in the file.
     File(Vec<Mutation>),
+}
+
+#[derive(Clone, Debug)]
+enum MirrorCase {
+    Intact,
+    Missing,
+    Damaged(Vec<Mutation>),
 }
 
 fn read_everything(io: &BlockIo, ptrs: &[(BlockPtr, BlockKind)]) -> Vec<bool> {
@@ -1384,6 +1452,7 @@ fn read_everything(io: &BlockIo, ptrs: &[(BlockPtr, BlockKind)]) -> Vec<bool> {
             }
             BlockKind::Node => {
                 let _ = io.load(p);
+                let _ = io.check_node_copies(p);
             }
             BlockKind::Xattr => {}
         }
@@ -1424,8 +1493,13 @@ fn segment_records_full_path() {
             1 => vec(mutation(), 1..=4).prop_map(SegCase::File),
         ],
         ptr_muts,
+        prop_oneof![
+            2 => Just(MirrorCase::Intact),
+            1 => Just(MirrorCase::Missing),
+            2 => vec(mutation(), 1..=4).prop_map(MirrorCase::Damaged),
+        ],
     );
-    fuzz("segment records", 2, cases, |(case, ptr_muts)| {
+    fuzz("segment records", 1, cases, |(case, ptr_muts, mirror)| {
         let mut records = f.records.clone();
         let mut file;
         match &case {
@@ -1467,6 +1541,17 @@ fn segment_records_full_path() {
         storage
             .write_file(&format::segment_file_name(1), &file)
             .unwrap();
+        match &mirror {
+            MirrorCase::Intact => storage.write_file(&mirror_file_name(1), &f.mirror).unwrap(),
+            MirrorCase::Missing => {}
+            MirrorCase::Damaged(ms) => {
+                let mut b = f.mirror.clone();
+                for m in ms {
+                    apply(&mut b, m);
+                }
+                storage.write_file(&mirror_file_name(1), &b).unwrap();
+            }
+        }
         let io = mem_io(&storage, &f.key, CipherKind::Aes256GcmSiv, f.domain, 2);
         let oks = read_everything(&io, &ptrs);
         let unchanged = file == [f.header.clone(), f.records.concat()].concat() && ptrs == f.ptrs;
@@ -1474,6 +1559,15 @@ fn segment_records_full_path() {
             !unchanged || oks.iter().all(|&x| x),
             "the intact segment reads back"
         );
+        // A tree node whose segment copy is damaged is read from the intact mirror.
+        for ((p, kind), ok) in ptrs.iter().zip(&oks) {
+            if *kind == BlockKind::Node
+                && matches!(mirror, MirrorCase::Intact)
+                && f.ptrs.contains(&(*p, *kind))
+            {
+                prop_assert!(*ok, "the node reads from its mirror");
+            }
+        }
         Ok(())
     });
 }
@@ -1578,7 +1672,7 @@ fn tree_nodes_behind_the_aead() {
     ];
     fuzz(
         "tree nodes sealed",
-        2,
+        1,
         (nodes, vec(tree_op(), 1..8)),
         |(plain, ops)| {
             let root = io.write_block(BlockKind::Node, &plain).unwrap();
@@ -1644,6 +1738,9 @@ struct VolFixture {
     cipher: CipherKind,
     root_key: SecretKey,
     block_key: SecretKey,
+    /// The root record files (`kmsfs.root` and any further slots), the newest first.
+    root_slots: Vec<String>,
+    /// The newest root record: its generation, payload and file.
     generation: u64,
     payload: RootPayload,
     root_file: Vec<u8>,
@@ -1739,7 +1836,8 @@ fn volume_fixture() -> &'static VolFixture {
         let cipher = CipherKind::from_u8(header.cipher).unwrap();
         let root_key = derive_subkey(&dk, labels::ROOT);
         let block_key = derive_subkey(&dk, labels::BLOCK);
-        let root_file = pristine.read(format::ROOT_FILE).unwrap();
+        let root_slots = root_slots(&pristine);
+        let root_file = pristine.read(&root_slots[0]).unwrap();
         let (_, generation, prefix, sealed) = format::split_root(&root_file).unwrap();
         let plain = Sealer::new(cipher, &root_key).open(prefix, sealed).unwrap();
         let payload = RootPayload::decode(&plain).unwrap();
@@ -1763,6 +1861,7 @@ fn volume_fixture() -> &'static VolFixture {
             cipher,
             root_key,
             block_key,
+            root_slots,
             generation,
             payload,
             root_file,
@@ -1893,6 +1992,37 @@ fn with_file(s: &MemStorage, name: &str, bytes: Vec<u8>) {
     s.with_file(name, |d| *d = bytes).unwrap();
 }
 
+/// The root record files of a volume (`kmsfs.root`, and `kmsfs.root.N` where a
+/// volume keeps more than one slot), the newest generation first.
+fn root_slots(s: &MemStorage) -> Vec<String> {
+    let mut slots: Vec<(u64, String)> = s
+        .names()
+        .into_iter()
+        .filter(|n| {
+            n == format::ROOT_FILE
+                || n.strip_prefix(format::ROOT_FILE)
+                    .and_then(|rest| rest.strip_prefix('.'))
+                    .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|n| {
+            let generation = format::split_root(&s.read(&n).unwrap()).unwrap().1;
+            (generation, n)
+        })
+        .collect();
+    slots.sort_by(|a, b| b.cmp(a));
+    assert!(!slots.is_empty(), "the volume has a root record");
+    slots.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Replaces the newest root record, and with `all` every other slot too (so that
+/// opening cannot fall back to an older, intact one).
+fn write_root(f: &VolFixture, s: &MemStorage, bytes: &[u8], all: bool) {
+    let n = if all { f.root_slots.len() } else { 1 };
+    for name in &f.root_slots[..n] {
+        with_file(s, name, bytes.to_vec());
+    }
+}
+
 /// Opens and uses the volume; counts the opens that succeeded in `opened`.
 fn open_and_exercise(f: &VolFixture, storage: MemStorage, mode: Mode, opened: &AtomicUsize) {
     if let Ok(v) = open_volume(f, storage, mode) {
@@ -1913,7 +2043,7 @@ fn volume_header_full_path() {
     let f = volume_fixture();
     let opened = AtomicUsize::new(0);
     let cases = (mutated(Just(f.header_file.clone())), any::<bool>(), mode());
-    fuzz("volume header", 2, cases, |(bytes, both, mode)| {
+    fuzz("volume header", 1, cases, |(bytes, both, mode)| {
         let s = f.pristine.reboot();
         with_file(&s, format::HEADER_FILE, bytes.clone());
         if both {
@@ -1933,10 +2063,11 @@ fn root_record_full_path() {
     let cases = (
         prop_oneof![1 => behind_magic(format::ROOT_MAGIC, 300), 4 => mutated(Just(f.root_file.clone()))],
         mode(),
+        any::<bool>(),
     );
-    fuzz("root file", 2, cases, |(bytes, mode)| {
+    fuzz("root file", 1, cases, |(bytes, mode, all)| {
         let s = f.pristine.reboot();
-        with_file(&s, format::ROOT_FILE, bytes);
+        write_root(f, &s, &bytes, all);
         open_and_exercise(f, s, mode, &AtomicUsize::new(0));
         Ok(())
     });
@@ -1944,10 +2075,11 @@ fn root_record_full_path() {
     let cases = (
         prop_oneof![1 => arbitrary_bytes(200), 4 => mutated(Just(f.payload.encode()))],
         mode(),
+        prop::bool::weighted(0.8),
     );
-    fuzz("root payload sealed", 2, cases, |(plain, mode)| {
+    fuzz("root payload sealed", 1, cases, |(plain, mode, all)| {
         let s = f.pristine.reboot();
-        with_file(&s, format::ROOT_FILE, seal_root(f, &plain));
+        write_root(f, &s, &seal_root(f, &plain), all);
         open_and_exercise(f, s, mode, &opened);
         Ok(())
     });
@@ -2070,7 +2202,7 @@ fn tree_node_full_path() {
                 payload.tree = ptr;
             }
             payload.next_segment = next_segment(&s);
-            with_file(&s, format::ROOT_FILE, seal_root(f, &payload.encode()));
+            write_root(f, &s, &seal_root(f, &payload.encode()), true);
             let mode = if snapshot { Mode::Snapshot } else { mode };
             open_and_exercise(f, s, mode, &opened);
             Ok(())
@@ -2117,7 +2249,7 @@ fn control_socket_full_path() {
         4 => mutated(request_strategy().prop_map(|r| line(&r))),
         1 => request_strategy().prop_map(|r| line(&r)),
     ];
-    fuzz("control socket", 8, cases, |bytes| {
+    fuzz("control socket", 2, cases, |bytes| {
         let answer = send(&bytes);
         // Every request line gets one answer line (past 64 KiB the server stops
         // reading, and the client may see the connection reset).
