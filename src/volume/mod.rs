@@ -13,6 +13,7 @@
 
 pub mod blocks;
 pub mod fsck;
+pub mod repair;
 pub mod snapshot;
 pub mod tree;
 
