@@ -281,6 +281,12 @@ struct FsckArgs {
     /// restore from backup): opens it read-write once and moves it past the mark
     #[arg(long)]
     accept_rollback: bool,
+    /// Repair (the volume must be unmounted): rewrite damaged tree node copies,
+    /// fix broken entries and link counts, move files with damaged data to
+    /// /lost+found (holes where the damage was, the old path in the xattr
+    /// user.kmsfs.lost-path); exit 0 when clean afterwards, 3 when damage remains
+    #[arg(long)]
+    repair: bool,
 }
 
 /// `mount.kmsfs SPEC DIR [-sfnv] [-o OPTIONS] [-t TYPE]`, as mount(8) runs helpers.
@@ -1367,7 +1373,183 @@ struct FsckJson<'a> {
     unreferenced_segments: u64,
 }
 
+#[derive(Debug, Serialize)]
+struct LostFileJson {
+    paths: Vec<String>,
+    names: Vec<String>,
+    lost_ranges: String,
+    lost_xattrs: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct SnapshotDamageJson {
+    snapshot: String,
+    path: String,
+    detail: String,
+    advice: String,
+}
+
+#[derive(Debug, Serialize)]
+struct RepairJson<'a> {
+    volume: String,
+    /// Nothing damaged remains, snapshots included.
+    clean: bool,
+    /// The live tree is clean (damage may remain in snapshots).
+    live_clean: bool,
+    nodes_rewritten: u64,
+    lost_files: Vec<LostFileJson>,
+    entries_fixed: &'a [String],
+    snapshot_damage: Vec<SnapshotDamageJson>,
+    unrepaired: &'a [String],
+    errors: &'a [String],
+    warnings: &'a [String],
+}
+
+/// `kmsfs fsck --repair`: the volume must not be mounted (opening it
+/// read-write takes the volume lock).
+fn cmd_fsck_repair(keys: &KeyArgs, a: &FsckArgs) -> Result<()> {
+    let (vol, _kms, dir) = match open_writable(keys, &a.volume_dir, a.accept_rollback) {
+        Err(e) if e.code == exit::BUSY => {
+            return Err(CliError::new(
+                exit::BUSY,
+                format!(
+                    "{} is mounted read-write; unmount it first (`kmsfs umount MOUNTPOINT`), \
+                     then run `kmsfs fsck --repair` again",
+                    a.volume_dir.display()
+                ),
+            ));
+        }
+        r => r?,
+    };
+    let r = vol.repair()?;
+    vol.close()?;
+    let shown = dir.display().to_string();
+    let advice = |snapshot: &str| crate::volume::repair::snapshot_advice(&shown, snapshot);
+    if a.json {
+        let j = RepairJson {
+            volume: shown.clone(),
+            clean: r.is_clean(),
+            live_clean: r.live_clean(),
+            nodes_rewritten: r.nodes_rewritten,
+            lost_files: r
+                .lost_files
+                .iter()
+                .map(|l| LostFileJson {
+                    paths: l.paths.clone(),
+                    names: l.names.clone(),
+                    lost_ranges: l.ranges_text(),
+                    lost_xattrs: l.lost_xattrs.clone(),
+                })
+                .collect(),
+            entries_fixed: &r.entries_fixed,
+            snapshot_damage: r
+                .snapshot_damage
+                .iter()
+                .map(|d| SnapshotDamageJson {
+                    snapshot: d.snapshot.clone(),
+                    path: d.path.clone(),
+                    detail: d.detail.clone(),
+                    advice: advice(&d.snapshot),
+                })
+                .collect(),
+            unrepaired: &r.unrepaired,
+            errors: &r.after.errors,
+            warnings: &r.after.warnings,
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&j).expect("report serializes")
+        );
+    } else {
+        if r.nodes_rewritten > 0 {
+            println!(
+                "rewrote {} tree node(s) with a damaged or missing copy (both copies intact again)",
+                r.nodes_rewritten
+            );
+        }
+        for l in &r.lost_files {
+            let mut what = Vec::new();
+            if !l.lost_ranges.is_empty() {
+                what.push(format!("bytes {} lost, now zeros", l.ranges_text()));
+            }
+            if !l.lost_xattrs.is_empty() {
+                what.push(format!(
+                    "extended attribute(s) {} lost",
+                    l.lost_xattrs.join(", ")
+                ));
+            }
+            println!(
+                "moved {} -> {} ({})",
+                l.paths.join(", "),
+                l.names.join(", "),
+                what.join("; ")
+            );
+        }
+        for f in &r.entries_fixed {
+            println!("fixed: {f}");
+        }
+        for d in &r.snapshot_damage {
+            if d.path.is_empty() {
+                println!("snapshot damage: snapshot {}: {}", d.snapshot, d.detail);
+            } else {
+                println!(
+                    "snapshot damage: snapshot {}: {}: {}",
+                    d.snapshot, d.path, d.detail
+                );
+            }
+        }
+        for s in r.damaged_snapshots() {
+            println!("snapshot {s} cannot be changed: {}", advice(&s));
+        }
+        for e in &r.unrepaired {
+            println!("error: {e}");
+        }
+        for w in &r.after.warnings {
+            println!("warning: {w}");
+        }
+        println!(
+            "{}: {}",
+            shown,
+            if r.is_clean() {
+                if r.changed() {
+                    "repaired; clean"
+                } else {
+                    "clean; nothing to repair"
+                }
+            } else if r.live_clean() {
+                "repaired; the live tree is clean, damage remains in snapshots"
+            } else {
+                "DAMAGED: repair could not fix everything"
+            }
+        );
+    }
+    if r.is_clean() {
+        Ok(())
+    } else if r.live_clean() {
+        Err(CliError::new(
+            exit::INTEGRITY,
+            format!(
+                "damage remains in snapshot(s) {} of {}: salvage what verifies, then delete them (see above)",
+                r.damaged_snapshots().join(", "),
+                shown
+            ),
+        ))
+    } else {
+        Err(CliError::new(
+            exit::INTEGRITY,
+            format!(
+                "{} problem(s) remain in {} that repair could not fix; restore the files named above from a backup or snapshot",
+                r.unrepaired.len(),
+                shown
+            ),
+        ))
+    }
+}
+
 fn cmd_fsck(keys: &KeyArgs, a: FsckArgs) -> Result<()> {
+    if a.repair {
+        return cmd_fsck_repair(keys, &a);
+    }
     if a.accept_rollback {
         let (vol, _kms, dir) = open_writable(keys, &a.volume_dir, true)?;
         eprintln!(

@@ -246,6 +246,22 @@ impl Volume {
             self.tree_segments(&st.tree)?
         };
         let after = self.fsck()?;
+        // Snapshot damage fsck sees that the walks above did not list
+        // (broken metadata of a snapshot).
+        for s in self.snapshots() {
+            let prefix = format!("snapshot {}: ", s.name);
+            if rep.snapshot_damage.iter().any(|d| d.snapshot == s.name) {
+                continue;
+            }
+            for e in after.errors.iter().filter(|e| e.starts_with(&prefix)) {
+                rep.snapshot_damage.push(SnapshotDamage {
+                    snapshot: s.name.clone(),
+                    path: String::new(),
+                    detail: e.get(prefix.len()..).unwrap_or(e).to_string(),
+                    advice: snapshot_advice("VOLUME", &s.name),
+                });
+            }
+        }
         for e in &after.errors {
             let snapshot_only = e.starts_with("snapshot ")
                 || (e.starts_with("segment ")
