@@ -1059,30 +1059,32 @@ fn cmd_clone(keys: &KeyArgs, a: CloneArgs) -> Result<()> {
     }
     let dst =
         fs::canonicalize(dst).map_err(|e| CliError::error(format!("{}: {e}", dst.display())))?;
-    let (s2, d2) = (src.clone(), dst.clone());
+    let open_dir = |p: &Path| {
+        nix::fcntl::open(
+            p,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| CliError::error(format!("{}: {e}", p.display())))
+    };
+    let (src_fd, dst_fd) = (open_dir(&src)?, open_dir(&dst)?);
     let linked = std::sync::atomic::AtomicU64::new(0);
     let copied = std::sync::atomic::AtomicU64::new(0);
     // Segments never change once written, so the clone can share them by hard link.
     let bring = |name: &str| -> std::io::Result<()> {
-        match fs::hard_link(s2.join(name), d2.join(name)) {
-            Ok(()) => {
-                linked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e)
-                if e.raw_os_error() == Some(libc::EXDEV)
-                    || e.raw_os_error() == Some(libc::EPERM) =>
-            {
-                fs::copy(s2.join(name), d2.join(name))?;
-                copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        let n = if bring_file(&src_fd, &dst_fd, &src, name)? {
+            &linked
+        } else {
+            &copied
+        };
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     };
     let id = vol.clone_snapshot(&a.snapshot, Arc::new(FsStorage::new(&dst)), &bring)?;
     println!(
-        "{}: new volume {} from snapshot {} of {} ({} segments linked, {} copied, nothing re-encrypted)",
+        "{}: new volume {} from snapshot {} of {} ({} segment files linked, {} copied, nothing re-encrypted)",
         dst.display(),
         format::hex(&id),
         a.snapshot,
@@ -1091,6 +1093,118 @@ fn cmd_clone(keys: &KeyArgs, a: CloneArgs) -> Result<()> {
         copied.into_inner()
     );
     Ok(())
+}
+
+/// Brings the backing file `name` (`seg/…`) of the volume in `src` (`src_dir`
+/// names it in messages) into the clone in `dst` under the same name; true
+/// when hard-linked, false when copied.
+///
+/// Others may write the source's backing directory, so a name there is
+/// never followed: each component is opened relative to the directory's
+/// descriptor with `O_NOFOLLOW` (a planted link, FIFO or device is refused,
+/// and opening it never blocks), only a regular file is used, and what is
+/// linked or copied is that very open file (linked through
+/// `/proc/self/fd/N`, never by a name that could be swapped since, so a
+/// symbolic link itself is never linked into the clone either).
+fn bring_file(src: &OwnedFd, dst: &OwnedFd, src_dir: &Path, name: &str) -> std::io::Result<bool> {
+    use nix::errno::Errno;
+    use nix::fcntl::{AtFlags, OFlag, openat};
+    use nix::sys::stat::{Mode, SFlag, fstat, fstatat};
+    let kind =
+        |st: &nix::sys::stat::FileStat| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+    let kind_text = |k: SFlag| match k {
+        SFlag::S_IFLNK => "a symbolic link",
+        SFlag::S_IFIFO => "a FIFO (named pipe)",
+        SFlag::S_IFSOCK => "a socket",
+        SFlag::S_IFCHR | SFlag::S_IFBLK => "a device",
+        SFlag::S_IFDIR => "a directory",
+        _ => "not a regular file",
+    };
+    let planted = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} is {what}, where kmsfs keeps a regular file; kmsfs never makes one there, so \
+                 the backing directory may have been tampered with. Inspect it, remove it, then \
+                 retry",
+                src_dir.join(name).display()
+            ),
+        )
+    };
+    let comps: Vec<&str> = name.split('/').collect();
+    if comps
+        .iter()
+        .any(|c| c.is_empty() || *c == "." || *c == "..")
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a plain relative name"),
+        ));
+    }
+    let (leaf, parents) = comps.split_last().expect("split yields one part at least");
+    let open_parent = |top: &OwnedFd| -> std::io::Result<OwnedFd> {
+        let mut cur = nix::unistd::dup(top)?;
+        for c in parents {
+            cur = openat(
+                &cur,
+                *c,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+        }
+        Ok(cur)
+    };
+    let (sdir, ddir) = (open_parent(src)?, open_parent(dst)?);
+    // O_NONBLOCK: a planted FIFO is refused at once instead of blocking.
+    let file = openat(
+        &sdir,
+        *leaf,
+        OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(
+        |e| match fstatat(&sdir, *leaf, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if kind(&st) != SFlag::S_IFREG => planted(kind_text(kind(&st))),
+            _ => std::io::Error::from(e),
+        },
+    )?;
+    let st = fstat(&file)?;
+    if kind(&st) != SFlag::S_IFREG {
+        return Err(planted(kind_text(kind(&st))));
+    }
+    // Link the file just checked, by its descriptor.
+    let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+    match nix::unistd::linkat(
+        &sdir,
+        by_fd.as_str(),
+        &ddir,
+        *leaf,
+        AtFlags::AT_SYMLINK_FOLLOW,
+    ) {
+        Ok(()) => return Ok(true),
+        // Another filesystem, links not allowed (protected_hardlinks, a
+        // filesystem without them), too many links, or no /proc: copy.
+        Err(Errno::EXDEV | Errno::EPERM | Errno::EMLINK | Errno::ENOENT | Errno::EOPNOTSUPP) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let out = openat(
+        &ddir,
+        *leaf,
+        OFlag::O_WRONLY
+            | OFlag::O_CREAT
+            | OFlag::O_EXCL
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC,
+        Mode::S_IRUSR | Mode::S_IWUSR,
+    )?;
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
+    std::io::copy(&mut File::from(file), &mut File::from(out))?;
+    Ok(false)
 }
 
 // ----- init ---------------------------------------------------------------------------

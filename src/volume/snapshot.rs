@@ -192,8 +192,9 @@ impl Volume {
     }
 
     /// Creates a new volume in `dest` from a snapshot. `bring_segment` makes the
-    /// named segment file of this volume available in `dest` under the same
-    /// name (a hard link where possible, else a copy). Nothing is re-encrypted.
+    /// named segment file (or tree-node mirror `seg/N.meta`) of this volume
+    /// available in `dest` under the same name (a hard link where possible,
+    /// else a copy). Nothing is re-encrypted.
     pub fn clone_snapshot(
         &self,
         name: &str,
@@ -221,9 +222,15 @@ impl Volume {
         dest.create_dir(format::SEGMENT_DIR)
             .map_err(|e| Error::io("segment directory of the clone", e))?;
         for id in &segs {
-            let n = format::segment_file_name(*id);
-            bring_segment(&n).map_err(|e| Error::io(format!("copying {n}"), e))?;
-            dest.sync(&n).map_err(|e| Error::io(&n, e))?;
+            // The segment, and the mirror of its tree nodes where there is one.
+            let mirror = super::blocks::mirror_file_name(*id);
+            let mirrored = self.io.storage.exists(&mirror);
+            for n in
+                std::iter::once(format::segment_file_name(*id)).chain(mirrored.then_some(mirror))
+            {
+                bring_segment(&n).map_err(|e| Error::io(format!("copying {n}"), e))?;
+                dest.sync(&n).map_err(|e| Error::io(&n, e))?;
+            }
         }
         dest.sync_dir(format::SEGMENT_DIR)
             .map_err(|e| Error::io("segment directory of the clone", e))?;
