@@ -793,6 +793,18 @@ impl LocalKeystore {
         &self,
         f: impl FnOnce(&mut State) -> Result<(R, bool), KmsError>,
     ) -> Result<R, KmsError> {
+        self.update_with(true, f)
+    }
+
+    /// [`Self::update`]; `backup`: also keep the previous version as `PATH.bak`.
+    /// Generation marks skip that (a mark is raised by every commit of every
+    /// mounted volume, and the backup's older mark only weakens the rollback
+    /// check if the main file is lost, never loses a key).
+    fn update_with<R>(
+        &self,
+        backup: bool,
+        f: impl FnOnce(&mut State) -> Result<(R, bool), KmsError>,
+    ) -> Result<R, KmsError> {
         let _lock = self.lock()?;
         let mut loaded = self.load_existing()?;
         let (r, changed) = f(&mut loaded.state)?;
@@ -800,7 +812,9 @@ impl LocalKeystore {
             let bytes = self.encode_file(&loaded.header, &loaded.state)?;
             // Keep the previous, verified version as the backup. If it was itself read
             // from the backup (the main file is damaged), the backup stays as it is.
-            if !loaded.from_backup {
+            // A backup is always made when there is none yet.
+            let no_backup = !self.backup_path().exists();
+            if (backup || no_backup) && !loaded.from_backup {
                 write_atomic(&self.backup_path(), &loaded.bytes)?;
             }
             write_atomic(&self.path, &bytes)?;
@@ -1063,7 +1077,7 @@ impl Kms for LocalKeystore {
     }
 
     fn record_generation(&self, volume_id: &[u8; 16], generation: u64) -> Result<(), KmsError> {
-        self.update(|state| match state.marks.get(volume_id) {
+        self.update_with(false, |state| match state.marks.get(volume_id) {
             Some(&mark) if mark >= generation => Ok(((), false)),
             _ => {
                 state.marks.insert(*volume_id, generation);
