@@ -58,8 +58,28 @@ fn write_golden_volume() {
     if std::env::var("KMSFS_WRITE_GOLDEN").is_err() {
         return;
     }
-    let root = golden_dir();
-    let _ = std::fs::remove_dir_all(&root);
+    write_golden_at(&golden_dir());
+    write_vectors();
+}
+
+/// The second golden volume: the same tree, written by a build with two root
+/// slots and node mirrors (`KMSFS_WRITE_GOLDEN_SLOTS=1 cargo test --release
+/// --features test-hooks --test golden -- --ignored`).
+#[test]
+#[ignore]
+fn write_golden_slots_volume() {
+    if std::env::var("KMSFS_WRITE_GOLDEN_SLOTS").is_err() {
+        return;
+    }
+    write_golden_at(&golden_slots_dir());
+}
+
+fn golden_slots_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1-slots")
+}
+
+fn write_golden_at(root: &Path) {
+    let _ = std::fs::remove_dir_all(root);
     std::fs::create_dir_all(root.join("volume")).unwrap();
     let kms = LocalKeystore::open_or_create_with_params(
         &root.join("keystore"),
@@ -101,7 +121,6 @@ fn write_golden_volume() {
         manifest.push_str(&format!("{p} {}\n", digest(&d)));
     }
     std::fs::write(root.join("MANIFEST"), manifest).unwrap();
-    write_vectors();
 }
 
 #[test]
@@ -110,8 +129,32 @@ fn write_golden_volume() {
     ignore = "the golden keystore uses the 1 MiB test KDF profile: needs --features test-hooks (scripts/test.sh sets it)"
 )]
 fn golden_v1_volume_opens_and_reads() {
+    check_golden(&golden_dir());
+}
+
+/// The golden volume with root slots and node mirrors: both slots and the
+/// mirrors are there, and each slot alone still opens.
+#[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "the golden keystore uses the 1 MiB test KDF profile: needs --features test-hooks (scripts/test.sh sets it)"
+)]
+fn golden_v1_slots_volume_opens_and_reads() {
+    let dir = golden_slots_dir();
+    for slot in kmsfs::volume::ROOT_SLOTS {
+        assert!(dir.join("volume").join(slot).is_file(), "{slot} missing");
+    }
+    let mirrors = std::fs::read_dir(dir.join("volume/seg"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("meta".as_ref()))
+        .count();
+    assert!(mirrors > 0, "no node mirror in the golden volume");
+    check_golden(&dir);
+}
+
+fn check_golden(dir: &Path) {
     let tmp = tempfile::tempdir().unwrap();
-    copy_tree(&golden_dir(), tmp.path());
+    copy_tree(dir, tmp.path());
     let kms = LocalKeystore::open_or_create_with_params(
         &tmp.path().join("keystore"),
         Unlock::Passphrase(Passphrase::new(GOLDEN_PASSPHRASE.into())),
