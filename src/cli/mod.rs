@@ -70,6 +70,22 @@ const ENV_KDF_TEST: &str = "KMSFS_KDF_TEST_PARAMS";
 const DEFAULT_CACHE: u64 = 256 << 20;
 /// Cache for `info` and `fsck`, which read each block about once.
 const TOOL_CACHE: usize = 32 << 20;
+/// Freed heap the daemon may keep for reuse (see `serve`).
+const TRIM_THRESHOLD: usize = 16 << 20;
+
+/// Peak memory (RSS) of a mount daemon with the decrypted-block cache
+/// `cache_bytes` and `threads` request threads; docs/ARCHITECTURE.md explains
+/// each term, tests/mount_memory.rs checks it.
+pub fn memory_bound(cache_bytes: usize, threads: usize) -> usize {
+    const BASE: usize = 32 << 20; // code, libraries, the keystore, small tables
+    let node_cache = (cache_bytes / 4).max(1 << 20);
+    // Buffered data, and its sealed copy while it is written back.
+    let dirty = 2 * crate::volume::dirty_limit(cache_bytes);
+    // Per request thread: the 1 MiB request buffer, a 1 MiB reply, and a
+    // write's plaintext and sealed copies (1 MiB each).
+    let per_thread = 4 << 20;
+    BASE + cache_bytes + node_cache + dirty + threads * per_thread + TRIM_THRESHOLD
+}
 /// How long a mount waits for the lock of a volume whose previous daemon is
 /// finishing its final commit after an unmount.
 const LOCK_WAIT: Duration = Duration::from_secs(60);
@@ -2274,12 +2290,15 @@ fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Resu
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     // Block buffers are allocated and freed at a high rate; keep them in the
     // heap instead of mapping and unmapping (each new page is a fault, which
-    // showed as 13% of a streaming-write profile). Freed memory above 128 MiB
-    // still goes back to the system.
+    // showed as 13% of a streaming-write profile). Freed memory above
+    // TRIM_THRESHOLD still goes back to the system.
     // SAFETY: mallopt takes integer arguments and only tunes the allocator.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as i32);
+        // One heap arena per request thread would each keep its own freed
+        // memory: a few shared arenas bound what the daemon holds.
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     let set = block_signals();
     let phase = Arc::new(Mutex::new(Phase::Starting));
@@ -2331,7 +2350,14 @@ fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Resu
             })
             .ok()
     };
-    log::info!("mounted; serving requests");
+    let bound = memory_bound(plan.open.cache_bytes, plan.settings.threads.max(2));
+    log::info!(
+        "mounted; serving requests (memory: at most about {} MiB with cache_size {} and {} \
+         request threads)",
+        bound >> 20,
+        human(plan.open.cache_bytes as u64),
+        plan.settings.threads.max(2)
+    );
     ready.ok();
     let r = session.run();
     drop(control);

@@ -114,8 +114,8 @@ impl BlockIo {
                     })
                 })
                 .collect(),
-            // Metadata gets a quarter of the cache budget, at least 8 MiB.
-            node_shard_bytes: (cache_bytes / 4).max(8 << 20) / NODE_CACHE_SHARDS,
+            // Metadata gets a quarter of the cache budget, at least 1 MiB.
+            node_shard_bytes: (cache_bytes / 4).max(1 << 20) / NODE_CACHE_SHARDS,
         }
     }
 

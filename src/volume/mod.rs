@@ -51,8 +51,11 @@ pub const SYMLINK_MAX: usize = 4095;
 pub const MAX_FILE_SIZE: u64 = 16 << 40;
 /// Reads at least this large decrypt whole blocks straight into the reply.
 const DIRECT_READ_MIN: usize = 128 << 10;
-/// Dirty data beyond this is sealed and appended (not committed) to bound memory.
-const DIRTY_MAX: usize = 64 << 20;
+/// Buffered (dirty) data beyond this is sealed and appended (not committed)
+/// to bound memory: the cache budget, within [4 MiB, 64 MiB].
+pub fn dirty_limit(cache_bytes: usize) -> usize {
+    cache_bytes.clamp(4 << 20, 64 << 20)
+}
 /// Free space kept back from file data, so that metadata commits and the
 /// cleaner can still run on a full backing store (a log-structured store needs
 /// room to write before it can free).
@@ -244,6 +247,8 @@ pub struct Volume {
     /// Set when an operation that changes the volume panicked (a bug): the
     /// in-memory state may be half-updated, so no further changes are taken.
     degraded: parking_lot::Mutex<Option<String>>,
+    /// See [`dirty_limit`].
+    dirty_max: usize,
     /// Where each commit's generation is recorded (the rollback high-water
     /// mark), before the commit returns: a commit reported durable is covered.
     mark_sink: parking_lot::Mutex<Option<Arc<dyn Kms>>>,
@@ -768,6 +773,7 @@ impl Volume {
             snapshot: opts.snapshot,
             poisoned: AtomicBool::new(false),
             degraded: parking_lot::Mutex::new(None),
+            dirty_max: dirty_limit(opts.cache_bytes),
             mark_sink: parking_lot::Mutex::new(None),
             mark_failing: AtomicBool::new(false),
             last_change_ms: AtomicU64::new(0),
@@ -1805,7 +1811,7 @@ impl Volume {
             i.mtime = t;
             i.ctime = t;
             self.put_inode(&mut st, ino, &i)?;
-            if st.dirty_bytes > DIRTY_MAX
+            if st.dirty_bytes > self.dirty_max
                 && let Err(e) = self.flush_data(&mut st)
             {
                 // The write itself took effect; what could not be sealed stays
