@@ -128,6 +128,9 @@ fn ranges_text(r: &[(u64, u64)]) -> String {
         .join(",")
 }
 
+/// (directory, name) of one link.
+type Link = (u64, Vec<u8>);
+
 /// What one walk of a tree finds.
 #[derive(Default)]
 struct Facts {
@@ -588,7 +591,7 @@ impl Volume {
             i.ctime = now();
             self.put_inode(st, ino, &i)?;
             // Every link, in path order.
-            let mut own: Vec<(Vec<u8>, (u64, Vec<u8>))> = links
+            let mut own: Vec<(Vec<u8>, Link)> = links
                 .get(&ino)
                 .cloned()
                 .unwrap_or_default()
@@ -601,7 +604,7 @@ impl Volume {
                 })
                 .collect();
             own.sort();
-            let (paths, own): (Vec<Vec<u8>>, Vec<(u64, Vec<u8>)>) = own.into_iter().unzip();
+            let (paths, own): (Vec<Vec<u8>>, Vec<Link>) = own.into_iter().unzip();
             let lost_xattrs: Vec<String> = xattrs.iter().map(|x| text(x)).collect();
             if !xattrs.is_empty() {
                 self.put_xattr(st, ino, LOST_XATTRS_XATTR, &xattrs.join(&b'\n'))?;
