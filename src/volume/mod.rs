@@ -58,9 +58,14 @@ pub fn dirty_limit(cache_bytes: usize) -> usize {
 }
 /// Free space kept back from file data, so that metadata commits and the
 /// cleaner can still run on a full backing store (a log-structured store needs
-/// room to write before it can free).
-pub fn reserve_bytes(segment_size: u32) -> u64 {
-    (segment_size as u64).min(16 << 20) + (1 << 20)
+/// room to write before it can free): room to move one mostly-dead segment's
+/// live data, but never more than 1/64 of the backing store (at least 1 MiB),
+/// so a small store does not lose tens of MiB; plus 1 MiB for metadata.
+pub fn reserve_bytes(segment_size: u32, total_bytes: u64) -> u64 {
+    let cleaner = (segment_size as u64)
+        .min(16 << 20)
+        .min((total_bytes / 64).max(1 << 20));
+    cleaner + (1 << 20)
 }
 
 #[derive(Clone, Debug)]
@@ -1953,12 +1958,12 @@ impl Volume {
 
     /// Fails with ENOSPC when writing `bytes` of file data would eat into the reserve.
     fn check_space(&self, bytes: u64) -> Result<()> {
-        let (_, free) = self
+        let (total, free) = self
             .io
             .storage
             .space()
             .map_err(|e| Error::io("backing store", e))?;
-        if free < bytes + reserve_bytes(self.header.segment_size) {
+        if free < bytes + reserve_bytes(self.header.segment_size, total) {
             self.space_pressure.store(true, Ordering::Relaxed);
             return Err(Error::NoSpace(format!(
                 "{} has {} bytes free",
@@ -2317,7 +2322,7 @@ impl Volume {
         let stored = self.stored_bytes()?;
         Ok(StatFs {
             total_bytes: total,
-            free_bytes: free.saturating_sub(reserve_bytes(self.header.segment_size)),
+            free_bytes: free.saturating_sub(reserve_bytes(self.header.segment_size, total)),
             stored_bytes: stored,
             block_size: self.header.block_size,
             files: self.st.read().next_ino,
@@ -2661,6 +2666,23 @@ fn key_u64(k: &[u8]) -> Option<u64> {
 }
 
 /// The block pointer held in a leaf value, if the entry holds one.
+#[cfg(test)]
+mod reserve_tests {
+    use super::reserve_bytes;
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_reserve_scales_with_small_stores() {
+        // 32 MiB segments on a 100 MiB store: 1/64 of it, not 17 MiB.
+        assert_eq!(reserve_bytes(32 << 20, 100 * MIB), 100 * MIB / 64 + MIB);
+        // A tiny store keeps at least 2 MiB.
+        assert_eq!(reserve_bytes(32 << 20, 10 * MIB), 2 * MIB);
+        // A large store: one segment's worth, at most 16 MiB, plus 1 MiB.
+        assert_eq!(reserve_bytes(32 << 20, 1 << 40), 17 * MIB);
+        assert_eq!(reserve_bytes(1 << 20, 1 << 40), 2 * MIB);
+    }
+}
+
 /// The message of a caught panic.
 pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
