@@ -2666,23 +2666,6 @@ fn key_u64(k: &[u8]) -> Option<u64> {
 }
 
 /// The block pointer held in a leaf value, if the entry holds one.
-#[cfg(test)]
-mod reserve_tests {
-    use super::reserve_bytes;
-    const MIB: u64 = 1 << 20;
-
-    #[test]
-    fn the_reserve_scales_with_small_stores() {
-        // 32 MiB segments on a 100 MiB store: 1/64 of it, not 17 MiB.
-        assert_eq!(reserve_bytes(32 << 20, 100 * MIB), 100 * MIB / 64 + MIB);
-        // A tiny store keeps at least 2 MiB.
-        assert_eq!(reserve_bytes(32 << 20, 10 * MIB), 2 * MIB);
-        // A large store: one segment's worth, at most 16 MiB, plus 1 MiB.
-        assert_eq!(reserve_bytes(32 << 20, 1 << 40), 17 * MIB);
-        assert_eq!(reserve_bytes(1 << 20, 1 << 40), 2 * MIB);
-    }
-}
-
 /// The message of a caught panic.
 pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
@@ -2713,5 +2696,22 @@ pub(crate) fn value_ptr(k: &[u8], v: &[u8]) -> Option<BlockPtr> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod reserve_tests {
+    use super::reserve_bytes;
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_reserve_scales_with_small_stores() {
+        // 32 MiB segments on a 100 MiB store: 1/64 of it, not 17 MiB.
+        assert_eq!(reserve_bytes(32 << 20, 100 * MIB), 100 * MIB / 64 + MIB);
+        // A tiny store keeps at least 2 MiB.
+        assert_eq!(reserve_bytes(32 << 20, 10 * MIB), 2 * MIB);
+        // A large store: one segment's worth, at most 16 MiB, plus 1 MiB.
+        assert_eq!(reserve_bytes(32 << 20, 1 << 40), 17 * MIB);
+        assert_eq!(reserve_bytes(1 << 20, 1 << 40), 2 * MIB);
     }
 }
