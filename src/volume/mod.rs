@@ -2348,6 +2348,27 @@ impl Volume {
         self.commit()
     }
 
+    /// Applies `relocate` to the live tree and to every snapshot's tree, and
+    /// stores the snapshots' new root pointers (the live tree is flushed by
+    /// the next commit). Nothing changes in `st` if any tree fails.
+    fn relocate_all(
+        &self,
+        st: &mut State,
+        relocate: &dyn Fn(&mut Tree) -> Result<()>,
+    ) -> Result<()> {
+        let mut live = st.tree.clone();
+        relocate(&mut live)?;
+        let mut snaps = st.snapshots.clone();
+        for s in &mut snaps {
+            let mut t = Tree::from_ptr(s.tree);
+            relocate(&mut t)?;
+            s.tree = t.flush(self.nodes())?;
+        }
+        st.tree = live;
+        st.snapshots = snaps;
+        Ok(())
+    }
+
     /// Removes the node mirror of a segment being deleted; returns its size.
     fn remove_mirror(&self, id: u64) -> Result<u64> {
         let name = blocks::mirror_file_name(id);
@@ -2619,16 +2640,7 @@ impl Volume {
                     },
                 )
             };
-            let mut live_tree = st.tree.clone();
-            relocate_tree(&mut live_tree)?;
-            st.tree = live_tree;
-            let mut snaps = st.snapshots.clone();
-            for s in &mut snaps {
-                let mut t = Tree::from_ptr(s.tree);
-                relocate_tree(&mut t)?;
-                s.tree = t.flush(n)?;
-            }
-            st.snapshots = snaps;
+            self.relocate_all(&mut st, &relocate_tree)?;
             let m = moved.borrow();
             stats.blocks_moved = m.1.blocks_moved;
             stats.bytes_moved = m.1.bytes_moved;

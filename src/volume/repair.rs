@@ -405,16 +405,7 @@ impl Volume {
                 &mut |_, _| Ok(None),
             )
         };
-        let mut live = st.tree.clone();
-        relocate(&mut live)?;
-        st.tree = live;
-        let mut snaps = st.snapshots.clone();
-        for s in &mut snaps {
-            let mut t = Tree::from_ptr(s.tree);
-            relocate(&mut t)?;
-            s.tree = t.flush(n)?;
-        }
-        st.snapshots = snaps;
+        self.relocate_all(st, &relocate)?;
         st.changed = true;
         rep.nodes_rewritten = moved.borrow().len() as u64;
         Ok(())
