@@ -912,23 +912,7 @@ impl Volume {
         let ino = st.next_ino;
         st.next_ino += 1;
         let t = now();
-        let inode = Inode {
-            kind: FileKind::Dir,
-            perm,
-            uid: 0,
-            gid: 0,
-            nlink: 2,
-            size: 0,
-            rdev: 0,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            crtime: t,
-            parent,
-            next_cookie: 3,
-            flags: 0,
-            blocks: 0,
-        };
+        let inode = super::empty_dir(perm, parent, t);
         self.put_inode(st, ino, &inode)?;
         self.add_entry(st, parent, &mut pi, name, ino, FileKind::Dir)?;
         pi.nlink += 1;
