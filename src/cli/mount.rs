@@ -1,0 +1,647 @@
+//! `kmsfs mount` and `mount.kmsfs`: mount options, the mount plan, the daemon
+//! (fork, readiness, signals, log) and serving the FUSE session.
+
+use super::*;
+
+// ----- mount options --------------------------------------------------------------
+
+/// What `-o` asked for.
+#[derive(Clone, Debug, Default)]
+pub(super) struct MountOpts {
+    pub(super) read_only: Option<bool>,
+    pub(super) allow_other: bool,
+    pub(super) default_permissions: bool,
+    pub(super) cache_size: Option<u64>,
+    pub(super) keystore: Option<PathBuf>,
+    pub(super) passphrase_file: Option<PathBuf>,
+    pub(super) keyfile: Option<PathBuf>,
+    pub(super) snapshot: Option<String>,
+    pub(super) log: Option<PathBuf>,
+    pub(super) flags: Vec<MountOption>,
+}
+
+/// Options mount(8), mount.fuse3 and systemd pass that mean nothing to kmsfs.
+pub(super) const IGNORED_OPTIONS: &[&str] = &[
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "_netdev",
+    "nofail",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "lazytime",
+    "nolazytime",
+    "diratime",
+    "nodiratime",
+    "iversion",
+    "noiversion",
+    "silent",
+    "loud",
+    "nonempty",
+];
+/// Options with a value that mean nothing to kmsfs.
+pub(super) const IGNORED_VALUE_OPTIONS: &[&str] = &["comment", "fsname", "subtype"];
+
+pub(super) fn parse_mount_options(groups: &[String], sloppy: bool) -> Result<MountOpts> {
+    let mut o = MountOpts::default();
+    for opt in groups.iter().flat_map(|g| g.split(',')) {
+        let opt = opt.trim();
+        if opt.is_empty() {
+            continue;
+        }
+        let (k, v) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        let need = |v: Option<&str>| -> Result<String> {
+            match v {
+                Some(v) if !v.is_empty() => Ok(v.to_string()),
+                _ => Err(CliError::usage(format!(
+                    "mount option {k} needs a value ({k}=…)"
+                ))),
+            }
+        };
+        let flag = match k {
+            "dev" => Some(MountOption::Dev),
+            "nodev" => Some(MountOption::NoDev),
+            "suid" => Some(MountOption::Suid),
+            "nosuid" => Some(MountOption::NoSuid),
+            "exec" => Some(MountOption::Exec),
+            "noexec" => Some(MountOption::NoExec),
+            "atime" => Some(MountOption::Atime),
+            "noatime" => Some(MountOption::NoAtime),
+            "sync" => Some(MountOption::Sync),
+            "async" => Some(MountOption::Async),
+            "dirsync" => Some(MountOption::DirSync),
+            _ => None,
+        };
+        if let Some(f) = flag
+            && v.is_none()
+        {
+            // The last of two opposite flags wins, as with mount(8).
+            let opposite = |a: &MountOption| {
+                matches!(
+                    (a, &f),
+                    (MountOption::Dev, MountOption::NoDev)
+                        | (MountOption::NoDev, MountOption::Dev)
+                        | (MountOption::Suid, MountOption::NoSuid)
+                        | (MountOption::NoSuid, MountOption::Suid)
+                        | (MountOption::Exec, MountOption::NoExec)
+                        | (MountOption::NoExec, MountOption::Exec)
+                        | (MountOption::Atime, MountOption::NoAtime)
+                        | (MountOption::NoAtime, MountOption::Atime)
+                        | (MountOption::Sync, MountOption::Async)
+                        | (MountOption::Async, MountOption::Sync)
+                )
+            };
+            o.flags.retain(|a| !opposite(a) && *a != f);
+            o.flags.push(f);
+            continue;
+        }
+        match (k, v) {
+            ("ro", None) => o.read_only = Some(true),
+            ("rw", None) => o.read_only = Some(false),
+            ("allow_other", None) => o.allow_other = true,
+            ("default_permissions", None) => o.default_permissions = true,
+            ("cache_size", v) => {
+                let s = need(v)?;
+                o.cache_size =
+                    Some(parse_size(&s).map_err(|e| CliError::usage(format!("cache_size: {e}")))?);
+            }
+            ("keystore", v) => o.keystore = Some(need(v)?.into()),
+            ("passphrase_file", v) => o.passphrase_file = Some(need(v)?.into()),
+            ("keyfile", v) => o.keyfile = Some(need(v)?.into()),
+            ("snapshot", v) => o.snapshot = Some(need(v)?),
+            ("log", v) => o.log = Some(need(v)?.into()),
+            (k, None) if IGNORED_OPTIONS.contains(&k) => {}
+            (k, Some(_)) if IGNORED_VALUE_OPTIONS.contains(&k) => {}
+            (k, _) if k.starts_with("x-") => {}
+            _ if sloppy => {}
+            _ => {
+                return Err(CliError::usage(format!(
+                    "unknown mount option {opt:?}; see `kmsfs mount --help` for the options kmsfs accepts"
+                )));
+            }
+        }
+    }
+    Ok(o)
+}
+
+// ----- mount ---------------------------------------------------------------------------
+
+/// Everything a mount needs, resolved before forking.
+#[derive(Debug)]
+pub(super) struct MountPlan {
+    pub(super) volume: PathBuf,
+    pub(super) mountpoint: PathBuf,
+    pub(super) keys: KeyArgs,
+    pub(super) opts: MountOpts,
+    pub(super) open: OpenOptions,
+    pub(super) settings: MountSettings,
+    /// None: stderr (foreground without log=).
+    pub(super) log: Option<PathBuf>,
+    pub(super) foreground: bool,
+    pub(super) fake: bool,
+}
+
+/// The mount point, absolute, checked: an existing directory that nothing is
+/// mounted on. A dead FUSE mount (its daemon killed) and a directory already
+/// in use get messages that say so and how to clear them.
+pub(super) fn check_mountpoint(given: &Path) -> Result<PathBuf> {
+    let dead = |p: &Path| {
+        CliError::new(
+            exit::BUSY,
+            format!(
+                "mount point {0} is a dead FUSE mount (the process that served it is gone); \
+                 clear it with `fusermount3 -u {0}` (or `umount -l {0}`), then mount again",
+                p.display()
+            ),
+        )
+    };
+    let abs = std::path::absolute(given)
+        .map_err(|e| CliError::error(format!("mount point {}: {e}", given.display())))?;
+    match fs::metadata(&abs) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(dead(&abs)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CliError::usage(format!(
+                "mount point {} does not exist; create it with `mkdir -p {}`",
+                abs.display(),
+                abs.display()
+            )));
+        }
+        Err(e) => {
+            return Err(CliError::error(format!(
+                "mount point {}: {e}",
+                abs.display()
+            )));
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(CliError::usage(format!(
+                "mount point {} is not a directory",
+                abs.display()
+            )));
+        }
+        Ok(_) => {}
+    }
+    let mountpoint = fs::canonicalize(&abs).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOTCONN) => dead(&abs),
+        _ => CliError::error(format!("mount point {}: {e}", abs.display())),
+    })?;
+    if let Some((fstype, source)) = umount::mounted_at(&mountpoint) {
+        return Err(CliError::new(
+            exit::BUSY,
+            format!(
+                "{} is already a mount point ({fstype} from {source}); unmount it first \
+                 (`kmsfs umount {}`) or choose another directory",
+                mountpoint.display(),
+                mountpoint.display()
+            ),
+        ));
+    }
+    Ok(mountpoint)
+}
+
+pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<MountPlan> {
+    let opts = parse_mount_options(&a.options, sloppy)?;
+    let volume = check_volume(&a.volume_dir)?;
+    let mountpoint = check_mountpoint(&a.mountpoint)?;
+    // The daemon reads the volume by path: through its own mount it would deadlock.
+    if volume.starts_with(&mountpoint) || mountpoint.starts_with(&volume) {
+        return Err(CliError::usage(format!(
+            "the mount point {} and the volume directory {} must not contain one another",
+            mountpoint.display(),
+            volume.display()
+        )));
+    }
+    let snapshot = a.snapshot.or_else(|| opts.snapshot.clone());
+    let read_only = a.read_only || opts.read_only == Some(true) || snapshot.is_some();
+    let cache = opts.cache_size.unwrap_or(DEFAULT_CACHE);
+    let cache_bytes =
+        usize::try_from(cache).map_err(|_| CliError::usage("cache_size is too large"))?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let settings = MountSettings {
+        fsname: volume.display().to_string(),
+        read_only,
+        allow_other: opts.allow_other,
+        // Without it any user of an allow_other mount could read every file.
+        default_permissions: opts.default_permissions || opts.allow_other,
+        flags: opts.flags.clone(),
+        threads: (threads * 2).clamp(4, 16),
+    };
+    let log = match &opts.log {
+        Some(p) => Some(absolute(p)?),
+        None if a.foreground => None,
+        None => {
+            let id = peek_volume_id(&volume).unwrap_or_else(|| "volume".into());
+            Some(default_log_dir().join(format!("{id}.log")))
+        }
+    };
+    Ok(MountPlan {
+        volume,
+        mountpoint,
+        keys: keys.clone(),
+        open: OpenOptions {
+            read_only,
+            cache_bytes,
+            snapshot,
+            ..Default::default()
+        },
+        opts,
+        settings,
+        log,
+        foreground: a.foreground,
+        fake: false,
+    })
+}
+
+pub(super) fn cmd_mount(plan: MountPlan) -> Result<()> {
+    let (ks, unlock) = unlock_existing(&plan.keys, &plan.opts)?;
+    if plan.fake {
+        return Ok(());
+    }
+    if plan.foreground {
+        let mut ready = Ready(None);
+        return serve(&plan, &ks, unlock, &mut ready);
+    }
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(CliError::error(format!(
+            "pipe: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: pipe2 just returned these two descriptors; each is owned once.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the process is single-threaded here (nothing has spawned a thread
+    // yet), so the child may run arbitrary code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(CliError::error(format!(
+            "fork: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if pid == 0 {
+        drop(rd);
+        let mut ready = Ready(Some(File::from(wr)));
+        let code = match daemon_main(&plan, &ks, unlock, &mut ready) {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                log::error!("{}", e.msg);
+                let code = e.code;
+                ready.fail(e);
+                code
+            }
+        };
+        std::process::exit(code);
+    }
+    drop(wr);
+    drop(unlock);
+    let mut msg = String::new();
+    let _ = File::from(rd).read_to_string(&mut msg);
+    let msg = msg.trim_end();
+    if msg == "ok" {
+        return Ok(());
+    }
+    if let Some(rest) = msg.strip_prefix("err ")
+        && let Some((code, text)) = rest.split_once(' ')
+    {
+        return Err(CliError::new(code.parse().unwrap_or(exit::ERROR), text));
+    }
+    Err(CliError::error(format!(
+        "the mount daemon exited before the mount was ready; see its log {}",
+        plan.log
+            .as_deref()
+            .unwrap_or(Path::new("(stderr)"))
+            .display()
+    )))
+}
+
+/// The child's end of the readiness pipe (None in the foreground).
+pub(super) struct Ready(Option<File>);
+
+impl Ready {
+    /// Detaches from the caller's terminal and tells the parent to exit 0.
+    fn ok(&mut self) {
+        let Some(mut f) = self.0.take() else { return };
+        if let Ok(null) = FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            // SAFETY: dup2 onto the standard descriptors from a descriptor we own.
+            unsafe {
+                libc::dup2(null.as_raw_fd(), 0);
+                libc::dup2(null.as_raw_fd(), 1);
+            }
+        }
+        let _ = f.write_all(b"ok\n");
+    }
+
+    fn fail(&mut self, e: CliError) {
+        if let Some(mut f) = self.0.take() {
+            let msg = e.msg.replace('\n', " ");
+            let _ = writeln!(f, "err {} {msg}", e.code);
+        }
+    }
+}
+
+/// The daemon child: detach, then serve.
+pub(super) fn daemon_main(
+    plan: &MountPlan,
+    ks: &Path,
+    unlock: Unlock,
+    ready: &mut Ready,
+) -> Result<()> {
+    // SAFETY: setsid has no memory-safety preconditions; failure (already a
+    // group leader) is harmless.
+    unsafe { libc::setsid() };
+    let _ = std::env::set_current_dir("/");
+    serve(plan, ks, unlock, ready)
+}
+
+pub(super) fn open_log(path: &Path) -> Result<File> {
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                CliError::error(format!(
+                    "cannot create the log directory {}: {e}; pass -o log=PATH",
+                    dir.display()
+                ))
+            })?;
+    }
+    FsOpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            CliError::error(format!(
+                "cannot open the log file {}: {e}; pass -o log=PATH",
+                path.display()
+            ))
+        })
+}
+
+pub(super) fn init_logger() {
+    // fuser's session warns when its own second unmount finds nothing mounted.
+    let env = env_logger::Env::default().default_filter_or("info,fuser::session=error");
+    let _ = env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .target(env_logger::Target::Stderr)
+        .try_init();
+}
+
+/// Where the signal thread stands with respect to the session.
+pub(super) enum Phase {
+    Starting,
+    Mounted(SessionUnmounter),
+    Stopping,
+}
+
+pub(super) fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use;
+    // pthread_sigmask changes only this thread's mask, inherited by the
+    // threads spawned afterwards, so the signal thread is the only receiver.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// SIGTERM/SIGINT/SIGHUP: unmount, which ends the session; `destroy` then
+/// makes the final commit. Before the mount exists, just exit (nothing to save).
+pub(super) fn spawn_signal_thread(
+    set: libc::sigset_t,
+    phase: Arc<Mutex<Phase>>,
+    mountpoint: PathBuf,
+) {
+    let _ = std::thread::Builder::new()
+        .name("kmsfs-signals".into())
+        .spawn(move || {
+            loop {
+                let mut sig = 0;
+                // SAFETY: `set` is an initialised signal set and `sig` a valid out-pointer.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                let mut p = phase.lock().unwrap_or_else(|e| e.into_inner());
+                match std::mem::replace(&mut *p, Phase::Stopping) {
+                    Phase::Starting => {
+                        log::info!("signal {sig} before the mount was ready: exiting");
+                        std::process::exit(exit::ERROR);
+                    }
+                    Phase::Mounted(mut u) => {
+                        drop(p);
+                        log::info!("signal {sig}: unmounting {}", mountpoint.display());
+                        if let Err(e) = u.unmount() {
+                            log::warn!("unmount failed ({e}); detaching the mount lazily");
+                            lazy_unmount(&mountpoint);
+                        }
+                    }
+                    Phase::Stopping => {
+                        log::info!("signal {sig}: already unmounting; detaching lazily");
+                        drop(p);
+                        lazy_unmount(&mountpoint);
+                    }
+                }
+            }
+        });
+}
+
+pub(super) fn lazy_unmount(mountpoint: &Path) {
+    if is_root()
+        && let Ok(c) = CString::new(mountpoint.as_os_str().as_bytes())
+        // SAFETY: `c` is a valid NUL-terminated path.
+        && unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0
+    {
+        return;
+    }
+    let _ = std::process::Command::new("fusermount3")
+        .args(["-u", "-z", "-q", "--"])
+        .arg(mountpoint)
+        .status();
+}
+
+/// Decodes the octal escapes of /proc/self/mountinfo fields (`\040` is a space).
+pub(super) fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// True when a kmsfs mount of `volume` is visible in this mount namespace.
+pub(super) fn volume_is_mounted(volume: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return true; // unknown: assume the lock is a live mount
+    };
+    info.lines().any(|l| {
+        let Some((_, post)) = l.split_once(" - ") else {
+            return false;
+        };
+        let mut f = post.split(' ');
+        let (Some(fstype), Some(source)) = (f.next(), f.next()) else {
+            return false;
+        };
+        // Direct mounts by root show as "fuse", fusermount3's as "fuse.kmsfs".
+        fstype.starts_with("fuse") && unescape_mountinfo(source) == volume.as_os_str().as_bytes()
+    })
+}
+
+/// Opens the volume; a lock held while no mount of the volume is visible
+/// belongs to a daemon finishing its final commit after an unmount, so wait
+/// for it (bounded) instead of failing `umount && mount`.
+pub(super) fn open_volume(plan: &MountPlan, kms: &LocalKeystore) -> Result<Volume> {
+    let start = Instant::now();
+    loop {
+        let storage = Arc::new(FsStorage::new(&plan.volume));
+        match Volume::open(storage, kms, plan.open.clone()) {
+            Err(Error::Locked(m))
+                if !volume_is_mounted(&plan.volume) && start.elapsed() < LOCK_WAIT =>
+            {
+                log::info!("volume locked ({m}) by a daemon that is shutting down; waiting");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(Error::Locked(m)) => {
+                return Err(CliError::new(
+                    exit::BUSY,
+                    format!(
+                        "{} is already mounted read-write (lock {m}); unmount it first, or mount it read-only with -o ro",
+                        plan.volume.display()
+                    ),
+                ));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
+/// Opens the keystore and the volume, mounts, reports readiness, and serves
+/// until the filesystem is unmounted.
+pub(super) fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Result<()> {
+    if let Some(path) = &plan.log {
+        let f = open_log(path)?;
+        // SAFETY: dup2 onto stderr from a descriptor we own: logs and panics go to the file.
+        unsafe { libc::dup2(f.as_raw_fd(), 2) };
+    }
+    init_logger();
+    // The daemon holds the volume's keys: no core dumps, no ptrace by peers.
+    // SAFETY: prctl(PR_SET_DUMPABLE) takes integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    // Block buffers are allocated and freed at a high rate; keep them in the
+    // heap instead of mapping and unmapping (each new page is a fault, which
+    // showed as 13% of a streaming-write profile). Freed memory above
+    // TRIM_THRESHOLD still goes back to the system.
+    // SAFETY: mallopt takes integer arguments and only tunes the allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as i32);
+        // One heap arena per request thread would each keep its own freed
+        // memory: a few shared arenas bound what the daemon holds.
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+    let set = block_signals();
+    let phase = Arc::new(Mutex::new(Phase::Starting));
+    spawn_signal_thread(set, phase.clone(), plan.mountpoint.clone());
+    log::info!(
+        "kmsfs {} (pid {}) mounting {} on {}{}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        plan.volume.display(),
+        plan.mountpoint.display(),
+        if plan.open.read_only {
+            " read-only"
+        } else {
+            ""
+        }
+    );
+    let kms = Arc::new(open_keystore(ks, unlock)?);
+    let vol = Arc::new(open_volume(plan, &kms)?);
+    // Rollback protection: the keystore keeps the newest generation this
+    // volume reached; every commit raises it before it returns.
+    if !plan.open.read_only {
+        vol.set_generation_sink(Some(kms.clone()));
+        if let Err(e) = vol.record_generation(&*kms) {
+            log::warn!("could not record the volume generation in the keystore: {e}");
+        }
+    }
+    // This handle keeps the volume lock until after the session has dropped
+    // its mount handle (fuser unmounts the mountpoint again at the end of
+    // `run`): a new mount, which waits for the lock, cannot be hit by that.
+    crate::fuse::install_panic_hook();
+    let fs = KmsFs::new(vol.clone(), plan.settings.clone());
+    let outcome = fs.outcome();
+    let notifier = fs.notifier_slot();
+    let mut session = Session::new(fs, &plan.mountpoint, &plan.settings.config()).map_err(|e| {
+        CliError::error(format!(
+            "cannot mount on {}: {e}",
+            plan.mountpoint.display()
+        ))
+    })?;
+    let _ = notifier.set(session.notifier());
+    *phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::Mounted(session.unmount_callable());
+    // Read-write mounts take snapshot/clean commands over the control socket.
+    let control = if plan.open.read_only {
+        None
+    } else {
+        ControlServer::start(vol.clone(), &plan.volume)
+            .inspect_err(|e| {
+                log::warn!("no control socket ({e}); snapshot commands need an unmounted volume")
+            })
+            .ok()
+    };
+    let bound = memory_bound(plan.open.cache_bytes, plan.settings.threads.max(2));
+    log::info!(
+        "mounted; serving requests (memory: at most about {} MiB with cache_size {} and {} \
+         request threads)",
+        bound >> 20,
+        human(plan.open.cache_bytes as u64),
+        plan.settings.threads.max(2)
+    );
+    ready.ok();
+    let r = session.run();
+    drop(control);
+    vol.set_generation_sink(None);
+    drop(vol);
+    log::info!("session ended");
+    if let Err(e) = r {
+        return Err(CliError::error(format!("the FUSE session failed: {e}")));
+    }
+    match outcome.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        Some(Err(e)) => Err(CliError::error(format!(
+            "the final commit failed: {e}; changes since the last commit are lost, the volume is consistent"
+        ))),
+        _ => Ok(()),
+    }
+}
