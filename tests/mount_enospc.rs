@@ -65,26 +65,13 @@ fn full_backing_disk_gives_enospc_and_stays_consistent() {
         drop(f);
 
         // Fill: 1 MiB writes, fsync every 2 MiB, until something fails.
-        let chunk = pattern(1 << 20, 6);
-        let mut f = File::create(m.p("fill")).unwrap();
-        let mut err = None;
-        for i in 1..=64 {
-            let r = f
-                .write_all(&chunk)
-                .and_then(|()| if i % 2 == 0 { f.sync_all() } else { Ok(()) });
-            if let Err(e) = r {
-                err = Some(e);
-                break;
-            }
-        }
-        let e = err.expect("writing 64 MiB into a 24 MiB disk must fail");
+        let e = fill(&m, "fill");
         assert_eq!(
             errno_of(&e),
             libc::ENOSPC,
             "expected ENOSPC, got {e}; log:\n{}",
             env.log_text()
         );
-        drop(f);
         // Reads still work on a full disk.
         assert!(fs::read(m.p("keep")).unwrap() == keep);
         // Deleting cannot free space until the cleaner runs; unmount now.
@@ -106,7 +93,8 @@ fn full_backing_disk_gives_enospc_and_stays_consistent() {
     env.assert_fsck_clean();
 }
 
-/// Fills the mount until a write fails with ENOSPC; returns that error.
+/// Fills the mount (1 MiB writes, fsync every 2 MiB) until a write fails;
+/// returns that error.
 fn fill(m: &common::Mount, name: &str) -> std::io::Error {
     let chunk = pattern(1 << 20, 6);
     let mut f = File::create(m.p(name)).unwrap();

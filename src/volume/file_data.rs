@@ -315,26 +315,14 @@ impl Volume {
         from: u64,
         to: u64,
     ) -> Result<()> {
-        let n = self.nodes();
         let end = if to == u64::MAX {
             key(ino, tag::BLOCK + 1, &[])
         } else {
             Self::block_key(ino, to)
         };
         self.freed_since_clean.store(true, Ordering::Relaxed);
-        // In bounded batches (a 1 TiB file has 16 million block entries).
-        loop {
-            let keys = st
-                .tree
-                .collect(n, &Self::block_key(ino, from), &end, 4096)?;
-            if keys.is_empty() {
-                break;
-            }
-            for (k, _) in keys {
-                st.tree.remove(n, &k)?;
-                i.blocks = i.blocks.saturating_sub(1);
-            }
-        }
+        let removed = self.remove_key_range(st, &Self::block_key(ino, from), &end)?;
+        i.blocks = i.blocks.saturating_sub(removed);
         let dk: Vec<(u64, u64)> = st
             .dirty
             .range((ino, from)..(ino, to))

@@ -982,25 +982,28 @@ impl Volume {
         Ok(empty)
     }
 
+    /// Removes every tree key in [from, to); returns how many. In bounded
+    /// batches: a huge file must not need memory for all its keys.
+    fn remove_key_range(&self, st: &mut State, from: &[u8], to: &[u8]) -> Result<u64> {
+        let n = self.nodes();
+        let mut count = 0;
+        loop {
+            let keys = st.tree.collect(n, from, to, 4096)?;
+            if keys.is_empty() {
+                return Ok(count);
+            }
+            for (k, _) in keys {
+                st.tree.remove(n, &k)?;
+                count += 1;
+            }
+        }
+    }
+
     /// Removes an inode and everything it owns (blocks, xattrs, target).
     fn destroy_inode(&self, st: &mut State, ino: u64) -> Result<()> {
         self.freed_since_clean.store(true, Ordering::Relaxed);
         let n = self.nodes();
-        // In bounded batches: a huge file must not need memory for all its keys.
-        loop {
-            let keys = st.tree.collect(
-                n,
-                &key(ino, 0, &[]),
-                &key(ino.saturating_add(1), 0, &[]),
-                4096,
-            )?;
-            if keys.is_empty() {
-                break;
-            }
-            for (k, _) in keys {
-                st.tree.remove(n, &k)?;
-            }
-        }
+        self.remove_key_range(st, &key(ino, 0, &[]), &key(ino.saturating_add(1), 0, &[]))?;
         st.tree
             .remove(n, &key(0, tag::ORPHAN, &ino.to_be_bytes()))?;
         let drop_keys: Vec<(u64, u64)> = st

@@ -423,22 +423,8 @@ impl Volume {
             if *ino == 0 || f.inodes.contains_key(ino) {
                 continue;
             }
-            let mut count = 0u64;
-            loop {
-                let keys = st.tree.collect(
-                    n,
-                    &key(*ino, 0, &[]),
-                    &key(ino.saturating_add(1), 0, &[]),
-                    4096,
-                )?;
-                if keys.is_empty() {
-                    break;
-                }
-                for (k, _) in keys {
-                    st.tree.remove(n, &k)?;
-                    count += 1;
-                }
-            }
+            let count =
+                self.remove_key_range(st, &key(*ino, 0, &[]), &key(ino.saturating_add(1), 0, &[]))?;
             st.changed = true;
             rep.entries_fixed.push(format!(
                 "removed {count} record(s) of inode {ino}, which does not exist"
