@@ -19,4 +19,5 @@ pub mod format;
 pub mod fuse;
 pub mod kms;
 pub mod store;
+pub mod time;
 pub mod volume;
