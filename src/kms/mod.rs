@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use crate::crypto::DataKey;
 
+pub mod import;
 pub mod keystore;
 
 pub use keystore::{LocalKeystore, Unlock};
