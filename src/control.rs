@@ -49,6 +49,12 @@ pub enum Request {
     /// Commit now, and say which process serves the mount (the umount
     /// helper waits for it to exit: its final commit ends the unmount).
     Commit,
+    /// Re-wrap the volume's DK (`kmsfs rewrap` on a mounted volume) with the
+    /// mount's keystore: under the newest version of its CMK, or under `cmk`.
+    Rewrap {
+        #[serde(default)]
+        cmk: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -495,6 +501,11 @@ fn execute(vol: &Volume, req: &Request) -> Result<serde_json::Value> {
             let s = vol.clean(0.5)?;
             serde_json::json!({"segments_removed": s.segments_removed, "bytes_moved": s.bytes_moved,
                 "bytes_freed": s.bytes_freed})
+        }
+        Request::Rewrap { cmk } => {
+            let r = vol.rewrap_attached(cmk.as_deref())?;
+            serde_json::json!({"from_cmk": r.from.0, "from_version": r.from.1,
+                "to_cmk": r.to.0, "to_version": r.to.1})
         }
         Request::Commit => {
             vol.commit()?;

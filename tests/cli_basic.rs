@@ -205,6 +205,11 @@ fn unlock_sources_and_key_errors() {
     // A keyfile-protected keystore, created on first use by init.
     let keyfile = env.root().join("keyfile");
     fs::write(&keyfile, common::pattern(64, 1)).unwrap();
+    fs::set_permissions(
+        &keyfile,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let ks2 = env.root().join("ks2");
     let vol2 = env.root().join("vol2");
     let run2 = |args: &[&str]| {

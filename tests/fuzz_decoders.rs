@@ -722,7 +722,8 @@ fn check_names(s: &str) {
 }
 
 fn check_keystore_payload(b: &[u8]) {
-    let _ = keystore::decode_payload(b);
+    let _ = keystore::decode_payload(b, 1);
+    let _ = keystore::decode_payload(b, 2);
 }
 
 fn check_request(b: &[u8]) {
@@ -1057,7 +1058,7 @@ fn keystore_payload() {
         10,
         keystore_payload_strategy(),
         |b| {
-            prop_assert_eq!(keystore::decode_payload(&b), Ok(()));
+            prop_assert_eq!(keystore::decode_payload(&b, 1), Ok(()));
             Ok(())
         },
     );
@@ -1083,7 +1084,7 @@ fn keystore_payload() {
         versions: vec![(1, 2, [1; 32]), (2, 3, [2; 32])],
     };
     let valid = encode_keystore_payload(&[cmk], 1, &[([5; 16], 8)].into_iter().collect());
-    assert_eq!(keystore::decode_payload(&valid), Ok(()));
+    assert_eq!(keystore::decode_payload(&valid, 1), Ok(()));
     sweep(&valid, check_keystore_payload);
 }
 
@@ -1195,11 +1196,20 @@ fn keyfile_keystore() -> KsFixture {
     let keyfile = dir.path().join("keyfile");
     let material = filler(0x1234_5678, 64);
     std::fs::write(&keyfile, &material).unwrap();
+    std::fs::set_permissions(
+        &keyfile,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let path = dir.path().join("ks").join("keystore");
     let ks = LocalKeystore::open_or_create(&path, Unlock::Keyfile(keyfile.clone())).unwrap();
-    ks.create_key(Some("backups"), "for the backup volumes")
-        .unwrap();
-    ks.create_key(None, "").unwrap();
+    ks.create_key(&kmsfs::kms::CreateKey {
+        alias: Some("backups".into()),
+        description: "for the backup volumes".into(),
+        external: false,
+    })
+    .unwrap();
+    ks.create_key(&kmsfs::kms::CreateKey::default()).unwrap();
     let ctx = EncryptionContext::for_volume(&[4; 16]);
     let (_, wrapped) = ks.generate_data_key(Some("backups"), &ctx).unwrap();
     ks.record_generation(&[4; 16], 5).unwrap();
@@ -1212,7 +1222,7 @@ fn keyfile_keystore() -> KsFixture {
     let payload = Sealer::new(CipherKind::Aes256GcmSiv, &seal_key)
         .open(&file[..KS_HEADER_LEN], &file[KS_HEADER_LEN..])
         .unwrap();
-    assert_eq!(keystore::decode_payload(&payload), Ok(()));
+    assert_eq!(keystore::decode_payload(&payload, 2), Ok(()));
     KsFixture {
         _dir: dir,
         path,
@@ -1720,6 +1730,11 @@ impl Kms for FuzzKms {
 fn fuzz_kms(dir: &Path) -> FuzzKms {
     let keyfile = dir.join("keyfile");
     std::fs::write(&keyfile, filler(99, 64)).unwrap();
+    std::fs::set_permissions(
+        &keyfile,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     FuzzKms(LocalKeystore::open_or_create(&dir.join("keystore"), Unlock::Keyfile(keyfile)).unwrap())
 }
 

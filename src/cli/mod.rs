@@ -20,6 +20,9 @@
 //! `KMSFS_KDF_TEST_PARAMS=1` creates new keystores with the cheap Argon2id
 //! profile (`KdfParams::for_tests`). Other builds ignore the variable.
 
+mod audit;
+mod key;
+mod keystore;
 mod mount;
 mod salvage;
 mod snapshot;
@@ -48,7 +51,7 @@ use crate::crypto::{CipherKind, KdfParams, Passphrase};
 use crate::error::Error;
 use crate::format::{self, FileKind};
 use crate::fuse::{KmsFs, MountSettings};
-use crate::kms::{KmsError, LocalKeystore, Unlock};
+use crate::kms::{Kms, KmsError, LocalKeystore, Unlock};
 use crate::store::FsStorage;
 use crate::volume::{CreateOptions, OpenOptions, ROOT_INO, Volume};
 
@@ -209,6 +212,17 @@ enum Command {
     /// Copy every file that still verifies out of a (damaged) volume into DEST;
     /// exit 3 if anything was damaged
     Salvage(salvage::SalvageArgs),
+    /// Customer master keys: create, list, describe, enable, disable, rotate, delete, import (BYOK)
+    #[command(subcommand)]
+    Key(key::KeyCmd),
+    /// Re-wrap a volume's data key under the newest version of its key, or another key,
+    /// without touching any data (through the mount when mounted)
+    Rewrap(key::RewrapArgs),
+    /// The KMS audit trail: every key use; `audit verify` checks its MAC chain
+    Audit(audit::AuditArgs),
+    /// The keystore itself: passwd, backup, restore
+    #[command(subcommand)]
+    Keystore(keystore::KeystoreCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -355,7 +369,8 @@ after writes go idle, and every 5 s under steady writes. A second read-write mou
 volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
 
 const SUBCOMMANDS: &[&str] = &[
-    "init", "mount", "umount", "info", "fsck", "snapshot", "clone", "clean", "salvage", "help",
+    "init", "mount", "umount", "info", "fsck", "snapshot", "clone", "clean", "salvage", "key",
+    "rewrap", "audit", "keystore", "help",
 ];
 
 /// Entry point of the binary; returns the process exit code.
@@ -437,6 +452,10 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
         Command::Clone(a) => cmd_clone(&cli.keys, a),
         Command::Clean { volume_dir, json } => cmd_clean(&cli.keys, &volume_dir, json),
         Command::Salvage(a) => salvage::run(&cli.keys, a),
+        Command::Key(c) => key::cmd_key(&cli.keys, c),
+        Command::Rewrap(a) => key::cmd_rewrap(&cli.keys, a),
+        Command::Audit(a) => audit::cmd_audit(&cli.keys, a),
+        Command::Keystore(c) => keystore::cmd_keystore(&cli.keys, c),
     }
 }
 
@@ -607,6 +626,7 @@ fn obtain_unlock(keystore: &Path, src: &UnlockSource, creating: bool) -> Result<
     match src {
         UnlockSource::Keyfile(p) => Ok(Unlock::Keyfile(p.clone())),
         UnlockSource::PassphraseFile(p) => {
+            crate::kms::keystore::check_private_file(p, "passphrase file")?;
             let mut f = File::open(p).map_err(|e| {
                 CliError::key(format!(
                     "cannot read the passphrase file {}: {e}",
@@ -712,16 +732,32 @@ fn prompt_passphrase(prompt: &str) -> Result<Passphrase> {
     Ok(Passphrase::from_bytes(buf))
 }
 
+/// Argon2id parameters for a new keystore or a new passphrase.
+fn kdf_params() -> KdfParams {
+    if cfg!(feature = "test-hooks") && std::env::var(ENV_KDF_TEST).as_deref() == Ok("1") {
+        KdfParams::for_tests()
+    } else {
+        KdfParams::DEFAULT
+    }
+}
+
 fn open_keystore(path: &Path, unlock: Unlock) -> Result<LocalKeystore> {
-    let params =
-        if cfg!(feature = "test-hooks") && std::env::var(ENV_KDF_TEST).as_deref() == Ok("1") {
-            KdfParams::for_tests()
-        } else {
-            KdfParams::DEFAULT
-        };
     Ok(LocalKeystore::open_or_create_with_params(
-        path, unlock, params,
+        path,
+        unlock,
+        kdf_params(),
     )?)
+}
+
+/// Reads a small file whole, refusing one larger than `max` bytes.
+fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let f = File::open(path)?;
+    let mut b = Vec::new();
+    f.take(max + 1).read_to_end(&mut b)?;
+    if b.len() as u64 > max {
+        return Err(std::io::Error::other(format!("larger than {max} bytes")));
+    }
+    Ok(b)
 }
 
 /// Opens an existing keystore (only `init` creates one).
@@ -1010,6 +1046,8 @@ struct InfoReport {
     cmk_alias: Option<String>,
     cmk_version: u32,
     created: i64,
+    /// `created` as ISO 8601 UTC.
+    created_utc: String,
     generation: u64,
     snapshots: usize,
     stored_bytes: u64,
@@ -1042,6 +1080,7 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
         cmk_alias: alias,
         cmk_version: h.cmk_version,
         created: h.created,
+        created_utc: crate::time::iso_utc(u64::try_from(h.created).unwrap_or(0)),
         generation: vol.generation(),
         snapshots: vol.snapshots().len(),
         stored_bytes: vol.stored_bytes()?,
@@ -1079,7 +1118,10 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
         human(r.segment_size as u64)
     );
     println!("CMK:            {cmk}");
-    println!("created:        {} (unix time)", r.created);
+    println!(
+        "created:        {}",
+        crate::time::iso_utc(u64::try_from(r.created).unwrap_or(0))
+    );
     println!("generation:     {}", r.generation);
     println!("snapshots:      {}", r.snapshots);
     println!(

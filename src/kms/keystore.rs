@@ -1,49 +1,57 @@
-//! The embedded keystore: one file holding the CMKs and the volumes' generation marks,
-//! sealed by a key derived from a passphrase (Argon2id) or a keyfile (HKDF).
+//! The embedded keystore: one file holding the CMKs, the volumes' generation marks and
+//! bindings, and the audit chain's key and anchor, sealed by a key derived from a
+//! passphrase (Argon2id) or a keyfile (HKDF). Every key operation is recorded in the audit
+//! log `PATH.audit` ([`super::audit`]).
 //!
-//! The byte layout is specified in `docs/KEYSTORE-FORMAT.md`. In short:
+//! The byte layout is specified in `docs/KEYSTORE-FORMAT.md`. In short (format 2):
 //!
 //! ```text
-//! header (71 bytes): magic "KMSFSKS\0" | version u16 | unlock kind u8 | Argon2id m, t, p u32
-//!                    | salt [16] | key check [32] = HMAC(check key, the 39 bytes before)
-//! body:              AES-256-GCM-SIV(seal key, AAD = the 71 header bytes, payload)
+//! header (103 bytes): magic "KMSFSKS\0" | version u16 | unlock kind u8 | Argon2id m, t, p u32
+//!                     | salt [16] | key check [32] = HMAC(check key, the 39 bytes before)
+//!                     | checksum [32] = SHA-256(label, the 71 bytes before)
+//! body:               AES-256-GCM-SIV(seal key, AAD = the header bytes, payload)
 //! ```
 //!
 //! Files, all in the keystore's directory (created mode 0700):
 //! - `PATH`: the keystore (mode 0600), replaced atomically (write `PATH.tmp`, fsync, rename,
 //!   fsync the directory);
-//! - `PATH.bak`: the previous version, replaced atomically before each update;
-//! - `PATH.lock`: `flock`ed around every read-modify-write, so concurrent processes do not
-//!   lose each other's updates (the file is re-read under the lock before modifying).
+//! - `PATH.bak`: the previous version, replaced atomically before each key change;
+//! - `PATH.lock`: `flock`ed around every operation, so concurrent processes neither lose
+//!   each other's updates nor interleave audit records;
+//! - `PATH.audit`: the audit log, append-only.
 //!
 //! Every operation re-reads the file, so a key disabled by another process is refused at
 //! once. The unlock key is derived once per (salt, parameters) and cached in memory.
 
 use core::fmt;
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use zeroize::{Zeroize, Zeroizing};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
-use super::{
-    EncryptionContext, KeyInfo, KeyKind, KeyOrigin, KeyState, Kms, KmsError, WrappedKey, hex,
-};
-use crate::crypto::{
-    self, CipherKind, DataKey, KEY_LEN, KdfParams, Passphrase, Sealer, SecretKey, labels,
-};
+use super::audit::{AuditLog, AuditOp, AuditRecord, Caller, StoredRecord, VerifyReport};
+use super::cmk::{self, Cmk, Touched};
+use super::import::{ImportParams, WrappingSpec};
+use super::payload::{Binding, MAX_PATH_LEN, State};
+use super::{CreateKey, EncryptionContext, KeyChange, KeyInfo, KeyKind, Kms, KmsError, WrappedKey};
+use crate::crypto::{self, CipherKind, DataKey, KdfParams, Passphrase, Sealer, SecretKey, labels};
+use crate::time::now_unix;
+
+pub use super::cmk::WRAP_AAD_PREFIX;
 
 /// First 8 bytes of every keystore file.
 pub const MAGIC: [u8; 8] = *b"KMSFSKS\0";
 /// The format version this build writes and the newest it reads.
-pub const FORMAT_VERSION: u16 = 1;
-/// Length of the fixed header (everything before the sealed payload).
-pub const HEADER_LEN: usize = PREFIX_LEN + CHECK_LEN;
+pub const FORMAT_VERSION: u16 = 2;
+/// Length of the fixed header of format 1 (everything before the sealed payload).
+pub const HEADER_LEN_V1: usize = PREFIX_LEN + CHECK_LEN;
+/// Length of the fixed header of format 2: format 1's plus a key-independent checksum.
+pub const HEADER_LEN: usize = PREFIX_LEN + CHECK_LEN + CHECKSUM_LEN;
 /// Smallest keyfile accepted.
 pub const MIN_KEYFILE_LEN: u64 = 32;
 /// Largest keyfile accepted.
@@ -52,28 +60,17 @@ pub const MAX_KEYFILE_LEN: u64 = 1 << 20;
 pub const MAX_FILE_LEN: u64 = 64 << 20;
 /// Alias of the service key.
 pub const SERVICE_ALIAS: &str = "service";
-/// Prefix of the AAD of every DK wrap.
-pub const WRAP_AAD_PREFIX: &[u8] = b"kmsfs-wrap-v1";
+/// Domain label of the header checksum.
+const CHECKSUM_LABEL: &[u8] = b"kmsfs keystore header v2";
 
 const UNLOCK_PASSPHRASE: u8 = 1;
 const UNLOCK_KEYFILE: u8 = 2;
 const SALT_LEN: usize = 16;
 const CHECK_LEN: usize = 32;
+const CHECKSUM_LEN: usize = 32;
 /// magic, version, unlock kind, m, t, p, salt.
 const PREFIX_LEN: usize = 8 + 2 + 1 + 4 + 4 + 4 + SALT_LEN;
 const SEAL_CIPHER: CipherKind = CipherKind::Aes256GcmSiv;
-const WRAP_CIPHER: CipherKind = CipherKind::Aes256GcmSiv;
-/// Sealed DK: nonce, 32 key bytes, tag.
-const WRAPPED_LEN: usize = 12 + KEY_LEN + crypto::TAG_LEN;
-const MAX_ID_LEN: usize = 64;
-const MAX_ALIAS_LEN: usize = 64;
-const MAX_DESCRIPTION_LEN: usize = 1024;
-/// Encoded size of one CMK version: version u32, created u64, material.
-const VERSION_RECORD_LEN: usize = 4 + 8 + KEY_LEN;
-/// Encoded size of one generation mark: volume id, generation u64.
-const MARK_RECORD_LEN: usize = 16 + 8;
-/// Smallest encoded CMK record (empty strings, one version).
-const MIN_CMK_RECORD_LEN: usize = 1 + 1 + 2 + 8 + 1 + 1 + 1 + 8 + 4 + VERSION_RECORD_LEN;
 
 /// How the keystore is unlocked.
 #[derive(Debug)]
@@ -111,10 +108,10 @@ struct Header {
 }
 
 impl Header {
-    fn prefix(&self) -> [u8; PREFIX_LEN] {
+    fn prefix(&self, version: u16) -> [u8; PREFIX_LEN] {
         let mut p = [0u8; PREFIX_LEN];
         p[0..8].copy_from_slice(&MAGIC);
-        p[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        p[8..10].copy_from_slice(&version.to_le_bytes());
         p[10] = self.unlock_kind;
         p[11..15].copy_from_slice(&self.params.m_cost_kib.to_le_bytes());
         p[15..19].copy_from_slice(&self.params.t_cost.to_le_bytes());
@@ -122,457 +119,42 @@ impl Header {
         p[23..39].copy_from_slice(&self.salt);
         p
     }
+
+    fn for_unlock(unlock: &Unlock, params: KdfParams) -> Result<Self, KmsError> {
+        Ok(match unlock {
+            Unlock::Passphrase(p) => {
+                params.validate().map_err(KmsError::InvalidParams)?;
+                if p.expose().is_empty() {
+                    return Err(KmsError::InvalidParams(
+                        "the passphrase is empty; give a non-empty passphrase".into(),
+                    ));
+                }
+                Header {
+                    unlock_kind: UNLOCK_PASSPHRASE,
+                    params,
+                    salt: crypto::random_array(),
+                }
+            }
+            Unlock::Keyfile(_) => Header {
+                unlock_kind: UNLOCK_KEYFILE,
+                params: ZERO_PARAMS,
+                salt: crypto::random_array(),
+            },
+        })
+    }
+}
+
+/// SHA-256 over the label and the header bytes before the checksum.
+fn header_checksum(header_bytes: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(CHECKSUM_LABEL);
+    h.update(header_bytes);
+    h.finalize().into()
 }
 
 struct CachedKey {
     header: Header,
     key: SecretKey,
-}
-
-struct CmkVersion {
-    version: u32,
-    created: u64,
-    material: SecretKey,
-}
-
-struct Cmk {
-    id: String,
-    alias: Option<String>,
-    description: String,
-    created: u64,
-    kind: KeyKind,
-    origin: KeyOrigin,
-    state: KeyState,
-    /// Unix seconds; 0 = none.
-    deletion_date: u64,
-    /// Oldest first, strictly increasing version numbers, never empty.
-    versions: Vec<CmkVersion>,
-}
-
-impl Cmk {
-    fn generate(id: String, alias: Option<String>, description: String, kind: KeyKind) -> Self {
-        let created = now();
-        Self {
-            id,
-            alias,
-            description,
-            created,
-            kind,
-            origin: KeyOrigin::Generated,
-            state: KeyState::Enabled,
-            deletion_date: 0,
-            versions: vec![CmkVersion {
-                version: 1,
-                created,
-                material: SecretKey::random(),
-            }],
-        }
-    }
-
-    fn info(&self) -> KeyInfo {
-        KeyInfo {
-            id: self.id.clone(),
-            alias: self.alias.clone(),
-            description: self.description.clone(),
-            created: self.created,
-            state: self.state,
-            deletion_date: (self.deletion_date != 0).then_some(self.deletion_date),
-            kind: self.kind,
-            origin: self.origin,
-            versions: self.versions.iter().map(|v| v.version).collect(),
-        }
-    }
-
-    fn check_usable(&self) -> Result<(), KmsError> {
-        match self.state {
-            KeyState::Enabled => Ok(()),
-            KeyState::Disabled => Err(KmsError::KeyDisabled(self.id.clone())),
-            KeyState::PendingDeletion => Err(KmsError::KeyPendingDeletion {
-                id: self.id.clone(),
-                deletion_date: self.deletion_date,
-            }),
-        }
-    }
-
-    fn newest(&self) -> &CmkVersion {
-        self.versions
-            .last()
-            .expect("a CMK always has at least one version (checked when decoding)")
-    }
-
-    fn version(&self, version: u32) -> Result<&CmkVersion, KmsError> {
-        self.versions
-            .iter()
-            .find(|v| v.version == version)
-            .ok_or_else(|| KmsError::KeyVersionNotFound {
-                id: self.id.clone(),
-                version,
-            })
-    }
-
-    fn wrap(&self, dk: &DataKey, ctx: &EncryptionContext) -> WrappedKey {
-        let v = self.newest();
-        let sealer = Sealer::new(
-            WRAP_CIPHER,
-            &crypto::derive_subkey(&v.material, labels::CMK_WRAP),
-        );
-        WrappedKey {
-            cmk_id: self.id.clone(),
-            cmk_version: v.version,
-            ciphertext: sealer.seal(&wrap_aad(&self.id, v.version, ctx), dk.expose()),
-        }
-    }
-
-    fn unwrap(&self, wrapped: &WrappedKey, ctx: &EncryptionContext) -> Result<DataKey, KmsError> {
-        let v = self.version(wrapped.cmk_version)?;
-        if wrapped.ciphertext.len() != WRAPPED_LEN {
-            return Err(KmsError::UnwrapFailed);
-        }
-        let sealer = Sealer::new(
-            WRAP_CIPHER,
-            &crypto::derive_subkey(&v.material, labels::CMK_WRAP),
-        );
-        let mut dk = [0u8; KEY_LEN];
-        let res = sealer.open_into(
-            &wrap_aad(&self.id, v.version, ctx),
-            &wrapped.ciphertext,
-            &mut dk,
-        );
-        let key = res.ok().and_then(|()| SecretKey::from_slice(&dk));
-        dk.zeroize();
-        key.ok_or(KmsError::UnwrapFailed)
-    }
-}
-
-/// `"kmsfs-wrap-v1" || u16 LE id length || id || u32 LE version || ctx.canonical_bytes()`.
-fn wrap_aad(cmk_id: &str, version: u32, ctx: &EncryptionContext) -> Vec<u8> {
-    let id_len = u16::try_from(cmk_id.len()).expect("CMK ids are at most 64 bytes");
-    let mut aad = Vec::new();
-    aad.extend_from_slice(WRAP_AAD_PREFIX);
-    aad.extend_from_slice(&id_len.to_le_bytes());
-    aad.extend_from_slice(cmk_id.as_bytes());
-    aad.extend_from_slice(&version.to_le_bytes());
-    aad.extend_from_slice(&ctx.canonical_bytes());
-    aad
-}
-
-/// The decrypted contents of the keystore.
-#[derive(Default)]
-struct State {
-    cmks: Vec<Cmk>,
-    marks: BTreeMap<[u8; 16], u64>,
-}
-
-impl State {
-    fn service(&self) -> &Cmk {
-        self.cmks
-            .iter()
-            .find(|c| c.kind == KeyKind::Service)
-            .expect("a keystore always has a service key (checked when decoding)")
-    }
-
-    /// By id or alias; `None` = the service key.
-    fn resolve(&self, name: Option<&str>) -> Result<&Cmk, KmsError> {
-        match name {
-            None => Ok(self.service()),
-            Some(n) => self
-                .cmks
-                .iter()
-                .find(|c| c.id == n || c.alias.as_deref() == Some(n))
-                .ok_or_else(|| KmsError::KeyNotFound(n.to_owned())),
-        }
-    }
-
-    fn by_id(&self, id: &str) -> Result<&Cmk, KmsError> {
-        self.cmks
-            .iter()
-            .find(|c| c.id == id)
-            .ok_or_else(|| KmsError::KeyNotFound(id.to_owned()))
-    }
-
-    fn new_id(&self) -> String {
-        loop {
-            let id = format!("cmk-{}", hex(&crypto::random_array::<8>()));
-            if !self.cmks.iter().any(|c| c.id == id) {
-                return id;
-            }
-        }
-    }
-
-    fn encoded_len(&self) -> usize {
-        let cmks: usize = self
-            .cmks
-            .iter()
-            .map(|c| {
-                MIN_CMK_RECORD_LEN - VERSION_RECORD_LEN
-                    + c.id.len()
-                    + c.alias.as_ref().map_or(0, String::len)
-                    + c.description.len()
-                    + c.versions.len() * VERSION_RECORD_LEN
-            })
-            .sum();
-        4 + cmks + 4 + self.marks.len() * MARK_RECORD_LEN
-    }
-
-    /// The payload, in a buffer zeroized on drop (allocated once at its final size).
-    fn encode(&self) -> Zeroizing<Vec<u8>> {
-        fn len8(s: &str) -> u8 {
-            u8::try_from(s.len()).expect("ids and aliases are at most 64 bytes")
-        }
-        let mut out = Zeroizing::new(Vec::with_capacity(self.encoded_len()));
-        let o = &mut *out;
-        o.extend_from_slice(&count_u32(self.cmks.len()).to_le_bytes());
-        for c in &self.cmks {
-            o.push(len8(&c.id));
-            o.extend_from_slice(c.id.as_bytes());
-            let alias = c.alias.as_deref().unwrap_or("");
-            o.push(len8(alias));
-            o.extend_from_slice(alias.as_bytes());
-            let desc_len =
-                u16::try_from(c.description.len()).expect("descriptions are at most 1024 bytes");
-            o.extend_from_slice(&desc_len.to_le_bytes());
-            o.extend_from_slice(c.description.as_bytes());
-            o.extend_from_slice(&c.created.to_le_bytes());
-            o.push(c.kind as u8);
-            o.push(c.origin as u8);
-            o.push(c.state as u8);
-            o.extend_from_slice(&c.deletion_date.to_le_bytes());
-            o.extend_from_slice(&count_u32(c.versions.len()).to_le_bytes());
-            for v in &c.versions {
-                o.extend_from_slice(&v.version.to_le_bytes());
-                o.extend_from_slice(&v.created.to_le_bytes());
-                o.extend_from_slice(v.material.expose());
-            }
-        }
-        o.extend_from_slice(&count_u32(self.marks.len()).to_le_bytes());
-        for (id, generation) in &self.marks {
-            o.extend_from_slice(id);
-            o.extend_from_slice(&generation.to_le_bytes());
-        }
-        debug_assert_eq!(o.len(), self.encoded_len());
-        out
-    }
-
-    fn decode(payload: &[u8]) -> Result<Self, String> {
-        let mut r = Reader {
-            buf: payload,
-            pos: 0,
-        };
-        let cmk_count = r.count("CMK count", MIN_CMK_RECORD_LEN)?;
-        let mut state = State::default();
-        for i in 0..cmk_count {
-            let cmk = decode_cmk(&mut r).map_err(|e| format!("CMK record {i}: {e}"))?;
-            if state.cmks.iter().any(|c| c.id == cmk.id) {
-                return Err(format!("CMK id {} appears twice", cmk.id));
-            }
-            if let Some(a) = &cmk.alias
-                && state.cmks.iter().any(|c| c.alias.as_ref() == Some(a))
-            {
-                return Err(format!("alias {a} appears twice"));
-            }
-            state.cmks.push(cmk);
-        }
-        let services: Vec<&Cmk> = state
-            .cmks
-            .iter()
-            .filter(|c| c.kind == KeyKind::Service)
-            .collect();
-        match services.as_slice() {
-            [s] if s.state == KeyState::Enabled => {}
-            [s] => return Err(format!("the service key {} is not enabled", s.id)),
-            _ => {
-                return Err(format!(
-                    "{} service keys instead of exactly one",
-                    services.len()
-                ));
-            }
-        }
-        let mark_count = r.count("generation mark count", MARK_RECORD_LEN)?;
-        for _ in 0..mark_count {
-            let id: [u8; 16] = r.array("volume id")?;
-            let generation = r.u64("generation")?;
-            if let Some((last, _)) = state.marks.last_key_value()
-                && *last >= id
-            {
-                return Err("generation marks are not sorted by volume id".into());
-            }
-            state.marks.insert(id, generation);
-        }
-        if r.pos != payload.len() {
-            return Err(format!(
-                "{} unexpected bytes after the payload",
-                payload.len() - r.pos
-            ));
-        }
-        Ok(state)
-    }
-}
-
-/// Decodes a keystore payload (the plaintext inside the sealed body) and drops it:
-/// the entry point the decoder fuzz tests use to reach [`State`] decoding without
-/// sealing every input. Never panics, whatever the bytes.
-///
-/// # Errors
-/// What is malformed, as in [`KmsError::Corrupt`] details.
-#[doc(hidden)]
-pub fn decode_payload(payload: &[u8]) -> Result<(), String> {
-    State::decode(payload).map(drop)
-}
-
-fn decode_cmk(r: &mut Reader<'_>) -> Result<Cmk, String> {
-    let id_len = usize::from(r.u8("id length")?);
-    let id = r.string(id_len, "id")?;
-    validate_id(&id)?;
-    let alias_len = usize::from(r.u8("alias length")?);
-    let alias = if alias_len == 0 {
-        None
-    } else {
-        let a = r.string(alias_len, "alias")?;
-        validate_alias(&a)?;
-        Some(a)
-    };
-    let desc_len = usize::from(r.u16("description length")?);
-    if desc_len > MAX_DESCRIPTION_LEN {
-        return Err(format!("description of {desc_len} bytes is too long"));
-    }
-    let description = r.string(desc_len, "description")?;
-    let created = r.u64("creation time")?;
-    let kind = r.u8("kind")?;
-    let kind = KeyKind::from_u8(kind).ok_or_else(|| format!("unknown kind {kind}"))?;
-    let origin = r.u8("origin")?;
-    let origin = KeyOrigin::from_u8(origin).ok_or_else(|| format!("unknown origin {origin}"))?;
-    let state = r.u8("state")?;
-    let state = KeyState::from_u8(state).ok_or_else(|| format!("unknown state {state}"))?;
-    let deletion_date = r.u64("deletion date")?;
-    if (state == KeyState::PendingDeletion) != (deletion_date != 0) {
-        return Err(format!(
-            "deletion date {deletion_date} does not match state {state:?}"
-        ));
-    }
-    let version_count = r.count("version count", VERSION_RECORD_LEN)?;
-    if version_count == 0 {
-        return Err(format!("key {id} has no versions"));
-    }
-    let mut versions = Vec::with_capacity(version_count);
-    for _ in 0..version_count {
-        let version = r.u32("version")?;
-        let created = r.u64("version creation time")?;
-        let material = SecretKey::from_slice(r.take(KEY_LEN, "key material")?)
-            .expect("took exactly KEY_LEN bytes");
-        let last = versions.last().map_or(0, |v: &CmkVersion| v.version);
-        if version <= last {
-            return Err(format!(
-                "key {id}: versions are not strictly increasing from 1"
-            ));
-        }
-        versions.push(CmkVersion {
-            version,
-            created,
-            material,
-        });
-    }
-    Ok(Cmk {
-        id,
-        alias,
-        description,
-        created,
-        kind,
-        origin,
-        state,
-        deletion_date,
-        versions,
-    })
-}
-
-fn validate_id(id: &str) -> Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("invalid key id {id:?}"))
-    }
-}
-
-fn validate_alias(alias: &str) -> Result<(), String> {
-    if alias.is_empty() || alias.len() > MAX_ALIAS_LEN {
-        return Err(format!(
-            "alias {alias:?} must be 1 to {MAX_ALIAS_LEN} bytes"
-        ));
-    }
-    if !alias
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
-    {
-        return Err(format!(
-            "alias {alias:?} may only contain letters, digits, '-', '_', '.' and '/'"
-        ));
-    }
-    if alias.starts_with("cmk-") {
-        return Err(format!(
-            "alias {alias:?} must not start with \"cmk-\" (reserved for key ids)"
-        ));
-    }
-    Ok(())
-}
-
-fn count_u32(n: usize) -> u32 {
-    u32::try_from(n).expect("fewer than 2^32 records")
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
-        if self.buf.len() - self.pos < n {
-            return Err(format!("payload ends inside the {what}"));
-        }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-
-    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], String> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N, what)?);
-        Ok(a)
-    }
-
-    fn u8(&mut self, what: &str) -> Result<u8, String> {
-        Ok(self.array::<1>(what)?[0])
-    }
-
-    fn u16(&mut self, what: &str) -> Result<u16, String> {
-        Ok(u16::from_le_bytes(self.array(what)?))
-    }
-
-    fn u32(&mut self, what: &str) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.array(what)?))
-    }
-
-    fn u64(&mut self, what: &str) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.array(what)?))
-    }
-
-    /// A record count, bounded by what the remaining bytes can hold.
-    fn count(&mut self, what: &str, min_record_len: usize) -> Result<usize, String> {
-        let n = usize::try_from(self.u32(what)?).map_err(|_| format!("{what} too large"))?;
-        if n > (self.buf.len() - self.pos) / min_record_len {
-            return Err(format!("{what} {n} exceeds the payload size"));
-        }
-        Ok(n)
-    }
-
-    fn string(&mut self, n: usize, what: &str) -> Result<String, String> {
-        let b = self.take(n, what)?;
-        String::from_utf8(b.to_vec()).map_err(|_| format!("the {what} is not UTF-8"))
-    }
 }
 
 /// A successfully decoded keystore file.
@@ -594,12 +176,32 @@ struct DecodeError {
     key_verified: bool,
 }
 
+/// What an audited operation reports about itself.
+#[derive(Default)]
+struct Audit {
+    touched: Touched,
+    volume: Option<[u8; 16]>,
+}
+
+/// What `keystore restore` found missing in the backup, compared with the keystore it
+/// replaced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Keys (id, alias) the backup lacks entirely.
+    pub missing_keys: Vec<(String, Option<String>)>,
+    /// Versions (key id, version) the backup lacks: volumes wrapped under them no
+    /// longer unwrap.
+    pub missing_versions: Vec<(String, u32)>,
+}
+
 /// The embedded keystore. See the module documentation.
 pub struct LocalKeystore {
     path: PathBuf,
     unlock: Unlock,
     cache: Mutex<Option<CachedKey>>,
     service_key_id: String,
+    audit: AuditLog,
+    caller: Caller,
 }
 
 impl fmt::Debug for LocalKeystore {
@@ -611,13 +213,52 @@ impl fmt::Debug for LocalKeystore {
     }
 }
 
+/// Refuses a file that holds or protects key material when group or others may read or
+/// write it, or when another user owns it (root may use root's files only).
+///
+/// # Errors
+/// [`KmsError::UnsafePermissions`]; [`KmsError::Io`] if it cannot be examined.
+pub fn check_private_file(path: &Path, what: &'static str) -> Result<(), KmsError> {
+    let md = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path, e)),
+    };
+    let md = if md.file_type().is_symlink() {
+        fs::metadata(path).map_err(|e| io_err(path, e))?
+    } else {
+        md
+    };
+    let mode = md.mode() & 0o7777;
+    let euid = nix::unistd::geteuid().as_raw();
+    let p = path.display().to_string();
+    if md.uid() != euid {
+        return Err(KmsError::UnsafePermissions {
+            what,
+            path: p.clone(),
+            problem: format!("is owned by uid {}, not by you (uid {euid})", md.uid()),
+            chown: format!(" and `chown {euid} {p}` (or run kmsfs as its owner)"),
+        });
+    }
+    if mode & 0o077 != 0 {
+        return Err(KmsError::UnsafePermissions {
+            what,
+            path: p,
+            problem: format!("is accessible by group or others (mode {mode:04o})"),
+            chown: String::new(),
+        });
+    }
+    Ok(())
+}
+
 impl LocalKeystore {
     /// Opens the keystore at `path`, creating it (with [`KdfParams::DEFAULT`] and a service
     /// key) if neither it nor its backup exists.
     ///
     /// # Errors
     /// [`KmsError::WrongPassphrase`], [`KmsError::Corrupt`], [`KmsError::UnsupportedVersion`],
-    /// [`KmsError::UnlockMismatch`], [`KmsError::Keyfile`], [`KmsError::Io`].
+    /// [`KmsError::UnlockMismatch`], [`KmsError::Keyfile`], [`KmsError::Io`],
+    /// [`KmsError::UnsafePermissions`].
     pub fn open_or_create(path: &Path, unlock: Unlock) -> Result<Self, KmsError> {
         Self::open_or_create_with_params(path, unlock, KdfParams::DEFAULT)
     }
@@ -633,12 +274,7 @@ impl LocalKeystore {
         unlock: Unlock,
         params: KdfParams,
     ) -> Result<Self, KmsError> {
-        let mut ks = Self {
-            path: path.to_path_buf(),
-            unlock,
-            cache: Mutex::new(None),
-            service_key_id: String::new(),
-        };
+        let mut ks = Self::unopened(path, unlock);
         let dir = parent_dir(path);
         fs::DirBuilder::new()
             .recursive(true)
@@ -646,6 +282,7 @@ impl LocalKeystore {
             .create(dir)
             .map_err(|e| io_err(dir, e))?;
         let _lock = ks.lock()?;
+        ks.check_files()?;
         let id = match ks.load()? {
             Some(loaded) => loaded.state.service().id.clone(),
             None => ks.create(params)?,
@@ -654,10 +291,57 @@ impl LocalKeystore {
         Ok(ks)
     }
 
+    /// Opens an existing keystore only (never creates one).
+    ///
+    /// # Errors
+    /// As [`LocalKeystore::open_or_create`]; [`KmsError::Io`] (not found) when neither the
+    /// file nor its backup exists.
+    pub fn open_existing(path: &Path, unlock: Unlock) -> Result<Self, KmsError> {
+        let mut ks = Self::unopened(path, unlock);
+        let _lock = ks.lock()?;
+        ks.check_files()?;
+        let loaded = ks.load_existing()?;
+        ks.service_key_id = loaded.state.service().id.clone();
+        Ok(ks)
+    }
+
+    fn unopened(path: &Path, unlock: Unlock) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            unlock,
+            cache: Mutex::new(None),
+            service_key_id: String::new(),
+            audit: AuditLog::new(with_suffix(path, ".audit")),
+            caller: Caller::current(),
+        }
+    }
+
+    /// The keystore, its backup, and the keyfile must be private to their owner.
+    fn check_files(&self) -> Result<(), KmsError> {
+        check_private_file(&self.path, "keystore")?;
+        check_private_file(&self.backup_path(), "keystore backup")?;
+        if let Unlock::Keyfile(kf) = &self.unlock {
+            check_private_file(kf, "keyfile")?;
+        }
+        Ok(())
+    }
+
+    /// The caller recorded in audit records (default: this process). A KMS daemon sets
+    /// the peer's identity here.
+    pub fn set_caller(&mut self, caller: Caller) {
+        self.caller = caller;
+    }
+
     /// The keystore file.
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The audit log file.
+    #[must_use]
+    pub fn audit_path(&self) -> &Path {
+        self.audit.path()
     }
 
     /// The id of the service key (alias `service`), used when no CMK is named.
@@ -666,77 +350,31 @@ impl LocalKeystore {
         self.service_key_id.clone()
     }
 
-    /// Metadata of every CMK (no key material), in creation order.
-    ///
-    /// # Errors
-    /// Keystore errors.
-    pub fn list_keys(&self) -> Result<Vec<KeyInfo>, KmsError> {
-        Ok(self.state()?.cmks.iter().map(Cmk::info).collect())
-    }
-
-    /// Creates a user CMK with generated material.
-    ///
-    /// # Errors
-    /// [`KmsError::InvalidKeyName`] for a bad alias (1 to 64 of `A-Za-z0-9-_./`, not starting
-    /// with `cmk-`) or a description over 1024 bytes, [`KmsError::AliasInUse`], keystore
-    /// errors.
-    pub fn create_key(&self, alias: Option<&str>, description: &str) -> Result<KeyInfo, KmsError> {
-        if let Some(a) = alias {
-            validate_alias(a).map_err(KmsError::InvalidKeyName)?;
-        }
-        if description.len() > MAX_DESCRIPTION_LEN {
-            return Err(KmsError::InvalidKeyName(format!(
-                "the description is longer than {MAX_DESCRIPTION_LEN} bytes"
-            )));
-        }
-        self.update(|state| {
-            if let Some(a) = alias
-                && state.cmks.iter().any(|c| c.alias.as_deref() == Some(a))
-            {
-                return Err(KmsError::AliasInUse(a.to_owned()));
-            }
-            let cmk = Cmk::generate(
-                state.new_id(),
-                alias.map(str::to_owned),
-                description.to_owned(),
-                KeyKind::User,
-            );
-            let info = cmk.info();
-            state.cmks.push(cmk);
-            Ok((info, true))
-        })
-    }
-
     fn create(&self, params: KdfParams) -> Result<String, KmsError> {
-        let header = match &self.unlock {
-            Unlock::Passphrase(p) => {
-                params.validate().map_err(KmsError::InvalidParams)?;
-                if p.expose().is_empty() {
-                    return Err(KmsError::InvalidParams(
-                        "the passphrase is empty; give a non-empty passphrase".into(),
-                    ));
-                }
-                Header {
-                    unlock_kind: UNLOCK_PASSPHRASE,
-                    params,
-                    salt: crypto::random_array(),
-                }
-            }
-            Unlock::Keyfile(_) => Header {
-                unlock_kind: UNLOCK_KEYFILE,
-                params: ZERO_PARAMS,
-                salt: crypto::random_array(),
-            },
-        };
-        let mut state = State::default();
+        let header = Header::for_unlock(&self.unlock, params)?;
+        let mut state = State::new();
+        let now = now_unix();
         let service = Cmk::generate(
             state.new_id(),
             Some(SERVICE_ALIAS.to_owned()),
             "kmsfs service key (created automatically)".to_owned(),
             KeyKind::Service,
+            now,
         );
         let id = service.id.clone();
         state.cmks.push(service);
+        // A keystore made where an old audit log lies would chain onto a log it cannot
+        // verify: move the old log aside.
+        if self.audit.path().exists() {
+            let aside = with_suffix(self.audit.path(), &format!(".old-{now}"));
+            fs::rename(self.audit.path(), &aside).map_err(|e| io_err(self.audit.path(), e))?;
+            log::warn!(
+                "moved the audit log of an earlier keystore aside to {}",
+                aside.display()
+            );
+        }
+        let rec = AuditRecord::new(AuditOp::Create, &id, 1, None, &self.caller, Ok(()));
+        state.anchor = self.audit.append(&state.audit_key, &state.anchor, &rec)?;
         let bytes = self.encode_file(&header, &state)?;
         write_atomic(&self.path, &bytes)?;
         log::info!(
@@ -770,11 +408,6 @@ impl LocalKeystore {
         Ok(f)
     }
 
-    /// The current contents (re-read from disk).
-    fn state(&self) -> Result<State, KmsError> {
-        Ok(self.load_existing()?.state)
-    }
-
     fn load_existing(&self) -> Result<Loaded, KmsError> {
         self.load()?.ok_or_else(|| {
             io_err(
@@ -787,44 +420,90 @@ impl LocalKeystore {
         })
     }
 
-    /// Read-modify-write under the lock. `f` returns its result and whether it changed
-    /// the state (no write otherwise).
-    fn update<R>(
+    /// Runs `f` on the current state under the lock, carrying out what the clock made due
+    /// first, and appends one audit record for `op` (ok, or the refusal) plus one per
+    /// expiry. Writes the keystore when anything changed (the audit anchor always does
+    /// when `op` is audited). `backup`: keep the previous version as `PATH.bak`.
+    fn run<R>(
         &self,
-        f: impl FnOnce(&mut State) -> Result<(R, bool), KmsError>,
-    ) -> Result<R, KmsError> {
-        self.update_with(true, f)
-    }
-
-    /// [`Self::update`]; `backup`: also keep the previous version as `PATH.bak`.
-    /// Generation marks skip that (a mark is raised by every commit of every
-    /// mounted volume, and the backup's older mark only weakens the rollback
-    /// check if the main file is lost, never loses a key).
-    fn update_with<R>(
-        &self,
+        op: Option<AuditOp>,
         backup: bool,
-        f: impl FnOnce(&mut State) -> Result<(R, bool), KmsError>,
+        f: impl FnOnce(&mut State, &mut Audit) -> Result<(R, bool), KmsError>,
     ) -> Result<R, KmsError> {
         let _lock = self.lock()?;
         let mut loaded = self.load_existing()?;
-        let (r, changed) = f(&mut loaded.state)?;
+        let state = &mut loaded.state;
+        let now = now_unix();
+        let expired = cmk::expire(state, now);
+        let mut changed = !expired.is_empty();
+        let mut key_change = changed;
+        for e in &expired {
+            let op = if e.what == "destroy" {
+                AuditOp::Destroy
+            } else {
+                AuditOp::DeleteMaterial
+            };
+            let rec = AuditRecord::new(op, &e.key_id, 0, None, &self.caller, Ok(()));
+            state.anchor = self.audit.append(&state.audit_key, &state.anchor, &rec)?;
+        }
+        let mut audit = Audit::default();
+        let res = f(state, &mut audit);
+        if let Ok((_, c)) = &res {
+            changed |= *c;
+            key_change |= *c;
+        }
+        if let Some(op) = op {
+            let outcome = match &res {
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            };
+            let rec = AuditRecord::new(
+                op,
+                &audit.touched.key_id,
+                audit.touched.version,
+                audit.volume,
+                &self.caller,
+                outcome,
+            );
+            state.anchor = self.audit.append(&state.audit_key, &state.anchor, &rec)?;
+            changed = true;
+        }
         if changed {
             let bytes = self.encode_file(&loaded.header, &loaded.state)?;
-            // Keep the previous, verified version as the backup. If it was itself read
-            // from the backup (the main file is damaged), the backup stays as it is.
-            // A backup is always made when there is none yet.
+            // Keep the previous, verified version as the backup when a key changed. If it
+            // was itself read from the backup (the main file is damaged), the backup stays
+            // as it is. A backup is always made when there is none yet.
             let no_backup = !self.backup_path().exists();
-            if (backup || no_backup) && !loaded.from_backup {
+            if ((backup && key_change) || no_backup) && !loaded.from_backup {
                 write_atomic(&self.backup_path(), &loaded.bytes)?;
             }
             write_atomic(&self.path, &bytes)?;
         }
-        Ok(r)
+        res.map(|(r, _)| r)
     }
 
     /// Reads `PATH`, falling back to `PATH.bak` if `PATH` is missing, corrupt or fails the
-    /// key check while the backup opens. `None` if neither file exists.
+    /// key check while the backup opens. `None` if neither file exists. A failed unlock is
+    /// recorded in the audit log (unauthenticated: the audit key is sealed).
     fn load(&self) -> Result<Option<Loaded>, KmsError> {
+        let res = self.load_inner();
+        if let Err(e @ KmsError::WrongPassphrase { .. }) = &res {
+            let rec = AuditRecord::new(
+                AuditOp::Unlock,
+                "",
+                0,
+                None,
+                &self.caller,
+                Err(e.to_string()),
+            );
+            if let Err(ae) = self.audit.append_unauthenticated(&rec) {
+                log::warn!("cannot record the failed unlock: {ae}");
+            }
+        }
+        res
+    }
+
+    fn load_inner(&self) -> Result<Option<Loaded>, KmsError> {
         let main_err = match read_file(&self.path)? {
             Some(bytes) => match self.decode_file(bytes) {
                 Ok(l) => return Ok(Some(l)),
@@ -925,8 +604,25 @@ impl LocalKeystore {
         if version == 0 {
             return Err(self.corrupt("format version 0"));
         }
-        if bytes.len() < HEADER_LEN + SEAL_CIPHER.overhead() {
+        let header_len = if version == 1 {
+            HEADER_LEN_V1
+        } else {
+            HEADER_LEN
+        };
+        if bytes.len() < header_len + SEAL_CIPHER.overhead() {
             return Err(self.corrupt(format!("the file is truncated ({} bytes)", bytes.len())));
+        }
+        // Format 2: a damaged header (salt, parameters, key check) is told apart from a
+        // wrong passphrase before any key is derived.
+        if version >= 2
+            && !crypto::ct_eq(
+                &header_checksum(&bytes[..HEADER_LEN_V1]),
+                &bytes[HEADER_LEN_V1..HEADER_LEN],
+            )
+        {
+            return Err(self.corrupt(
+                "its header is damaged (the checksum over the salt, key derivation parameters and key check does not match)",
+            ));
         }
         let u32_at =
             |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
@@ -960,29 +656,32 @@ impl LocalKeystore {
         };
         let (seal_key, check_key) = self.keys_for(&header)?;
         let check = crypto::hmac_sha256(&check_key, &bytes[..PREFIX_LEN]);
-        if !crypto::ct_eq(&check, &bytes[PREFIX_LEN..HEADER_LEN]) {
+        if !crypto::ct_eq(&check, &bytes[PREFIX_LEN..HEADER_LEN_V1]) {
             return Err(KmsError::WrongPassphrase {
                 path: self.path_str(),
             });
         }
         *key_verified = true;
         let payload = Sealer::new(SEAL_CIPHER, &seal_key)
-            .open(&bytes[..HEADER_LEN], &bytes[HEADER_LEN..])
+            .open(&bytes[..header_len], &bytes[header_len..])
             .map(Zeroizing::new)
             .map_err(|_| {
                 self.corrupt("the sealed contents failed authentication (modified or truncated)")
             })?;
-        let state = State::decode(&payload).map_err(|e| self.corrupt(e))?;
+        let state = State::decode(&payload, version).map_err(|e| self.corrupt(e))?;
         Ok((header, state))
     }
 
+    /// A format-2 file of `state` under `header`.
     fn encode_file(&self, header: &Header, state: &State) -> Result<Vec<u8>, KmsError> {
         let (seal_key, check_key) = self.keys_for(header)?;
         let payload = state.encode();
-        let prefix = header.prefix();
+        let prefix = header.prefix(FORMAT_VERSION);
         let mut out = Vec::with_capacity(HEADER_LEN + SEAL_CIPHER.overhead() + payload.len());
         out.extend_from_slice(&prefix);
         out.extend_from_slice(&crypto::hmac_sha256(&check_key, &prefix));
+        let checksum = header_checksum(&out);
+        out.extend_from_slice(&checksum);
         let sealer = Sealer::new(SEAL_CIPHER, &seal_key);
         let aad = out.clone();
         sealer.seal_into(&aad, &payload, &mut out);
@@ -1012,17 +711,190 @@ impl LocalKeystore {
     }
 
     fn derive_unlock_key(&self, header: &Header) -> Result<SecretKey, KmsError> {
-        match &self.unlock {
-            Unlock::Passphrase(p) => crypto::derive_from_passphrase(p, &header.salt, header.params)
-                .map_err(KmsError::InvalidParams),
-            Unlock::Keyfile(kf) => {
-                let material = read_keyfile(kf)?;
-                Ok(crypto::derive_from_material(
-                    &material,
-                    &header.salt,
-                    labels::KEYSTORE_KEYFILE,
-                ))
+        derive_unlock_key(&self.unlock, header)
+    }
+
+    // ----- keystore administration ---------------------------------------------------
+
+    /// Re-seals the keystore under a new passphrase or keyfile (new salt; every CMK stays
+    /// as it is). Both `PATH` and `PATH.bak` are replaced, so the old secret opens neither.
+    ///
+    /// # Errors
+    /// Keystore errors; [`KmsError::InvalidParams`] for an empty passphrase or bad
+    /// parameters.
+    pub fn change_unlock(&self, new: Unlock, params: KdfParams) -> Result<(), KmsError> {
+        if let Unlock::Keyfile(kf) = &new {
+            check_private_file(kf, "keyfile")?;
+            read_keyfile(kf)?;
+        }
+        let params = match new {
+            Unlock::Passphrase(_) => params,
+            Unlock::Keyfile(_) => ZERO_PARAMS,
+        };
+        let header = Header::for_unlock(&new, params)?;
+        let new_key = derive_unlock_key(&new, &header)?;
+        let _lock = self.lock()?;
+        let mut loaded = self.load_existing()?;
+        let rec = AuditRecord::new(AuditOp::Passwd, "", 0, None, &self.caller, Ok(()));
+        loaded.state.anchor =
+            self.audit
+                .append(&loaded.state.audit_key, &loaded.state.anchor, &rec)?;
+        let bytes = {
+            let mut cache = self
+                .cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *cache = Some(CachedKey {
+                header,
+                key: new_key,
+            });
+            drop(cache);
+            self.encode_file(&header, &loaded.state)?
+        };
+        // The backup first: a crash in between leaves the new main file's secret opening
+        // the backup too, or the old main file with a new backup (which `load` falls back
+        // to only with the new secret).
+        write_atomic(&self.backup_path(), &bytes)?;
+        write_atomic(&self.path, &bytes)?;
+        log::info!(
+            "keystore {} re-sealed under a new {}",
+            self.path.display(),
+            unlock_name(header.unlock_kind)
+        );
+        Ok(())
+    }
+
+    /// Writes a sealed copy of the keystore (the current file, as authenticated now) to
+    /// `dest` (mode 0600, atomically).
+    ///
+    /// # Errors
+    /// Keystore errors.
+    pub fn backup_to(&self, dest: &Path) -> Result<(), KmsError> {
+        let _lock = self.lock()?;
+        let loaded = self.load_existing()?;
+        write_atomic(dest, &loaded.bytes)
+    }
+
+    /// Replaces the keystore with the backup `src` (sealed under the same secret), keeping
+    /// the current audit chain and the higher generation marks. Reports what the backup
+    /// lacks compared with the keystore it replaces.
+    ///
+    /// # Errors
+    /// Keystore errors for either file.
+    pub fn restore_from(&self, src: &Path) -> Result<RestoreReport, KmsError> {
+        let bytes = read_file(src)?.ok_or_else(|| {
+            io_err(
+                src,
+                io::Error::new(io::ErrorKind::NotFound, "no such keystore backup"),
+            )
+        })?;
+        let _lock = self.lock()?;
+        let mut restored = self.decode_file(bytes).map_err(|e| match e.error {
+            KmsError::Corrupt { detail, .. } => KmsError::Corrupt {
+                path: src.display().to_string(),
+                detail,
+            },
+            KmsError::WrongPassphrase { .. } => KmsError::WrongPassphrase {
+                path: src.display().to_string(),
+            },
+            other => other,
+        })?;
+        let current = self.load()?;
+        let mut report = RestoreReport::default();
+        if let Some(cur) = &current {
+            for c in &cur.state.cmks {
+                match restored.state.cmks.iter().find(|r| r.id == c.id) {
+                    None => report.missing_keys.push((c.id.clone(), c.alias.clone())),
+                    Some(r) => {
+                        for v in &c.versions {
+                            let has = r
+                                .versions
+                                .iter()
+                                .any(|rv| rv.version == v.version && rv.material.is_some());
+                            if v.material.is_some() && !has {
+                                report.missing_versions.push((c.id.clone(), v.version));
+                            }
+                        }
+                    }
+                }
             }
+            // Keep the audit chain verifiable and the rollback marks as high as known.
+            restored.state.audit_key = cur.state.audit_key.duplicate();
+            restored.state.anchor = cur.state.anchor;
+            for (id, g) in &cur.state.marks {
+                let m = restored.state.marks.entry(*id).or_insert(0);
+                *m = (*m).max(*g);
+            }
+            for (id, b) in &cur.state.volumes {
+                restored
+                    .state
+                    .volumes
+                    .entry(*id)
+                    .or_insert_with(|| b.clone());
+            }
+        }
+        let outcome = if report.missing_keys.is_empty() && report.missing_versions.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the backup lacks {} keys and {} versions",
+                report.missing_keys.len(),
+                report.missing_versions.len()
+            ))
+        };
+        // Recorded as done (ok); the reason field tells what the backup lacked.
+        let mut rec = AuditRecord::new(AuditOp::Restore, "", 0, None, &self.caller, Ok(()));
+        if let Err(why) = outcome {
+            rec.reason = why;
+        }
+        restored.state.anchor =
+            self.audit
+                .append(&restored.state.audit_key, &restored.state.anchor, &rec)?;
+        let out = self.encode_file(&restored.header, &restored.state)?;
+        if let Some(cur) = &current
+            && !cur.from_backup
+        {
+            write_atomic(&self.backup_path(), &cur.bytes)?;
+        }
+        write_atomic(&self.path, &out)?;
+        Ok(report)
+    }
+
+    /// Checks the audit log against the keystore's anchor.
+    ///
+    /// # Errors
+    /// [`KmsError::Audit`] naming the first bad record; keystore errors.
+    pub fn audit_verify(&self) -> Result<VerifyReport, KmsError> {
+        let _lock = self.lock()?;
+        let loaded = self.load_existing()?;
+        Ok(self
+            .audit
+            .verify(&loaded.state.audit_key, &loaded.state.anchor)?)
+    }
+}
+
+/// Decodes a keystore payload of format `version` (the plaintext inside the sealed body)
+/// and drops it: the entry point the decoder fuzz tests use. Never panics, whatever the
+/// bytes.
+///
+/// # Errors
+/// What is malformed, as in [`KmsError::Corrupt`] details.
+#[doc(hidden)]
+pub fn decode_payload(payload: &[u8], version: u16) -> Result<(), String> {
+    State::decode(payload, version).map(drop)
+}
+
+fn derive_unlock_key(unlock: &Unlock, header: &Header) -> Result<SecretKey, KmsError> {
+    match unlock {
+        Unlock::Passphrase(p) => crypto::derive_from_passphrase(p, &header.salt, header.params)
+            .map_err(KmsError::InvalidParams),
+        Unlock::Keyfile(kf) => {
+            let material = read_keyfile(kf)?;
+            Ok(crypto::derive_from_material(
+                &material,
+                &header.salt,
+                labels::KEYSTORE_KEYFILE,
+            ))
         }
     }
 }
@@ -1033,25 +905,38 @@ const ZERO_PARAMS: KdfParams = KdfParams {
     p_cost: 0,
 };
 
+fn volume_of(ctx: &EncryptionContext) -> Option<[u8; 16]> {
+    let h = ctx.get(EncryptionContext::VOLUME_ID)?;
+    super::parse_hex16(h)
+}
+
 impl Kms for LocalKeystore {
     fn generate_data_key(
         &self,
         cmk: Option<&str>,
         ctx: &EncryptionContext,
     ) -> Result<(DataKey, WrappedKey), KmsError> {
-        let state = self.state()?;
-        let cmk = state.resolve(cmk)?;
-        cmk.check_usable()?;
-        let dk = SecretKey::random();
-        let wrapped = cmk.wrap(&dk, ctx);
-        Ok((dk, wrapped))
+        self.run(Some(AuditOp::GenerateDataKey), false, |state, audit| {
+            audit.volume = volume_of(ctx);
+            let cmk = state.resolve(cmk)?;
+            audit.touched.key_id.clone_from(&cmk.id);
+            audit.touched.version = cmk.primary().map_or(0, |v| v.version);
+            cmk.check_usable()?;
+            let dk = SecretKey::random();
+            let wrapped = cmk.wrap(&dk, ctx)?;
+            Ok(((dk, wrapped), false))
+        })
     }
 
     fn decrypt(&self, wrapped: &WrappedKey, ctx: &EncryptionContext) -> Result<DataKey, KmsError> {
-        let state = self.state()?;
-        let cmk = state.by_id(&wrapped.cmk_id)?;
-        cmk.check_usable()?;
-        cmk.unwrap(wrapped, ctx)
+        self.run(Some(AuditOp::Decrypt), false, |state, audit| {
+            audit.volume = volume_of(ctx);
+            audit.touched.key_id.clone_from(&wrapped.cmk_id);
+            audit.touched.version = wrapped.cmk_version;
+            let cmk = state.by_id(&wrapped.cmk_id)?;
+            cmk.check_usable()?;
+            Ok((cmk.unwrap(wrapped, ctx)?, false))
+        })
     }
 
     fn re_encrypt(
@@ -1060,24 +945,32 @@ impl Kms for LocalKeystore {
         ctx: &EncryptionContext,
         dest_cmk: Option<&str>,
     ) -> Result<WrappedKey, KmsError> {
-        let state = self.state()?;
-        let src = state.by_id(&wrapped.cmk_id)?;
-        src.check_usable()?;
-        let dk = src.unwrap(wrapped, ctx)?;
-        let dest = match dest_cmk {
-            Some(name) => state.resolve(Some(name))?,
-            None => src,
-        };
-        dest.check_usable()?;
-        Ok(dest.wrap(&dk, ctx))
+        self.run(Some(AuditOp::ReEncrypt), false, |state, audit| {
+            audit.volume = volume_of(ctx);
+            audit.touched.key_id.clone_from(&wrapped.cmk_id);
+            audit.touched.version = wrapped.cmk_version;
+            let src = state.by_id(&wrapped.cmk_id)?;
+            src.check_usable()?;
+            let dk = src.unwrap(wrapped, ctx)?;
+            let dest = match dest_cmk {
+                Some(name) => state.resolve(Some(name))?,
+                None => src,
+            };
+            audit.touched.key_id.clone_from(&dest.id);
+            audit.touched.version = dest.primary().map_or(0, |v| v.version);
+            dest.check_usable()?;
+            Ok((dest.wrap(&dk, ctx)?, false))
+        })
     }
 
     fn generation_mark(&self, volume_id: &[u8; 16]) -> Result<Option<u64>, KmsError> {
-        Ok(self.state()?.marks.get(volume_id).copied())
+        self.run(None, false, |state, _| {
+            Ok((state.marks.get(volume_id).copied(), false))
+        })
     }
 
     fn record_generation(&self, volume_id: &[u8; 16], generation: u64) -> Result<(), KmsError> {
-        self.update_with(false, |state| match state.marks.get(volume_id) {
+        self.run(None, false, |state, _| match state.marks.get(volume_id) {
             Some(&mark) if mark >= generation => Ok(((), false)),
             _ => {
                 state.marks.insert(*volume_id, generation);
@@ -1085,12 +978,103 @@ impl Kms for LocalKeystore {
             }
         })
     }
-}
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    fn note_volume(&self, volume_id: &[u8; 16], cmk_id: &str, path: &str) -> Result<(), KmsError> {
+        let path = if path.len() > MAX_PATH_LEN {
+            &path[..path.floor_char_boundary(MAX_PATH_LEN)]
+        } else {
+            path
+        };
+        self.run(None, false, |state, _| {
+            if state
+                .volumes
+                .get(volume_id)
+                .is_some_and(|b| b.cmk_id == cmk_id && b.path == path)
+            {
+                return Ok(((), false));
+            }
+            state.volumes.insert(
+                *volume_id,
+                Binding {
+                    cmk_id: cmk_id.to_owned(),
+                    path: path.to_owned(),
+                    updated: now_unix(),
+                },
+            );
+            Ok(((), true))
+        })
+    }
+
+    fn list_keys(&self) -> Result<Vec<KeyInfo>, KmsError> {
+        self.run(None, false, |state, _| {
+            Ok((
+                state.cmks.iter().map(|c| c.info(&state.volumes)).collect(),
+                false,
+            ))
+        })
+    }
+
+    fn create_key(&self, spec: &CreateKey) -> Result<KeyInfo, KmsError> {
+        self.run(Some(AuditOp::Create), true, |state, audit| {
+            let info = cmk::create(state, spec, now_unix())?;
+            audit.touched.key_id.clone_from(&info.id);
+            audit.touched.version = info.primary_version.unwrap_or(0);
+            Ok((info, true))
+        })
+    }
+
+    fn change_key(&self, name: &str, change: KeyChange) -> Result<KeyInfo, KmsError> {
+        let op = match change {
+            KeyChange::Enable => AuditOp::Enable,
+            KeyChange::Disable => AuditOp::Disable,
+            KeyChange::Rotate => AuditOp::Rotate,
+            KeyChange::ScheduleDeletion { .. } => AuditOp::ScheduleDeletion,
+            KeyChange::CancelDeletion => AuditOp::CancelDeletion,
+            KeyChange::DeleteMaterial => AuditOp::DeleteMaterial,
+        };
+        self.run(Some(op), true, |state, audit| {
+            let info = cmk::change(state, name, change, now_unix(), &mut audit.touched)?;
+            Ok((info, true))
+        })
+    }
+
+    fn import_params(&self, name: &str, wrapping: WrappingSpec) -> Result<ImportParams, KmsError> {
+        self.run(Some(AuditOp::ImportParams), true, |state, audit| {
+            let p = cmk::import_params(state, name, wrapping, now_unix(), &mut audit.touched)?;
+            Ok((p, true))
+        })
+    }
+
+    fn import_material(
+        &self,
+        name: &str,
+        token: &[u8],
+        wrapped_material: &[u8],
+        expires: Option<u64>,
+    ) -> Result<KeyInfo, KmsError> {
+        self.run(Some(AuditOp::Import), true, |state, audit| {
+            let info = cmk::import_material(
+                state,
+                name,
+                token,
+                wrapped_material,
+                expires,
+                now_unix(),
+                &mut audit.touched,
+            )?;
+            Ok((info, true))
+        })
+    }
+
+    fn audit_records(&self) -> Result<(Result<VerifyReport, String>, Vec<StoredRecord>), KmsError> {
+        let _lock = self.lock()?;
+        let loaded = self.load_existing()?;
+        let report = self
+            .audit
+            .verify(&loaded.state.audit_key, &loaded.state.anchor)
+            .map_err(|e| e.to_string());
+        Ok((report, self.audit.read_all()?))
+    }
 }
 
 fn io_err(path: &Path, source: io::Error) -> KmsError {
@@ -1113,7 +1097,6 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     s.push(suffix);
     PathBuf::from(s)
 }
-
 /// The file's bytes, `None` if it does not exist.
 fn read_file(path: &Path) -> Result<Option<Vec<u8>>, KmsError> {
     let f = match OpenOptions::new()
@@ -1191,7 +1174,32 @@ fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), KmsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kms::cmk::{CmkVersion, WRAPPED_LEN, wrap_aad};
+    use crate::kms::{KeyOrigin, KeyState};
     use std::time::Instant;
+
+    impl LocalKeystore {
+        fn state(&self) -> Result<State, KmsError> {
+            Ok(self.load_existing()?.state)
+        }
+    }
+
+    fn write_private(path: &Path, bytes: &[u8]) {
+        fs::write(path, bytes).unwrap();
+        fs::set_permissions(path, Permissions::from_mode(0o600)).unwrap();
+    }
+
+    fn user_key(
+        ks: &LocalKeystore,
+        alias: Option<&str>,
+        description: &str,
+    ) -> Result<KeyInfo, KmsError> {
+        ks.create_key(&CreateKey {
+            alias: alias.map(str::to_owned),
+            description: description.to_owned(),
+            external: false,
+        })
+    }
 
     fn pass(s: &str) -> Unlock {
         Unlock::Passphrase(Passphrase::new(s.to_owned()))
@@ -1240,7 +1248,14 @@ mod tests {
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].kind, KeyKind::Service);
         assert_eq!(keys[0].alias.as_deref(), Some("service"));
-        assert_eq!(keys[0].versions, vec![1]);
+        assert_eq!(
+            keys[0]
+                .versions
+                .iter()
+                .map(|v| v.version)
+                .collect::<Vec<_>>(),
+            vec![1]
+        );
     }
 
     #[test]
@@ -1250,18 +1265,20 @@ mod tests {
         let ks = open(&path, "pw").unwrap();
         let bytes = fs::read(&path).unwrap();
         assert_eq!(&bytes[0..8], b"KMSFSKS\0");
-        assert_eq!(bytes[8..10], 1u16.to_le_bytes());
+        assert_eq!(bytes[8..10], 2u16.to_le_bytes());
         assert_eq!(bytes[10], UNLOCK_PASSPHRASE);
         assert_eq!(bytes[11..15], 1024u32.to_le_bytes());
         assert_eq!(bytes[15..19], 1u32.to_le_bytes());
         assert_eq!(bytes[19..23], 1u32.to_le_bytes());
-        assert_eq!(HEADER_LEN, 71);
+        assert_eq!(HEADER_LEN, 103);
+        assert_eq!(bytes[71..103], header_checksum(&bytes[..71]));
         let payload_len = ks.state().unwrap().encode().len();
-        assert_eq!(bytes.len(), 71 + 12 + payload_len + 16);
-        // One service key with alias "service", description of 41 bytes, no marks.
+        assert_eq!(bytes.len(), 103 + 12 + payload_len + 16);
+        // One service key with alias "service", description of 41 bytes, no marks,
+        // no volumes, the audit key and anchor.
         assert_eq!(
             payload_len,
-            4 + (1 + 20 + 1 + 7 + 2 + 41 + 8 + 3 + 8 + 4 + 44) + 4
+            4 + (1 + 20 + 1 + 7 + 2 + 41 + 8 + 3 + 8 + 8 + 1 + 1 + 4 + 45) + 4 + 4 + 32 + 8 + 32
         );
     }
 
@@ -1285,7 +1302,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ks");
         let kf = dir.path().join("keyfile");
-        fs::write(&kf, crypto::random_array::<64>()).unwrap();
+        write_private(&kf, &crypto::random_array::<64>());
         let ks = LocalKeystore::open_or_create(&path, Unlock::Keyfile(kf.clone())).unwrap();
         let ctx = EncryptionContext::for_volume(&vol(3));
         let (dk, w) = ks.generate_data_key(None, &ctx).unwrap();
@@ -1298,7 +1315,7 @@ mod tests {
 
         // Another keyfile is a wrong "passphrase".
         let kf2 = dir.path().join("keyfile2");
-        fs::write(&kf2, crypto::random_array::<32>()).unwrap();
+        write_private(&kf2, &crypto::random_array::<32>());
         assert!(matches!(
             LocalKeystore::open_or_create(&path, Unlock::Keyfile(kf2)),
             Err(KmsError::WrongPassphrase { .. })
@@ -1314,7 +1331,7 @@ mod tests {
         ));
         // Short and missing keyfiles are refused.
         let short = dir.path().join("short");
-        fs::write(&short, [1u8; 31]).unwrap();
+        write_private(&short, &[1u8; 31]);
         assert!(matches!(
             LocalKeystore::open_or_create(&dir.path().join("ks2"), Unlock::Keyfile(short)),
             Err(KmsError::Keyfile { .. })
@@ -1567,7 +1584,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ks");
         let ks = open(&path, "pw").unwrap();
-        ks.create_key(Some("user-key"), "a user key").unwrap();
+        user_key(&ks, Some("user-key"), "a user key").unwrap();
         let ctx = EncryptionContext::for_volume(&vol(1));
         let (dk, _) = ks.generate_data_key(None, &ctx).unwrap();
         let (dk2, _) = ks.generate_data_key(Some("user-key"), &ctx).unwrap();
@@ -1576,9 +1593,9 @@ mod tests {
         let mut secrets: Vec<Vec<u8>> = vec![dk.expose().to_vec(), dk2.expose().to_vec()];
         for c in &state.cmks {
             for v in &c.versions {
-                secrets.push(v.material.expose().to_vec());
+                secrets.push(v.material.as_ref().unwrap().expose().to_vec());
                 // Even a 16-byte window of the key must not appear.
-                secrets.push(v.material.expose()[8..24].to_vec());
+                secrets.push(v.material.as_ref().unwrap().expose()[8..24].to_vec());
             }
         }
         assert_eq!(secrets.len(), 2 + 2 * 2);
@@ -1624,7 +1641,7 @@ mod tests {
         assert_ne!(w2.ciphertext, w.ciphertext);
         assert_eq!(ks.decrypt(&w2, &ctx).unwrap().expose(), dk.expose());
 
-        let user = ks.create_key(Some("archive"), "for archives").unwrap();
+        let user = user_key(&ks, Some("archive"), "for archives").unwrap();
         assert_eq!(user.kind, KeyKind::User);
         assert_eq!(user.origin, KeyOrigin::Generated);
         assert_eq!(user.state, KeyState::Enabled);
@@ -1636,25 +1653,25 @@ mod tests {
             .unwrap();
         assert_eq!(ks.decrypt(&w4, &ctx).unwrap().expose(), dk.expose());
         assert!(matches!(
-            ks.create_key(Some("archive"), ""),
+            user_key(&ks, Some("archive"), ""),
             Err(KmsError::AliasInUse(_))
         ));
         assert!(matches!(
-            ks.create_key(Some("cmk-x"), ""),
+            user_key(&ks, Some("cmk-x"), ""),
             Err(KmsError::InvalidKeyName(_))
         ));
         assert!(matches!(
-            ks.create_key(Some("has space"), ""),
+            user_key(&ks, Some("has space"), ""),
             Err(KmsError::InvalidKeyName(_))
         ));
-        let anon = ks.create_key(None, "no alias").unwrap();
+        let anon = user_key(&ks, None, "no alias").unwrap();
         assert_eq!(anon.alias, None);
         assert_eq!(ks.list_keys().unwrap().len(), 3);
     }
 
-    /// Sets a key's state directly in the file (the lifecycle commands come later).
+    /// Sets a key's state directly in the file.
     fn set_state(ks: &LocalKeystore, id: &str, state: KeyState, date: u64) {
-        ks.update(|s| {
+        ks.run(None, true, |s, _| {
             let c = s.cmks.iter_mut().find(|c| c.id == id).unwrap();
             c.state = state;
             c.deletion_date = date;
@@ -1668,7 +1685,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ks");
         let ks = open(&path, "pw").unwrap();
-        let id = ks.create_key(Some("k"), "").unwrap().id;
+        let id = user_key(&ks, Some("k"), "").unwrap().id;
         let ctx = EncryptionContext::for_volume(&vol(1));
         let (_, w) = ks.generate_data_key(Some("k"), &ctx).unwrap();
         set_state(&ks, &id, KeyState::Disabled, 0);
@@ -1690,11 +1707,11 @@ mod tests {
                 Err(KmsError::KeyDisabled(_))
             ));
         }
-        set_state(&ks, &id, KeyState::PendingDeletion, 1_900_000_000);
+        set_state(&ks, &id, KeyState::PendingDeletion, 4_000_000_000);
         assert!(matches!(
             ks.decrypt(&w, &ctx),
             Err(KmsError::KeyPendingDeletion {
-                deletion_date: 1_900_000_000,
+                deletion_date: 4_000_000_000,
                 ..
             })
         ));
@@ -1709,16 +1726,8 @@ mod tests {
         let ctx = EncryptionContext::for_volume(&vol(1));
         let (dk, w1) = ks.generate_data_key(None, &ctx).unwrap();
         let sid = ks.service_key_id();
-        ks.update(|s| {
-            let c = s.cmks.iter_mut().find(|c| c.id == sid).unwrap();
-            c.versions.push(CmkVersion {
-                version: 2,
-                created: now(),
-                material: SecretKey::random(),
-            });
-            Ok(((), true))
-        })
-        .unwrap();
+        let k = ks.change_key(&sid, KeyChange::Rotate).unwrap();
+        assert_eq!(k.primary_version, Some(2));
         let (_, w2) = ks.generate_data_key(None, &ctx).unwrap();
         assert_eq!(w2.cmk_version, 2);
         assert_eq!(ks.decrypt(&w1, &ctx).unwrap().expose(), dk.expose());
@@ -1759,44 +1768,48 @@ mod tests {
 
     #[test]
     fn payload_roundtrip_and_strict_decoding() {
-        let mut state = State::default();
+        let mut state = State::new();
         let mut c = Cmk::generate(
             "cmk-0011223344556677".into(),
             Some("service".into()),
             "déscription".into(),
             KeyKind::Service,
+            7,
         );
         c.versions.push(CmkVersion {
             version: 3,
             created: 42,
-            material: SecretKey::random(),
+            material: Some(SecretKey::random()),
         });
         state.cmks.push(c);
         state.marks.insert(vol(1), 10);
         state.marks.insert(vol(2), 20);
         let bytes = state.encode();
-        let back = State::decode(&bytes).unwrap();
+        let back = State::decode(&bytes, 2).unwrap();
         assert_eq!(back.encode()[..], bytes[..]);
         assert_eq!(back.cmks[0].versions.len(), 2);
         assert_eq!(back.marks.get(&vol(2)), Some(&20));
         // Trailing bytes and every truncation are refused.
         let mut longer = bytes.to_vec();
         longer.push(0);
-        assert!(State::decode(&longer).is_err());
+        assert!(State::decode(&longer, 2).is_err());
         for cut in 0..bytes.len() {
-            assert!(State::decode(&bytes[..cut]).is_err(), "cut {cut}");
+            assert!(State::decode(&bytes[..cut], 2).is_err(), "cut {cut}");
         }
         // No service key.
-        let mut none = State::default();
+        let mut none = State::new();
         none.cmks.push(Cmk::generate(
             "cmk-1".into(),
             None,
             String::new(),
             KeyKind::User,
+            7,
         ));
-        assert!(State::decode(&none.encode()).is_err());
+        assert!(State::decode(&none.encode(), 2).is_err());
         // Huge counts do not allocate.
-        assert!(State::decode(&u32::MAX.to_le_bytes()).is_err());
+        assert!(State::decode(&u32::MAX.to_le_bytes(), 2).is_err());
+        assert!(State::decode(&u32::MAX.to_le_bytes(), 1).is_err());
+        let _ = KeyOrigin::Generated;
     }
 
     #[test]

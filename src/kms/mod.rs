@@ -11,9 +11,15 @@ use std::collections::BTreeMap;
 
 use crate::crypto::DataKey;
 
+pub mod audit;
+mod cmk;
 pub mod import;
 pub mod keystore;
+mod payload;
 
+pub use audit::{Anchor, AuditFilter, AuditOp, AuditRecord, Caller, StoredRecord, VerifyReport};
+pub use cmk::DELETION_DAYS;
+pub use import::{ImportParams, WrappingSpec};
 pub use keystore::{LocalKeystore, Unlock};
 
 /// Errors of the key management service. Messages name the cause and the next step and
@@ -102,7 +108,8 @@ pub enum KmsError {
     KeyDisabled(String),
     /// The CMK is scheduled for deletion.
     #[error(
-        "key {id} is scheduled for deletion (at unix time {deletion_date}); cancel the deletion with `kmsfs key cancel-deletion {id}`"
+        "key {id} is pending deletion (its material is destroyed at {}); it neither wraps nor unwraps until the deletion is cancelled with `kmsfs key cancel-deletion {id}`",
+        crate::time::iso_utc(*.deletion_date)
     )]
     KeyPendingDeletion {
         /// CMK id.
@@ -110,6 +117,52 @@ pub enum KmsError {
         /// Scheduled deletion time, unix seconds.
         deletion_date: u64,
     },
+    /// The CMK was deleted: its material is destroyed.
+    #[error(
+        "key {0} was deleted and its material destroyed: the data keys wrapped under it, and the volumes that depend on them, are unrecoverable"
+    )]
+    KeyDeleted(String),
+    /// An external (BYOK) CMK without key material.
+    #[error(
+        "key {0} is pending import (origin external, no key material yet or any more); import its material: `kmsfs key import-params {0}`, then `kmsfs key import {0} --material FILE --token FILE`"
+    )]
+    KeyPendingImport(String),
+    /// The service key refuses an operation.
+    #[error(
+        "the service key {id} cannot be {what}: volumes created without --cmk depend on it, so the keystore manages it itself (create your own key with `kmsfs key create`)"
+    )]
+    ServiceKey {
+        /// Its id.
+        id: String,
+        /// "disabled", "scheduled for deletion", ...
+        what: &'static str,
+    },
+    /// A request the KMS refuses for what it asks (not for a key's state).
+    #[error("{0}")]
+    Refused(String),
+    /// BYOK import parameters, token or material refused.
+    #[error(transparent)]
+    Import(#[from] import::ImportError),
+    /// The audit log cannot be written or read, or does not match the keystore.
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    /// The keystore or a secret file is readable or writable by others.
+    #[error(
+        "{what} {path} {problem}; it holds or protects key material, so kmsfs refuses it: run `chmod 600 {path}`{chown}"
+    )]
+    UnsafePermissions {
+        /// "keystore", "passphrase file", "keyfile".
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// "is readable by group or others (mode 0644)", "is owned by uid 1000, not by you (uid 0)".
+        problem: String,
+        /// ` and chown ...` when the owner is wrong, else empty.
+        chown: String,
+    },
+    /// The operation is not offered by this KMS.
+    #[error("this key management service does not support {0}")]
+    Unsupported(&'static str),
     /// Authentication of the wrapped key failed.
     #[error(
         "the wrapped data key does not match this key or encryption context (wrong volume, wrong keystore, or tampered header)"
@@ -205,6 +258,19 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Parses 32 lowercase or uppercase hex digits (a volume id).
+#[must_use]
+pub fn parse_hex16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 /// A data key sealed under one version of a CMK. Stored in the volume header.
 ///
 /// `ciphertext` is the sealed DK (`nonce || ct || tag`); its AAD binds the CMK id, the
@@ -229,6 +295,10 @@ pub enum KeyState {
     Disabled = 2,
     /// Refuses every operation; deleted at its deletion date unless cancelled.
     PendingDeletion = 3,
+    /// External origin without key material (never imported, expired or deleted).
+    PendingImport = 4,
+    /// Material destroyed; the record stays so that its volumes get a clear error.
+    Deleted = 5,
 }
 
 impl KeyState {
@@ -239,7 +309,21 @@ impl KeyState {
             1 => Some(Self::Enabled),
             2 => Some(Self::Disabled),
             3 => Some(Self::PendingDeletion),
+            4 => Some(Self::PendingImport),
+            5 => Some(Self::Deleted),
             _ => None,
+        }
+    }
+
+    /// As `key list` shows it.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Enabled => "Enabled",
+            Self::Disabled => "Disabled",
+            Self::PendingDeletion => "PendingDeletion",
+            Self::PendingImport => "PendingImport",
+            Self::Deleted => "Deleted",
         }
     }
 }
@@ -287,6 +371,15 @@ impl KeyOrigin {
             _ => None,
         }
     }
+
+    /// As `key create --origin` takes it: `kms` or `external`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Generated => "kms",
+            Self::Imported => "external",
+        }
+    }
 }
 
 /// Public metadata of a CMK (no key material), e.g. for `kmsfs key list`.
@@ -308,8 +401,71 @@ pub struct KeyInfo {
     pub kind: KeyKind,
     /// Generated or imported material.
     pub origin: KeyOrigin,
-    /// Version numbers, oldest first; new wraps use the last.
-    pub versions: Vec<u32>,
+    /// Versions, oldest first; new wraps use the primary one.
+    pub versions: Vec<VersionInfo>,
+    /// The version new wraps use (the newest with material), if any.
+    pub primary_version: Option<u32>,
+    /// Imported material expires (and is deleted) at this time, unix seconds.
+    pub material_expires: Option<u64>,
+    /// Import parameters outstanding until this time (unix seconds).
+    pub import_params_expire: Option<u64>,
+    /// Volumes created or re-wrapped under this key, as the keystore last saw them.
+    pub volumes: Vec<VolumeBinding>,
+}
+
+/// One version of a CMK (never its material).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// Version number, from 1.
+    pub version: u32,
+    /// Creation time, unix seconds.
+    pub created: u64,
+    /// Whether the material is present (false once destroyed or deleted).
+    pub has_material: bool,
+}
+
+/// A volume whose DK the keystore wrapped: recorded at init, rewrap and mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeBinding {
+    /// The volume id.
+    pub volume_id: [u8; 16],
+    /// The CMK its DK is wrapped under now.
+    pub cmk_id: String,
+    /// Its backing directory when last seen (may have moved since).
+    pub path: String,
+    /// When last seen, unix seconds.
+    pub updated: u64,
+}
+
+/// `kmsfs key create` options.
+#[derive(Clone, Debug, Default)]
+pub struct CreateKey {
+    /// Unique alias.
+    pub alias: Option<String>,
+    /// Free text, at most 1024 bytes.
+    pub description: String,
+    /// `Imported` creates the key without material (PendingImport).
+    pub external: bool,
+}
+
+/// A lifecycle change of a CMK.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyChange {
+    /// Disabled → Enabled.
+    Enable,
+    /// Enabled → Disabled.
+    Disable,
+    /// A new version becomes primary.
+    Rotate,
+    /// Pending deletion after this many days (7 to 366).
+    ScheduleDeletion {
+        /// Waiting period.
+        days: u32,
+    },
+    /// Pending deletion → Disabled (as cloud KMSs do: enable it explicitly).
+    CancelDeletion,
+    /// Destroys imported material now (the key becomes PendingImport).
+    DeleteMaterial,
 }
 
 /// A key management service: wraps and unwraps data keys under CMKs it never reveals.
@@ -358,6 +514,91 @@ pub trait Kms: Send + Sync {
     /// # Errors
     /// Keystore errors.
     fn record_generation(&self, volume_id: &[u8; 16], generation: u64) -> Result<(), KmsError>;
+
+    /// Records that `volume_id`, at `path`, now has its DK wrapped under `cmk_id` (for
+    /// `key describe`). Not audited (it is bookkeeping, not a key use).
+    ///
+    /// # Errors
+    /// Keystore errors.
+    fn note_volume(
+        &self,
+        _volume_id: &[u8; 16],
+        _cmk_id: &str,
+        _path: &str,
+    ) -> Result<(), KmsError> {
+        Ok(())
+    }
+
+    /// Every CMK (no key material).
+    ///
+    /// # Errors
+    /// Keystore errors; [`KmsError::Unsupported`].
+    fn list_keys(&self) -> Result<Vec<KeyInfo>, KmsError> {
+        Err(KmsError::Unsupported("listing keys"))
+    }
+
+    /// One CMK by id or alias.
+    ///
+    /// # Errors
+    /// [`KmsError::KeyNotFound`], keystore errors.
+    fn describe_key(&self, name: &str) -> Result<KeyInfo, KmsError> {
+        self.list_keys()?
+            .into_iter()
+            .find(|k| k.id == name || k.alias.as_deref() == Some(name))
+            .ok_or_else(|| KmsError::KeyNotFound(name.to_owned()))
+    }
+
+    /// Creates a user CMK.
+    ///
+    /// # Errors
+    /// [`KmsError::AliasInUse`], [`KmsError::InvalidKeyName`], keystore errors.
+    fn create_key(&self, _spec: &CreateKey) -> Result<KeyInfo, KmsError> {
+        Err(KmsError::Unsupported("creating keys"))
+    }
+
+    /// Applies a lifecycle change; returns the key after it.
+    ///
+    /// # Errors
+    /// [`KmsError::ServiceKey`], [`KmsError::Refused`] for a change the state does not
+    /// allow, keystore errors.
+    fn change_key(&self, _name: &str, _change: KeyChange) -> Result<KeyInfo, KmsError> {
+        Err(KmsError::Unsupported("key lifecycle changes"))
+    }
+
+    /// Fresh BYOK import parameters for an external key.
+    ///
+    /// # Errors
+    /// [`KmsError::Refused`] for a key that is not external, keystore errors.
+    fn import_params(
+        &self,
+        _name: &str,
+        _wrapping: WrappingSpec,
+    ) -> Result<ImportParams, KmsError> {
+        Err(KmsError::Unsupported("importing key material"))
+    }
+
+    /// Imports wrapped key material into an external key.
+    ///
+    /// # Errors
+    /// [`KmsError::Import`] for a bad token or material, keystore errors.
+    fn import_material(
+        &self,
+        _name: &str,
+        _token: &[u8],
+        _wrapped_material: &[u8],
+        _expires: Option<u64>,
+    ) -> Result<KeyInfo, KmsError> {
+        Err(KmsError::Unsupported("importing key material"))
+    }
+
+    /// Every audit record, and the result of checking the chain against the keystore's
+    /// anchor (an error names the first bad record).
+    ///
+    /// # Errors
+    /// [`KmsError::Audit`], keystore errors.
+    fn audit_records(&self) -> Result<(Result<VerifyReport, String>, Vec<StoredRecord>), KmsError> {
+        Err(KmsError::Unsupported("reading the audit log"))
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ mod cleaner;
 mod commit;
 mod file_data;
 pub mod fsck;
+mod header;
 pub mod repair;
 pub mod snapshot;
 pub mod tree;
@@ -45,6 +46,8 @@ use crate::kms::{EncryptionContext, Kms, WrappedKey};
 use crate::store::Storage;
 use blocks::BlockIo;
 use tree::{NodeStore, Tree};
+
+pub use header::RewrapReport;
 
 pub const ROOT_INO: u64 = 1;
 /// With the `test-hooks` feature (tests only, never in a release
@@ -267,6 +270,8 @@ pub struct Volume {
     /// Where each commit's generation is recorded (the rollback high-water
     /// mark), before the commit returns: a commit reported durable is covered.
     mark_sink: parking_lot::Mutex<Option<Arc<dyn Kms>>>,
+    /// The header after a rewrap (its wrap fields changed); `header` keeps the rest.
+    rewrapped: parking_lot::Mutex<Option<Header>>,
     /// The last mark could not be recorded (logged once per failure streak).
     mark_failing: AtomicBool,
     /// When the last changing operation started (ms since `opened`), for the
@@ -481,6 +486,9 @@ impl Volume {
             st.next_ino = ROOT_INO + 1;
         }
         vol.commit()?;
+        if let Err(e) = kms.note_volume(&volume_id, &wrapped.cmk_id, &vol.io.storage.describe()) {
+            log::warn!("the keystore could not record the new volume under its key: {e}");
+        }
         Ok(volume_id)
     }
 
@@ -665,6 +673,10 @@ impl Volume {
             vol.purge_orphans()?;
             vol.commit()?;
             vol.record_generation(kms)?;
+            let h = &vol.header;
+            if let Err(e) = kms.note_volume(&h.volume_id, &h.cmk_id, &vol.io.storage.describe()) {
+                log::warn!("the keystore could not record where the volume is: {e}");
+            }
         }
         Ok(vol)
     }
@@ -774,6 +786,7 @@ impl Volume {
             degraded: parking_lot::Mutex::new(None),
             dirty_max: dirty_limit(opts.cache_bytes),
             mark_sink: parking_lot::Mutex::new(None),
+            rewrapped: parking_lot::Mutex::new(None),
             mark_failing: AtomicBool::new(false),
             last_change_ms: AtomicU64::new(0),
             opened: Instant::now(),
@@ -792,9 +805,6 @@ impl Volume {
         *self.write_hook.lock() = hook;
     }
 
-    pub fn header(&self) -> &Header {
-        &self.header
-    }
     pub fn volume_id(&self) -> [u8; 16] {
         self.header.volume_id
     }
