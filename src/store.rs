@@ -77,6 +77,57 @@ pub trait Storage: Send + Sync {
     ) -> io::Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
         Ok(Some(Box::new(())))
     }
+    /// Publishes a reader pin (see `docs/FORMAT.md`): creates `name` (a
+    /// [`PIN_PREFIX`] name in the volume directory) holding `data`, and holds
+    /// it (`FsStorage`: an exclusive flock on it) until the returned guard is
+    /// dropped, which removes it. Readers call it under the shared readers
+    /// lock, so the cleaner (under the exclusive one) never sees half a pin.
+    fn create_pin(
+        &self,
+        _name: &str,
+        _data: &[u8],
+    ) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        Ok(Box::new(()))
+    }
+    /// Every reader pin in the volume directory, with whether its publisher
+    /// still holds it (a pin nobody holds was left by a reader that died).
+    fn list_pins(&self) -> io::Result<Vec<PinFile>> {
+        Ok(Vec::new())
+    }
+    /// Removes a pin nobody holds any more.
+    fn remove_pin(&self, name: &str) -> io::Result<()> {
+        self.remove(name)
+    }
+}
+
+/// Names of reader pin files start with this (then 32 hex digits).
+pub const PIN_PREFIX: &str = "kmsfs.pin.";
+
+/// A reader pin as found by [`Storage::list_pins`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinFile {
+    pub name: String,
+    /// Its contents (at most [`PIN_MAX_LEN`] bytes are read).
+    pub data: Vec<u8>,
+    /// Whether the reader that published it still holds it.
+    pub held: bool,
+}
+
+/// Pins longer than this are not read further (a pin names a few roots).
+pub const PIN_MAX_LEN: u64 = 1 << 20;
+
+/// A published pin of [`FsStorage`]: the locked file, removed on drop.
+struct FsPin {
+    _file: File,
+    dir: OwnedFd,
+    leaf: String,
+}
+
+impl Drop for FsPin {
+    fn drop(&mut self) {
+        // Unlinked while still locked: the cleaner never sees it unheld.
+        let _ = unlinkat(&self.dir, self.leaf.as_str(), UnlinkatFlags::NoRemoveDir);
+    }
 }
 
 /// Takes the writer lock, turning contention into a clear error.
@@ -597,6 +648,61 @@ impl Storage for FsStorage {
         }
     }
 
+    fn create_pin(
+        &self,
+        name: &str,
+        data: &[u8],
+    ) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        let (dir, leaf) = split_name(name)?;
+        let at = self.dir(dir)?;
+        let fd = openat(
+            &at,
+            leaf,
+            OFlag::O_RDWR
+                | OFlag::O_CREAT
+                | OFlag::O_EXCL
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NOCTTY,
+            file_mode(),
+        )
+        .map_err(|e| self.diagnose(at.as_fd(), leaf, name, SFlag::S_IFREG, e))?;
+        let f = File::from(fd);
+        let pin = FsPin {
+            dir: at.as_fd().try_clone_to_owned()?,
+            leaf: leaf.to_string(),
+            _file: f,
+        };
+        // Dropping `pin` on an error below removes the file again.
+        pin._file.lock()?;
+        (&pin._file).write_all(data)?;
+        Ok(Box::new(pin))
+    }
+
+    fn list_pins(&self) -> io::Result<Vec<PinFile>> {
+        let mut out = Vec::new();
+        for name in self.list("")? {
+            if !name.starts_with(PIN_PREFIX) {
+                continue;
+            }
+            let f = match self.open_file(&name, Access::Read) {
+                Ok(f) => f,
+                // Its reader left between the listing and now.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let held = match f.try_lock_shared() {
+                Ok(()) => false,
+                Err(TryLockError::WouldBlock) => true,
+                Err(TryLockError::Error(e)) => return Err(e),
+            };
+            let mut data = Vec::new();
+            (&f).take(PIN_MAX_LEN).read_to_end(&mut data)?;
+            out.push(PinFile { name, data, held });
+        }
+        Ok(out)
+    }
+
     fn lock_exclusive(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
         use std::io::Seek;
         use std::os::unix::fs::MetadataExt;
@@ -666,6 +772,22 @@ struct MemState {
     capacity: Option<u64>,
     /// On crash, keep this many bytes of each unsynced append tail (torn writes).
     torn_keep: usize,
+    /// Reader pins: contents, and a handle that lives as long as the reader
+    /// holds the pin. Not part of the durable state (readers die in a crash).
+    pins: HashMap<String, (Vec<u8>, std::sync::Weak<()>)>,
+}
+
+/// A pin published on a [`MemStorage`]; removed on drop.
+struct MemPin {
+    st: Arc<Mutex<MemState>>,
+    name: String,
+    _alive: Arc<()>,
+}
+
+impl Drop for MemPin {
+    fn drop(&mut self) {
+        self.st.lock().pins.remove(&self.name);
+    }
 }
 
 /// An in-memory backend with an exact durability model and crash injection.
@@ -763,6 +885,14 @@ impl MemStorage {
         let r = f(&mut file.data);
         file.durable = file.data.clone();
         Some(r)
+    }
+
+    /// Leaves a pin as a reader that died would: present, held by nobody.
+    pub fn plant_stale_pin(&self, name: &str, data: &[u8]) {
+        self.st
+            .lock()
+            .pins
+            .insert(name.to_string(), (data.to_vec(), std::sync::Weak::new()));
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -943,6 +1073,49 @@ impl Storage for MemStorage {
 
     fn describe(&self) -> String {
         "memory".into()
+    }
+
+    fn create_pin(
+        &self,
+        name: &str,
+        data: &[u8],
+    ) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        let mut st = self.st.lock();
+        if st.pins.contains_key(name) {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        let alive = Arc::new(());
+        st.pins
+            .insert(name.to_string(), (data.to_vec(), Arc::downgrade(&alive)));
+        Ok(Box::new(MemPin {
+            st: self.st.clone(),
+            name: name.to_string(),
+            _alive: alive,
+        }))
+    }
+
+    fn list_pins(&self) -> io::Result<Vec<PinFile>> {
+        let st = self.st.lock();
+        let mut v: Vec<PinFile> = st
+            .pins
+            .iter()
+            .map(|(name, (data, alive))| PinFile {
+                name: name.clone(),
+                data: data.clone(),
+                held: alive.strong_count() > 0,
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    fn remove_pin(&self, name: &str) -> io::Result<()> {
+        self.st
+            .lock()
+            .pins
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| not_found(name))
     }
 }
 

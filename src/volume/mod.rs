@@ -228,6 +228,8 @@ pub struct CleanStats {
 
 /// See `Volume::set_write_hook`.
 pub type WriteHook = Arc<dyn Fn() + Send + Sync>;
+/// See `Volume::set_clean_hook`.
+pub type CleanHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Plaintext of one block waiting to be sealed (full block size; wiped on drop).
 type DirtyMap = BTreeMap<(u64, u64), Plain>;
@@ -289,6 +291,10 @@ pub struct Volume {
     /// Test hook: runs in `write` between appending whole blocks and recording
     /// them, so tests can make other operations happen exactly there.
     write_hook: parking_lot::Mutex<Option<WriteHook>>,
+    /// One cleaner (or repair) at a time; see `cleaner`.
+    clean_lock: parking_lot::Mutex<()>,
+    clean_hook: parking_lot::Mutex<Option<CleanHook>>,
+    /// The writer lock, or a reader's pin.
     _lock: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
@@ -496,8 +502,9 @@ impl Volume {
     /// authenticates the root record.
     pub fn open(storage: Arc<dyn Storage>, kms: &dyn Kms, opts: OpenOptions) -> Result<Volume> {
         let read_only = opts.read_only || opts.snapshot.is_some();
-        // Writers lock out other writers; readers announce themselves before
-        // reading the root, so the cleaner keeps the segments their root needs.
+        // Writers lock out other writers. Readers hold the readers lock
+        // shared from before they read the root until their pin (the roots
+        // they hold) is published, so the cleaner never misses one.
         let lock = if read_only {
             storage
                 .lock_readers_shared()
@@ -612,7 +619,15 @@ impl Volume {
                 ),
             ));
         };
-        vol._lock = Some(lock);
+        // A reader publishes the roots it holds (the cleaner keeps what they
+        // need), then leaves the readers lock it held while it opened.
+        vol._lock = Some(if read_only {
+            let pin = vol.publish_pin()?;
+            drop(lock);
+            pin
+        } else {
+            lock
+        });
         vol.st.write().newest_slot = slot;
         vol.load_previous_root(&slots, slot);
         let generation = vol.generation();
@@ -794,6 +809,8 @@ impl Volume {
             freed_since_clean: AtomicBool::new(false),
             append_gate: parking_lot::RwLock::new(()),
             write_hook: parking_lot::Mutex::new(None),
+            clean_lock: parking_lot::Mutex::new(()),
+            clean_hook: parking_lot::Mutex::new(None),
             _lock: lock,
         })
     }

@@ -228,6 +228,7 @@ impl Volume {
     /// read-write and not be in use by anything else.
     pub fn repair(&self) -> Result<RepairReport> {
         self.writable()?;
+        let _one_cleaner = self.clean_lock.lock();
         let mut rep = RepairReport::default();
         let live_segments = {
             let _gate = self.append_gate.write();
@@ -841,12 +842,9 @@ impl Volume {
             used.extend(self.tree_segments(&t)?);
         }
         // A reader on an older root may still need it: then keep it.
-        let Some(_readers) = storage
-            .try_lock_readers_exclusive()
-            .map_err(|e| Error::io(format::READERS_FILE, e))?
-        else {
+        if !self.reader_pins()?.is_some_and(|p| p.is_empty()) {
             return Ok(());
-        };
+        }
         for id in strays {
             if !used.contains(&id) {
                 self.remove_mirror(id)?;

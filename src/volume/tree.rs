@@ -668,6 +668,96 @@ impl Tree {
     }
 }
 
+/// What [`relocate_stored`] asks of its caller: which places move, and a
+/// memo of the nodes already rewritten (shared by every tree relocated with
+/// it, so a subtree two trees share is rewritten once and stays shared).
+pub trait Relocator {
+    /// The new pointer of a node already relocated (from any tree).
+    fn done(&self, p: &BlockPtr) -> Option<BlockPtr>;
+    /// Notes where node `old` went (`new` may equal `old`).
+    fn record(&mut self, old: &BlockPtr, new: BlockPtr);
+    /// Whether anything under node `p` may move (false: it stays as it is).
+    fn visit(&self, p: &BlockPtr) -> bool;
+    /// A node whose contents stay the same: a copy of its record elsewhere
+    /// when its own record must move (same id and tag), None to leave it.
+    fn move_node(&mut self, p: &BlockPtr) -> Result<Option<BlockPtr>>;
+    /// The replacement of a leaf value, if it changes.
+    fn map_value(&mut self, key: &[u8], val: &[u8]) -> Result<Option<Vec<u8>>>;
+}
+
+/// Relocates the stored subtree under `p` and returns its new root pointer
+/// (`p` itself when nothing in it moved). A node whose children or values
+/// change is written anew (new id and tag, the parent names them); a node
+/// that only has to leave its place is copied byte for byte. Every node is
+/// handled once per `r` (see [`Relocator::done`]).
+pub fn relocate_stored(p: &BlockPtr, s: &dyn NodeStore, r: &mut dyn Relocator) -> Result<BlockPtr> {
+    if let Some(np) = r.done(p) {
+        return Ok(np);
+    }
+    if !r.visit(p) {
+        return Ok(*p);
+    }
+    let n = s.load(p)?;
+    let mut changed: Option<Node> = None;
+    if n.leaf {
+        for (i, (k, v)) in n.keys.iter().zip(&n.vals).enumerate() {
+            if let Some(nv) = r.map_value(k, v)? {
+                changed.get_or_insert_with(|| (*n).clone()).vals[i] = nv;
+            }
+        }
+    } else {
+        for (i, kid) in n.kids.iter().enumerate() {
+            // Decoded nodes have clean children only.
+            if let Child::Clean(cp) = kid {
+                let np = relocate_stored(cp, s, r)?;
+                if np != *cp {
+                    changed.get_or_insert_with(|| (*n).clone()).kids[i] = Child::Clean(np);
+                }
+            }
+        }
+    }
+    drop(n);
+    let np = match changed {
+        Some(node) => {
+            let np = s.store(&node)?;
+            s.remember(&np, node);
+            np
+        }
+        None => r.move_node(p)?.unwrap_or(*p),
+    };
+    r.record(p, np);
+    Ok(np)
+}
+
+impl Tree {
+    /// [`relocate_stored`] for every stored subtree of this tree; nodes
+    /// changed in memory (dirty) are updated in place. The tree keeps its
+    /// contents whatever happens (a failure leaves some pointers moved,
+    /// which name the same blocks).
+    pub fn relocate_shared(&mut self, s: &dyn NodeStore, r: &mut dyn Relocator) -> Result<()> {
+        fn go(c: &mut Child, s: &dyn NodeStore, r: &mut dyn Relocator) -> Result<()> {
+            match c {
+                Child::Clean(p) => *p = relocate_stored(p, s, r)?,
+                Child::Dirty(n) => {
+                    if n.leaf {
+                        for i in 0..n.keys.len() {
+                            if let Some(nv) = r.map_value(&n.keys[i], &n.vals[i])? {
+                                n.vals[i] = nv;
+                            }
+                        }
+                    } else {
+                        for k in n.kids.iter_mut() {
+                            go(k, s, r)?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        go(&mut self.root, s, r)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
