@@ -522,7 +522,7 @@ pub(super) fn volume_is_mounted(volume: &Path) -> bool {
 /// Opens the volume; a lock held while no mount of the volume is visible
 /// belongs to a daemon finishing its final commit after an unmount, so wait
 /// for it (bounded) instead of failing `umount && mount`.
-pub(super) fn open_volume(plan: &MountPlan, kms: &LocalKeystore) -> Result<Volume> {
+pub(super) fn open_volume(plan: &MountPlan, kms: &dyn crate::kms::Kms) -> Result<Volume> {
     let start = Instant::now();
     loop {
         let storage = Arc::new(FsStorage::new(&plan.volume));
@@ -586,8 +586,14 @@ pub(super) fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Rea
             ""
         }
     );
+    let t0 = Instant::now();
     let kms = Arc::new(open_keystore(ks, unlock)?);
-    let vol = Arc::new(open_volume(plan, &kms)?);
+    let t_unlock = t0.elapsed();
+    let t1 = Instant::now();
+    let timed = TimedKms::new(&*kms);
+    let vol = Arc::new(open_volume(plan, &timed)?);
+    let (t_kms, kms_calls) = timed.spent();
+    let t_open = t1.elapsed().saturating_sub(t_kms);
     // Rollback protection: the keystore keeps the newest generation this
     // volume reached; every commit raises it before it returns.
     if !plan.open.read_only {
@@ -629,6 +635,13 @@ pub(super) fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Rea
         human(plan.open.cache_bytes as u64),
         plan.settings.threads.max(2)
     );
+    log::info!(
+        "ready in {:.1} ms: keystore unlock (Argon2id) {:.1} ms, {kms_calls} KMS calls (unwrap) {:.1} ms, volume open {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3,
+        t_unlock.as_secs_f64() * 1e3,
+        t_kms.as_secs_f64() * 1e3,
+        t_open.as_secs_f64() * 1e3
+    );
     ready.ok();
     let r = session.run();
     drop(control);
@@ -643,5 +656,82 @@ pub(super) fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Rea
             "the final commit failed: {e}; changes since the last commit are lost, the volume is consistent"
         ))),
         _ => Ok(()),
+    }
+}
+
+/// Times the KMS calls a volume open makes (the unwrap, the generation mark), for the
+/// daemon's "ready in" log line.
+struct TimedKms<'a> {
+    inner: &'a dyn crate::kms::Kms,
+    spent: Mutex<(Duration, u32)>,
+}
+
+impl<'a> TimedKms<'a> {
+    fn new(inner: &'a dyn crate::kms::Kms) -> Self {
+        Self {
+            inner,
+            spent: Mutex::new((Duration::ZERO, 0)),
+        }
+    }
+
+    fn timed<R>(&self, f: impl FnOnce() -> R) -> R {
+        let t = Instant::now();
+        let r = f();
+        let mut s = self.spent.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 += t.elapsed();
+        s.1 += 1;
+        r
+    }
+
+    fn spent(&self) -> (Duration, u32) {
+        *self.spent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl crate::kms::Kms for TimedKms<'_> {
+    fn generate_data_key(
+        &self,
+        cmk: Option<&str>,
+        ctx: &crate::kms::EncryptionContext,
+    ) -> std::result::Result<(crate::crypto::DataKey, crate::kms::WrappedKey), KmsError> {
+        self.timed(|| self.inner.generate_data_key(cmk, ctx))
+    }
+
+    fn decrypt(
+        &self,
+        wrapped: &crate::kms::WrappedKey,
+        ctx: &crate::kms::EncryptionContext,
+    ) -> std::result::Result<crate::crypto::DataKey, KmsError> {
+        self.timed(|| self.inner.decrypt(wrapped, ctx))
+    }
+
+    fn re_encrypt(
+        &self,
+        wrapped: &crate::kms::WrappedKey,
+        ctx: &crate::kms::EncryptionContext,
+        dest_cmk: Option<&str>,
+    ) -> std::result::Result<crate::kms::WrappedKey, KmsError> {
+        self.timed(|| self.inner.re_encrypt(wrapped, ctx, dest_cmk))
+    }
+
+    fn generation_mark(&self, volume_id: &[u8; 16]) -> std::result::Result<Option<u64>, KmsError> {
+        self.timed(|| self.inner.generation_mark(volume_id))
+    }
+
+    fn record_generation(
+        &self,
+        volume_id: &[u8; 16],
+        generation: u64,
+    ) -> std::result::Result<(), KmsError> {
+        self.timed(|| self.inner.record_generation(volume_id, generation))
+    }
+
+    fn note_volume(
+        &self,
+        volume_id: &[u8; 16],
+        cmk_id: &str,
+        path: &str,
+    ) -> std::result::Result<(), KmsError> {
+        self.timed(|| self.inner.note_volume(volume_id, cmk_id, path))
     }
 }
