@@ -15,24 +15,7 @@ pub(super) struct SnapshotJson {
 }
 
 pub(super) fn time_text(secs: i64) -> String {
-    // UTC, ISO 8601, without a date crate: days since the epoch to a civil date.
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    crate::time::iso_utc(u64::try_from(secs).unwrap_or(0))
 }
 
 /// Runs a change on the volume: directly when it is not mounted, through the
@@ -215,7 +198,7 @@ pub(super) fn cmd_snapshot(keys: &KeyArgs, c: SnapshotCmd) -> Result<()> {
 }
 
 pub(super) fn cmd_clone(keys: &KeyArgs, a: CloneArgs) -> Result<()> {
-    let (vol, _kms, src) = open_read_only(keys, &a.volume_dir)?;
+    let (vol, kms, src) = open_read_only(keys, &a.volume_dir)?;
     let dst = &a.new_volume_dir;
     if dst.exists() {
         let empty = fs::read_dir(dst)
@@ -261,6 +244,10 @@ pub(super) fn cmd_clone(keys: &KeyArgs, a: CloneArgs) -> Result<()> {
         Ok(())
     };
     let id = vol.clone_snapshot(&a.snapshot, Arc::new(FsStorage::new(&dst)), &bring)?;
+    // The clone shares the DK: the keystore lists it under the same key.
+    if let Err(e) = kms.note_volume(&id, &vol.header().cmk_id, &dst.display().to_string()) {
+        log::warn!("the keystore could not record the clone under its key: {e}");
+    }
     println!(
         "{}: new volume {} from snapshot {} of {} ({} segment files linked, {} copied, nothing re-encrypted)",
         dst.display(),

@@ -238,7 +238,7 @@ impl Volume {
         let header = Header {
             volume_id,
             created: Timestamp::now().secs,
-            ..self.header.clone()
+            ..self.header()
         };
         let hb = sign_header_with(&header, &self.header_mac_key);
         let payload = RootPayload {
