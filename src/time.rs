@@ -6,12 +6,33 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Now, in unix seconds (0 if the clock is before 1970).
+/// Now, in unix seconds (0 if the clock is before 1970). This is the KMS's clock: key
+/// deletion dates, imported material expiry and import token validity are measured
+/// against it.
 #[must_use]
 pub fn now_unix() -> u64 {
-    SystemTime::now()
+    let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_secs());
+    #[cfg(feature = "test-hooks")]
+    let now = shifted(
+        now,
+        std::env::var("KMSFS_TEST_CLOCK_OFFSET_SECS")
+            .ok()
+            .as_deref(),
+    );
+    now
+}
+
+/// Test builds only: `KMSFS_TEST_CLOCK_OFFSET_SECS=N` (signed seconds) moves the clock
+/// by N, so that tests can pass a key's deletion date or an import token's expiry
+/// without waiting days. A release build has no such variable.
+#[cfg(feature = "test-hooks")]
+fn shifted(now: u64, offset: Option<&str>) -> u64 {
+    match offset.and_then(|o| o.trim().parse::<i64>().ok()) {
+        Some(off) => now.saturating_add_signed(off),
+        None => now,
+    }
 }
 
 /// `secs` (unix seconds) as ISO 8601 UTC, e.g. `2026-12-01T16:53:30Z`. A value beyond
