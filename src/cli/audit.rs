@@ -21,10 +21,10 @@ pub(super) struct AuditArgs {
     #[arg(long, value_name = "ID")]
     volume: Option<String>,
     /// From this time on (ISO 8601 UTC, a date, @UNIX, or -1d)
-    #[arg(long, value_name = "TIME")]
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
     since: Option<String>,
     /// Up to this time
-    #[arg(long, value_name = "TIME")]
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
     until: Option<String>,
     /// Only this operation (create, enable, disable, rotate, schedule-deletion,
     /// cancel-deletion, destroy, import-params, import, delete-material,

@@ -86,7 +86,7 @@ pub(super) enum KeyCmd {
         #[arg(long, value_name = "FILE")]
         token: PathBuf,
         /// The material expires (and is deleted) then: ISO 8601 UTC, a date, or +30d
-        #[arg(long, value_name = "TIME")]
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
         expires: Option<String>,
     },
     /// BYOK: delete imported material now (the same material may be imported again)

@@ -937,7 +937,9 @@ fn cmd_init(keys: &KeyArgs, a: InitArgs) -> Result<()> {
         let creating = !keystore_exists(&ks);
         let unlock = obtain_unlock(&ks, &src, creating)?;
         let kms = open_keystore(&ks, unlock)?;
-        let id = Volume::init(Arc::new(FsStorage::new(dir)), &kms, &opts)?;
+        // The keystore records the volume's path: make it absolute, as later opens do.
+        let canon = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let id = Volume::init(Arc::new(FsStorage::new(&canon)), &kms, &opts)?;
         Ok((id, kms))
     })();
     let (id, kms) = match result {

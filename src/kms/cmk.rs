@@ -493,10 +493,21 @@ pub(super) fn import_material(
             crate::time::iso_utc(t)
         )));
     }
-    let pending = c
-        .pending_import
-        .as_ref()
-        .ok_or_else(|| import::ImportError::NoPendingImport(c.id.clone()))?;
+    let Some(pending) = c.pending_import.as_ref() else {
+        // Expired import parameters are dropped on access (`expire`), so an expired token
+        // finds none: say that it expired (the token only decides the message).
+        if let Ok(t) = import::ImportToken::parse(token)
+            && t.key_id == c.id
+            && t.expires <= now
+        {
+            return Err(import::ImportError::TokenExpired {
+                key_id: c.id.clone(),
+                expired: crate::time::iso_utc(t.expires),
+            }
+            .into());
+        }
+        return Err(import::ImportError::NoPendingImport(c.id.clone()).into());
+    };
     let material = pending.unwrap_material(&c.id, token, wrapped_material, now)?;
     let fp = import::fingerprint(&c.id, &material);
     if let Some(old) = &c.fingerprint
