@@ -182,6 +182,26 @@ impl Env {
         String::from_utf8(o.stdout).unwrap()
     }
 
+    /// Runs kmsfs and asserts it exits with `code`; returns stdout and stderr as one text.
+    pub fn fails<S: AsRef<OsStr>>(&self, code: i32, args: &[S]) -> String {
+        let o = self.run(args);
+        let text = output_text(&o);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "kmsfs {:?}: expected exit {code}: {text}",
+            args.iter()
+                .map(|a| a.as_ref().to_owned())
+                .collect::<Vec<_>>()
+        );
+        text
+    }
+
+    /// `kmsfs key describe KEY --json`.
+    pub fn key_json(&self, key: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["key", "describe", key, "--json"])).unwrap()
+    }
+
     pub fn vol_str(&self) -> &str {
         self.vol.to_str().unwrap()
     }
