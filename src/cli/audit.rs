@@ -40,11 +40,35 @@ enum AuditSub {
         #[arg(long)]
         json: bool,
     },
+    /// Move a damaged log aside and start a new chain (key operations are refused until
+    /// the log verifies again or is reset)
+    Reset {
+        /// Confirm
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 pub(super) fn cmd_audit(keys: &KeyArgs, a: AuditArgs) -> Result<()> {
     let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
     let kms = open_keystore(&ks, unlock)?;
+    if let Some(AuditSub::Reset { yes }) = a.sub {
+        if !yes {
+            return Err(CliError::usage(
+                "`kmsfs audit reset` moves the audit log aside and starts a new one: pass --yes",
+            ));
+        }
+        let moved = kms.audit_reset()?;
+        match moved {
+            Some(p) => println!(
+                "started a new audit log {}; the previous one is kept as {}",
+                kms.audit_path().display(),
+                p.display()
+            ),
+            None => println!("started a new audit log {}", kms.audit_path().display()),
+        }
+        return Ok(());
+    }
     if let Some(AuditSub::Verify { json }) = a.sub {
         let r = kms.audit_verify();
         return match r {

@@ -405,7 +405,7 @@ pub enum AuditError {
     /// The log was changed after it was written, does not match the keystore's anchor, or
     /// was written under another audit key.
     #[error(
-        "audit log {path} fails verification at record #{index}: {detail}; the log was changed after it was written (or is not the log of this keystore): keep the file as evidence and restore it from a backup"
+        "audit log {path} fails verification at record #{index}: {detail}; the log was changed after it was written (or is not the log of this keystore): keep the file as evidence and restore it from a backup, or start a new log with `kmsfs audit reset --yes` (which moves this one aside)"
     )]
     Tampered {
         /// The log file.

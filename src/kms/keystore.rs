@@ -860,6 +860,39 @@ impl LocalKeystore {
         Ok(report)
     }
 
+    /// Moves the audit log aside (to `PATH.audit.reset-TIME`) and starts a new chain whose
+    /// first record says so. For a log that fails verification: until then every key
+    /// operation is refused. Returns where the old log went.
+    ///
+    /// # Errors
+    /// Keystore and audit errors.
+    pub fn audit_reset(&self) -> Result<Option<PathBuf>, KmsError> {
+        let _lock = self.lock()?;
+        let mut loaded = self.load_existing()?;
+        let log = self.audit.path().to_path_buf();
+        let aside = with_suffix(&log, &format!(".reset-{}", now_unix()));
+        let moved = match fs::rename(&log, &aside) {
+            Ok(()) => Some(aside),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&log, e)),
+        };
+        loaded.state.anchor = super::audit::Anchor::default();
+        let mut rec = AuditRecord::new(AuditOp::Restore, "", 0, None, &self.caller, Ok(()));
+        rec.reason = match &moved {
+            Some(p) => format!(
+                "audit log reset; the previous log was moved to {}",
+                p.display()
+            ),
+            None => "audit log reset; there was no previous log".into(),
+        };
+        loaded.state.anchor =
+            self.audit
+                .append(&loaded.state.audit_key, &loaded.state.anchor, &rec)?;
+        let bytes = self.encode_file(&loaded.header, &loaded.state)?;
+        write_atomic(&self.path, &bytes)?;
+        Ok(moved)
+    }
+
     /// Checks the audit log against the keystore's anchor.
     ///
     /// # Errors
@@ -1073,7 +1106,9 @@ impl Kms for LocalKeystore {
             .audit
             .verify(&loaded.state.audit_key, &loaded.state.anchor)
             .map_err(|e| e.to_string());
-        Ok((report, self.audit.read_all()?))
+        // A damaged log still shows every record before the damage.
+        let (records, _) = self.audit.read_prefix();
+        Ok((report, records))
     }
 }
 
@@ -1348,7 +1383,7 @@ mod tests {
         let path = dir.path().join("ks");
         open(&path, "pw").unwrap();
         let kf = dir.path().join("keyfile");
-        fs::write(&kf, [7u8; 32]).unwrap();
+        write_private(&kf, &[7u8; 32]);
         assert!(matches!(
             LocalKeystore::open_or_create(&path, Unlock::Keyfile(kf)),
             Err(KmsError::UnlockMismatch {
@@ -1424,8 +1459,9 @@ mod tests {
         let (dk, w) = ks.generate_data_key(None, &ctx).unwrap();
         drop(ks);
         let original = fs::read(&path).unwrap();
+        fs::remove_file(with_suffix(&path, ".bak")).unwrap();
 
-        // No backup yet: every single-byte change is refused.
+        // No backup: every single-byte change is refused.
         for pos in [0, 9, 10, 12, 30, 50, HEADER_LEN + 3, original.len() - 1] {
             let mut bad = original.clone();
             bad[pos] ^= 0x04;
@@ -1513,6 +1549,9 @@ mod tests {
         for (offset, value) in cases {
             let mut bad = original.clone();
             bad[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+            // Whoever edits the file can recompute the keyless checksum too.
+            let sum = header_checksum(&bad[..HEADER_LEN_V1]);
+            bad[HEADER_LEN_V1..HEADER_LEN].copy_from_slice(&sum);
             fs::write(&path, &bad).unwrap();
             let start = Instant::now();
             match open(&path, "pw") {
@@ -1549,13 +1588,14 @@ mod tests {
         let path = dir.path().join("ks");
         drop(open(&path, "pw").unwrap());
         let mut bytes = fs::read(&path).unwrap();
-        bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+        bytes[8..10].copy_from_slice(&3u16.to_le_bytes());
         fs::write(&path, &bytes).unwrap();
+        let _ = fs::remove_file(with_suffix(&path, ".bak"));
         match open(&path, "pw") {
             Err(
                 e @ KmsError::UnsupportedVersion {
-                    found: 2,
-                    supported: 1,
+                    found: 3,
+                    supported: 2,
                     ..
                 },
             ) => assert!(e.to_string().contains("upgrade kmsfs")),
@@ -1817,5 +1857,64 @@ mod tests {
         let ctx = EncryptionContext::new();
         assert_ne!(wrap_aad("cmk-a", 1, &ctx), wrap_aad("cmk-a\x01", 0, &ctx));
         assert!(wrap_aad("cmk-a", 1, &ctx).starts_with(WRAP_AAD_PREFIX));
+    }
+
+    /// Issue 8: a damaged salt, parameter or key check is a damaged keystore, never a
+    /// wrong passphrase (format 2 checks a key-independent checksum first).
+    #[test]
+    fn damaged_header_is_corrupt_not_wrong_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ks");
+        drop(open(&path, "pw").unwrap());
+        let original = fs::read(&path).unwrap();
+        for pos in (10..HEADER_LEN).step_by(3) {
+            let mut bad = original.clone();
+            bad[pos] ^= 0x10;
+            fs::write(&path, &bad).unwrap();
+            match open(&path, "pw") {
+                Err(e @ KmsError::Corrupt { .. }) => {
+                    let m = e.to_string();
+                    assert!(m.contains("damaged"), "byte {pos}: {m}");
+                    assert!(!m.contains("wrong passphrase"), "byte {pos}: {m}");
+                }
+                other => panic!("byte {pos}: expected Corrupt, got {other:?}"),
+            }
+        }
+        // The wrong passphrase on an intact file is still said as such.
+        fs::write(&path, &original).unwrap();
+        assert!(matches!(
+            open(&path, "nope"),
+            Err(KmsError::WrongPassphrase { .. })
+        ));
+    }
+
+    /// A damaged audit log stops every key operation (fail closed) until it is reset;
+    /// the reset keeps the old log aside and starts a chain that verifies.
+    #[test]
+    fn damaged_audit_log_fails_closed_until_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ks");
+        let ks = open(&path, "pw").unwrap();
+        let ctx = EncryptionContext::for_volume(&vol(1));
+        let (_, w) = ks.generate_data_key(None, &ctx).unwrap();
+        ks.decrypt(&w, &ctx).unwrap();
+        assert_eq!(ks.audit_verify().unwrap().records, 3);
+        let log = with_suffix(&path, ".audit");
+        let mut bytes = fs::read(&log).unwrap();
+        let n = bytes.len();
+        bytes[n - 10] ^= 1; // the last record's MAC
+        fs::write(&log, &bytes).unwrap();
+        let e = ks.decrypt(&w, &ctx).unwrap_err();
+        assert!(e.to_string().contains("kmsfs audit reset"), "{e}");
+        assert!(ks.audit_verify().is_err());
+        let moved = ks.audit_reset().unwrap().unwrap();
+        assert_eq!(fs::read(&moved).unwrap(), bytes);
+        ks.decrypt(&w, &ctx).unwrap();
+        let r = ks.audit_verify().unwrap();
+        assert_eq!(r.records, 2);
+        let (_, recs) = ks.audit_records().unwrap();
+        assert_eq!(recs[0].record.op, AuditOp::Restore);
+        assert!(recs[0].record.reason.contains("reset"));
+        assert_eq!(recs[1].record.op, AuditOp::Decrypt);
     }
 }
