@@ -12,15 +12,20 @@ use std::collections::BTreeMap;
 use crate::crypto::DataKey;
 
 pub mod audit;
+pub mod client;
 mod cmk;
 pub mod import;
 pub mod keystore;
+pub mod kmip;
 mod payload;
+pub mod remote;
+pub mod transit;
 
 pub use audit::{Anchor, AuditFilter, AuditOp, AuditRecord, Caller, StoredRecord, VerifyReport};
 pub use cmk::DELETION_DAYS;
 pub use import::{ImportParams, WrappingSpec};
 pub use keystore::{LocalKeystore, Unlock};
+pub use remote::KmsUrl;
 
 /// Errors of the key management service. Messages name the cause and the next step and
 /// never contain secret material.
