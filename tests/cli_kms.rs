@@ -16,7 +16,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Env, output_text, sh};
+use common::{Env, golden_env, output_text};
 use serde_json::Value;
 
 const DAY: i64 = 86_400;
@@ -1219,28 +1219,6 @@ fn group_readable_keystore_passphrase_and_keyfile_are_refused() {
 }
 
 // ----- golden format-1 keystore -------------------------------------------------------
-
-/// The passphrase of tests/golden/v1 (tests/golden.rs).
-pub const GOLDEN_PASSPHRASE: &str = "golden volume v1";
-
-/// tests/golden/v1 copied to a temporary directory, files made private (git keeps 0644).
-pub fn golden_env() -> Env {
-    let env = Env::bare();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1");
-    sh(&format!(
-        "cp -r {}/keystore {}/keystore.bak {} && cp -r {}/volume {}",
-        src.display(),
-        src.display(),
-        env.root().display(),
-        src.display(),
-        env.vol.display()
-    ));
-    for f in ["keystore", "keystore.bak"] {
-        fs::set_permissions(env.root().join(f), fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    fs::write(&env.pass, GOLDEN_PASSPHRASE).unwrap();
-    env
-}
 
 #[test]
 fn a_golden_format_1_keystore_opens_and_is_rewritten_as_format_2() {

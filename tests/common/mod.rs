@@ -561,3 +561,25 @@ pub fn sh(cmd: &str) -> String {
     assert!(o.status.success(), "`{cmd}` failed: {}", output_text(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// The passphrase of tests/golden/v1 (tests/golden.rs).
+pub const GOLDEN_PASSPHRASE: &str = "golden volume v1";
+
+/// tests/golden/v1 copied to a temporary directory, files made private (git keeps 0644).
+pub fn golden_env() -> Env {
+    let env = Env::bare();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1");
+    sh(&format!(
+        "cp -r {}/keystore {}/keystore.bak {} && cp -r {}/volume {}",
+        src.display(),
+        src.display(),
+        env.root().display(),
+        src.display(),
+        env.vol.display()
+    ));
+    for f in ["keystore", "keystore.bak"] {
+        fs::set_permissions(env.root().join(f), fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    fs::write(&env.pass, GOLDEN_PASSPHRASE).unwrap();
+    env
+}
