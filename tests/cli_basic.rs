@@ -166,6 +166,16 @@ fn unlock_sources_and_key_errors() {
     // Wrong passphrase.
     let wrong = env.root().join("wrong");
     fs::write(&wrong, "nope\n").unwrap();
+    // A passphrase file others can read is refused before it is read.
+    let o = env
+        .cmd()
+        .env("KMSFS_PASSPHRASE_FILE", &wrong)
+        .args(["info", &vol])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4));
+    assert!(stderr(&o).contains("chmod 600"), "{}", stderr(&o));
+    fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let o = env
         .cmd()
         .env("KMSFS_PASSPHRASE_FILE", &wrong)

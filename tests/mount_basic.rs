@@ -276,6 +276,7 @@ fn mount_errors_are_one_line_with_exit_codes() {
         .unwrap()
         .write_all(b"not it\n")
         .unwrap();
+    fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let o = env
         .cmd()
         .env("KMSFS_PASSPHRASE_FILE", &wrong)

@@ -3,7 +3,7 @@
 use clap::{Args, Subcommand};
 
 use super::{CliError, KeyArgs, MountOpts, Result, exit, open_keystore, unlock_existing};
-use crate::kms::{AuditFilter, AuditOp, Kms, audit};
+use crate::kms::{AuditFilter, AuditOp, audit};
 use crate::time::parse_time;
 
 #[derive(Args, Debug)]
@@ -50,14 +50,19 @@ enum AuditSub {
 }
 
 pub(super) fn cmd_audit(keys: &KeyArgs, a: AuditArgs) -> Result<()> {
-    let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
-    let kms = open_keystore(&ks, unlock)?;
     if let Some(AuditSub::Reset { yes }) = a.sub {
         if !yes {
             return Err(CliError::usage(
                 "`kmsfs audit reset` moves the audit log aside and starts a new one: pass --yes",
             ));
         }
+        if super::kms_url(keys, &MountOpts::default()).is_some() {
+            return Err(CliError::usage(
+                "`kmsfs audit reset` works on the keystore file itself: run it where the keystore is, without --kms",
+            ));
+        }
+        let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
+        let kms = open_keystore(&ks, unlock)?;
         let moved = kms.audit_reset()?;
         match moved {
             Some(p) => println!(
@@ -69,8 +74,9 @@ pub(super) fn cmd_audit(keys: &KeyArgs, a: AuditArgs) -> Result<()> {
         }
         return Ok(());
     }
+    let kms = super::open_kms(keys, false)?;
     if let Some(AuditSub::Verify { json }) = a.sub {
-        let r = kms.audit_verify();
+        let r = kms.audit_records().map_err(CliError::from)?.0;
         return match r {
             Ok(rep) => {
                 if json {
@@ -78,12 +84,12 @@ pub(super) fn cmd_audit(keys: &KeyArgs, a: AuditArgs) -> Result<()> {
                         "{}",
                         serde_json::json!({"ok": true, "records": rep.records,
                             "authenticated": rep.authenticated, "unanchored_tail": rep.unanchored_tail,
-                            "log": kms.audit_path().display().to_string()})
+                            "kms": kms.describe()})
                     );
                 } else {
                     println!(
-                        "audit log {}: {} records, chain intact{}",
-                        kms.audit_path().display(),
+                        "audit log of the {}: {} records, chain intact{}",
+                        kms.describe(),
                         rep.records,
                         if rep.unanchored_tail > 0 {
                             format!(
@@ -104,7 +110,7 @@ pub(super) fn cmd_audit(keys: &KeyArgs, a: AuditArgs) -> Result<()> {
                         serde_json::json!({"ok": false, "error": e.to_string()})
                     );
                 }
-                Err(CliError::new(exit::INTEGRITY, e.to_string()))
+                Err(CliError::new(exit::INTEGRITY, e))
             }
         };
     }

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 
 use super::{
-    CliError, KeyArgs, MountOpts, Result, TOOL_CACHE, check_volume, exit, keystore_exists,
-    obtain_unlock, open_keystore, resolve_keys, unlock_existing, volume_is_mounted,
+    CliError, KeyArgs, Result, TOOL_CACHE, check_volume, exit, volume_is_mounted,
     wait_for_finishing_daemon,
 };
 use crate::error::Error;
 use crate::format;
-use crate::kms::{CreateKey, KeyChange, KeyInfo, KeyState, Kms, LocalKeystore, WrappingSpec};
+use crate::kms::{CreateKey, KeyChange, KeyInfo, KeyState, Kms, WrappingSpec};
 use crate::store::FsStorage;
 use crate::time::{iso_utc, now_unix, parse_time};
 use crate::volume::{OpenOptions, Volume};
@@ -105,16 +104,10 @@ pub(super) struct RewrapArgs {
     json: bool,
 }
 
-/// The keystore for key administration; `create` may create it.
-fn keystore(keys: &KeyArgs, create: bool) -> Result<LocalKeystore> {
-    if create {
-        let (ks, src) = resolve_keys(keys, &MountOpts::default())?;
-        let creating = !keystore_exists(&ks);
-        let unlock = obtain_unlock(&ks, &src, creating)?;
-        return open_keystore(&ks, unlock);
-    }
-    let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
-    open_keystore(&ks, unlock)
+/// The KMS for key administration (the keystore, or `--kms URL`); `create` may create
+/// the keystore.
+fn keystore(keys: &KeyArgs, create: bool) -> Result<Arc<dyn Kms>> {
+    super::open_kms(keys, create)
 }
 
 fn state_text(k: &KeyInfo) -> String {
@@ -456,15 +449,14 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 pub(super) fn cmd_rewrap(keys: &KeyArgs, a: RewrapArgs) -> Result<()> {
     let canon = check_volume(&a.volume_dir)?;
     wait_for_finishing_daemon(&canon);
-    let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
-    let kms = open_keystore(&ks, unlock)?;
+    let kms = super::open_kms(keys, false)?;
     let opts = OpenOptions {
         cache_bytes: TOOL_CACHE,
         ..Default::default()
     };
-    let r = match Volume::open(Arc::new(FsStorage::new(&canon)), &kms, opts) {
+    let r = match Volume::open(Arc::new(FsStorage::new(&canon)), &*kms, opts) {
         Ok(vol) => {
-            let r = vol.rewrap(&kms, a.cmk.as_deref())?;
+            let r = vol.rewrap(&*kms, a.cmk.as_deref())?;
             vol.close()?;
             serde_json::json!({"from_cmk": r.from.0, "from_version": r.from.1,
                 "to_cmk": r.to.0, "to_version": r.to.1, "through_mount": false})

@@ -23,6 +23,7 @@
 mod audit;
 mod key;
 mod keystore;
+mod kms;
 mod mount;
 mod salvage;
 mod snapshot;
@@ -73,6 +74,7 @@ pub mod exit {
 const ENV_KEYSTORE: &str = "KMSFS_KEYSTORE";
 const ENV_PASSPHRASE_FILE: &str = "KMSFS_PASSPHRASE_FILE";
 const ENV_KEYFILE: &str = "KMSFS_KEYFILE";
+const ENV_KMS: &str = "KMSFS_KMS";
 const ENV_KDF_TEST: &str = "KMSFS_KDF_TEST_PARAMS";
 /// Decrypted-block cache of a mount unless `cache_size=` says otherwise.
 const DEFAULT_CACHE: u64 = 256 << 20;
@@ -173,6 +175,11 @@ struct KeyArgs {
     /// Keyfile unlocking the keystore instead of a passphrase [env: KMSFS_KEYFILE]
     #[arg(long, global = true, value_name = "FILE")]
     keyfile: Option<PathBuf>,
+    /// Use a KMS elsewhere instead of the keystore: unix:/PATH (kmsfs kms serve),
+    /// openbao+http(s)://HOST:PORT/KEY (or vault+…), kmip://HOST:PORT/KEY-UID
+    /// [env: KMSFS_KMS]
+    #[arg(long, global = true, value_name = "URL")]
+    kms: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,6 +230,9 @@ enum Command {
     /// The keystore itself: passwd, backup, restore
     #[command(subcommand)]
     Keystore(keystore::KeystoreCmd),
+    /// The KMS daemon: serve the keystore's keys on a Unix socket (`kms serve`)
+    #[command(subcommand)]
+    Kms(kms::KmsCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -283,7 +293,7 @@ struct MountArgs {
     /// Where to mount it
     mountpoint: PathBuf,
     /// Comma-separated options: ro, rw, allow_other, default_permissions, cache_size=SIZE,
-    /// keystore=PATH, passphrase_file=PATH, keyfile=PATH, snapshot=NAME, log=PATH, and the
+    /// keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
     /// generic options mount(8) passes (accepted; kernel flags such as nodev are applied)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -370,7 +380,7 @@ volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
 
 const SUBCOMMANDS: &[&str] = &[
     "init", "mount", "umount", "info", "fsck", "snapshot", "clone", "clean", "salvage", "key",
-    "rewrap", "audit", "keystore", "help",
+    "rewrap", "audit", "keystore", "kms", "help",
 ];
 
 /// Entry point of the binary; returns the process exit code.
@@ -456,6 +466,7 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
         Command::Rewrap(a) => key::cmd_rewrap(&cli.keys, a),
         Command::Audit(a) => audit::cmd_audit(&cli.keys, a),
         Command::Keystore(c) => keystore::cmd_keystore(&cli.keys, c),
+        Command::Kms(c) => kms::cmd_kms(&cli.keys, c),
     }
 }
 
@@ -760,6 +771,51 @@ fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(b)
 }
 
+/// Where keys come from: the keystore (with its secret, read before any fork) or a KMS
+/// named by URL.
+pub(super) enum KmsSource {
+    Keystore(PathBuf, Unlock),
+    Url(String),
+}
+
+/// The KMS URL: `--kms`, then `-o kms=`, then `KMSFS_KMS`.
+fn kms_url(keys: &KeyArgs, opts: &MountOpts) -> Option<String> {
+    keys.kms
+        .clone()
+        .or_else(|| opts.kms.clone())
+        .or_else(|| std::env::var(ENV_KMS).ok().filter(|v| !v.is_empty()))
+}
+
+/// Resolves where keys come from; `create`: the keystore may be created (init, key create).
+fn kms_source(keys: &KeyArgs, opts: &MountOpts, create: bool) -> Result<KmsSource> {
+    if let Some(u) = kms_url(keys, opts) {
+        // Checked now, so a bad URL is a usage error before anything happens.
+        crate::kms::KmsUrl::parse(&u).map_err(|e| CliError::usage(e.to_string()))?;
+        return Ok(KmsSource::Url(u));
+    }
+    if create {
+        let (ks, src) = resolve_keys(keys, opts)?;
+        let creating = !keystore_exists(&ks);
+        let unlock = obtain_unlock(&ks, &src, creating)?;
+        return Ok(KmsSource::Keystore(ks, unlock));
+    }
+    let (ks, unlock) = unlock_existing(keys, opts)?;
+    Ok(KmsSource::Keystore(ks, unlock))
+}
+
+/// Connects to (or opens) the KMS.
+fn connect_kms(src: KmsSource) -> Result<Arc<dyn Kms>> {
+    Ok(match src {
+        KmsSource::Keystore(ks, unlock) => Arc::new(open_keystore(&ks, unlock)?),
+        KmsSource::Url(u) => crate::kms::remote::open(&u)?,
+    })
+}
+
+/// The KMS of a command that does not mount.
+fn open_kms(keys: &KeyArgs, create: bool) -> Result<Arc<dyn Kms>> {
+    connect_kms(kms_source(keys, &MountOpts::default(), create)?)
+}
+
 /// Opens an existing keystore (only `init` creates one).
 fn unlock_existing(keys: &KeyArgs, opts: &MountOpts) -> Result<(PathBuf, Unlock)> {
     let (ks, src) = resolve_keys(keys, opts)?;
@@ -849,18 +905,17 @@ fn wait_for_finishing_daemon(dir: &Path) {
     }
 }
 
-fn open_read_only(keys: &KeyArgs, dir: &Path) -> Result<(Volume, LocalKeystore, PathBuf)> {
+fn open_read_only(keys: &KeyArgs, dir: &Path) -> Result<(Volume, Arc<dyn Kms>, PathBuf)> {
     let dir = check_volume(dir)?;
     wait_for_finishing_daemon(&dir);
-    let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
-    let kms = open_keystore(&ks, unlock)?;
+    let kms = open_kms(keys, false)?;
     let opts = OpenOptions {
         read_only: true,
         cache_bytes: TOOL_CACHE,
         snapshot: None,
         ..Default::default()
     };
-    let vol = Volume::open(Arc::new(FsStorage::new(&dir)), &kms, opts)?;
+    let vol = Volume::open(Arc::new(FsStorage::new(&dir)), &*kms, opts)?;
     Ok((vol, kms, dir))
 }
 
@@ -868,17 +923,16 @@ fn open_writable(
     keys: &KeyArgs,
     dir: &Path,
     accept_rollback: bool,
-) -> Result<(Volume, LocalKeystore, PathBuf)> {
+) -> Result<(Volume, Arc<dyn Kms>, PathBuf)> {
     let dir = check_volume(dir)?;
     wait_for_finishing_daemon(&dir);
-    let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
-    let kms = open_keystore(&ks, unlock)?;
+    let kms = open_kms(keys, false)?;
     let opts = OpenOptions {
         cache_bytes: TOOL_CACHE,
         accept_rollback,
         ..Default::default()
     };
-    let vol = Volume::open(Arc::new(FsStorage::new(&dir)), &kms, opts)?;
+    let vol = Volume::open(Arc::new(FsStorage::new(&dir)), &*kms, opts)?;
     Ok((vol, kms, dir))
 }
 
@@ -932,14 +986,11 @@ fn cmd_init(keys: &KeyArgs, a: InitArgs) -> Result<()> {
             )));
         }
     }
-    let result = (|| -> Result<([u8; 16], LocalKeystore)> {
-        let (ks, src) = resolve_keys(keys, &MountOpts::default())?;
-        let creating = !keystore_exists(&ks);
-        let unlock = obtain_unlock(&ks, &src, creating)?;
-        let kms = open_keystore(&ks, unlock)?;
+    let result = (|| -> Result<([u8; 16], Arc<dyn Kms>)> {
+        let kms = open_kms(keys, true)?;
         // The keystore records the volume's path: make it absolute, as later opens do.
         let canon = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-        let id = Volume::init(Arc::new(FsStorage::new(&canon)), &kms, &opts)?;
+        let id = Volume::init(Arc::new(FsStorage::new(&canon)), &*kms, &opts)?;
         Ok((id, kms))
     })();
     let (id, kms) = match result {
@@ -961,20 +1012,25 @@ fn cmd_init(keys: &KeyArgs, a: InitArgs) -> Result<()> {
             return Err(e);
         }
     };
-    let cmk = describe_cmk(&kms, opts.cmk.as_deref().unwrap_or(&kms.service_key_id()));
+    let cmk_id = fs::read(dir.join(format::HEADER_FILE))
+        .ok()
+        .and_then(|b| format::Header::decode(&b).ok())
+        .map(|h| h.cmk_id)
+        .unwrap_or_default();
+    let cmk = describe_cmk(&*kms, &cmk_id);
     println!(
-        "created volume {} in {} ({}, {} blocks, CMK {cmk}); keystore {}",
+        "created volume {} in {} ({}, {} blocks, CMK {cmk}); {}",
         format::hex(&id),
         dir.display(),
         cipher.name(),
         human(opts.block_size as u64),
-        kms.path().display()
+        kms.describe()
     );
     Ok(())
 }
 
 /// "cmk-… (alias x)" for a key id or alias, as far as the keystore knows it.
-fn describe_cmk(kms: &LocalKeystore, id_or_alias: &str) -> String {
+fn describe_cmk(kms: &dyn Kms, id_or_alias: &str) -> String {
     let keys = kms.list_keys().unwrap_or_default();
     match keys
         .iter()

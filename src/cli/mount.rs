@@ -15,6 +15,7 @@ pub(super) struct MountOpts {
     pub(super) keystore: Option<PathBuf>,
     pub(super) passphrase_file: Option<PathBuf>,
     pub(super) keyfile: Option<PathBuf>,
+    pub(super) kms: Option<String>,
     pub(super) snapshot: Option<String>,
     pub(super) log: Option<PathBuf>,
     pub(super) flags: Vec<MountOption>,
@@ -118,6 +119,7 @@ pub(super) fn parse_mount_options(groups: &[String], sloppy: bool) -> Result<Mou
             ("keystore", v) => o.keystore = Some(need(v)?.into()),
             ("passphrase_file", v) => o.passphrase_file = Some(need(v)?.into()),
             ("keyfile", v) => o.keyfile = Some(need(v)?.into()),
+            ("kms", v) => o.kms = Some(need(v)?),
             ("snapshot", v) => o.snapshot = Some(need(v)?),
             ("log", v) => o.log = Some(need(v)?.into()),
             (k, None) if IGNORED_OPTIONS.contains(&k) => {}
@@ -264,13 +266,13 @@ pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<M
 }
 
 pub(super) fn cmd_mount(plan: MountPlan) -> Result<()> {
-    let (ks, unlock) = unlock_existing(&plan.keys, &plan.opts)?;
+    let src = kms_source(&plan.keys, &plan.opts, false)?;
     if plan.fake {
         return Ok(());
     }
     if plan.foreground {
         let mut ready = Ready(None);
-        return serve(&plan, &ks, unlock, &mut ready);
+        return serve(&plan, src, &mut ready);
     }
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
@@ -294,7 +296,7 @@ pub(super) fn cmd_mount(plan: MountPlan) -> Result<()> {
     if pid == 0 {
         drop(rd);
         let mut ready = Ready(Some(File::from(wr)));
-        let code = match daemon_main(&plan, &ks, unlock, &mut ready) {
+        let code = match daemon_main(&plan, src, &mut ready) {
             Ok(()) => exit::OK,
             Err(e) => {
                 log::error!("{}", e.msg);
@@ -306,7 +308,7 @@ pub(super) fn cmd_mount(plan: MountPlan) -> Result<()> {
         std::process::exit(code);
     }
     drop(wr);
-    drop(unlock);
+    drop(src);
     let mut msg = String::new();
     let _ = File::from(rd).read_to_string(&mut msg);
     let msg = msg.trim_end();
@@ -357,17 +359,12 @@ impl Ready {
 }
 
 /// The daemon child: detach, then serve.
-pub(super) fn daemon_main(
-    plan: &MountPlan,
-    ks: &Path,
-    unlock: Unlock,
-    ready: &mut Ready,
-) -> Result<()> {
+pub(super) fn daemon_main(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Result<()> {
     // SAFETY: setsid has no memory-safety preconditions; failure (already a
     // group leader) is harmless.
     unsafe { libc::setsid() };
     let _ = std::env::set_current_dir("/");
-    serve(plan, ks, unlock, ready)
+    serve(plan, src, ready)
 }
 
 pub(super) fn open_log(path: &Path) -> Result<File> {
@@ -549,7 +546,7 @@ pub(super) fn open_volume(plan: &MountPlan, kms: &dyn crate::kms::Kms) -> Result
 
 /// Opens the keystore and the volume, mounts, reports readiness, and serves
 /// until the filesystem is unmounted.
-pub(super) fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Ready) -> Result<()> {
+pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Result<()> {
     if let Some(path) = &plan.log {
         let f = open_log(path)?;
         // SAFETY: dup2 onto stderr from a descriptor we own: logs and panics go to the file.
@@ -587,7 +584,7 @@ pub(super) fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Rea
         }
     );
     let t0 = Instant::now();
-    let kms = Arc::new(open_keystore(ks, unlock)?);
+    let kms = connect_kms(src)?;
     let t_unlock = t0.elapsed();
     let t1 = Instant::now();
     let timed = TimedKms::new(&*kms);
@@ -636,8 +633,9 @@ pub(super) fn serve(plan: &MountPlan, ks: &Path, unlock: Unlock, ready: &mut Rea
         plan.settings.threads.max(2)
     );
     log::info!(
-        "ready in {:.1} ms: keystore unlock (Argon2id) {:.1} ms, {kms_calls} KMS calls (unwrap) {:.1} ms, volume open {:.1} ms",
+        "ready in {:.1} ms: {} opened in {:.1} ms (keystore: Argon2id unlock), {kms_calls} KMS calls (unwrap) {:.1} ms, volume open {:.1} ms",
         t0.elapsed().as_secs_f64() * 1e3,
+        kms.describe(),
         t_unlock.as_secs_f64() * 1e3,
         t_kms.as_secs_f64() * 1e3,
         t_open.as_secs_f64() * 1e3

@@ -40,7 +40,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use super::{CliError, KeyArgs, MountOpts, Result, exit, human, is_root};
+use super::{CliError, KeyArgs, Result, exit, human, is_root};
 use crate::error::Error;
 use crate::format::{FileKind, Timestamp};
 use crate::store::FsStorage;
@@ -156,15 +156,14 @@ pub(super) fn run(keys: &KeyArgs, a: SalvageArgs) -> Result<()> {
     // no directory behind.
     let dest_existed = check_dest(&a.dest, &dir)?;
     super::wait_for_finishing_daemon(&dir);
-    let (ks, unlock) = super::unlock_existing(keys, &MountOpts::default())?;
-    let kms = super::open_keystore(&ks, unlock)?;
+    let kms = super::open_kms(keys, false)?;
     let opts = OpenOptions {
         read_only: true,
         cache_bytes: super::TOOL_CACHE,
         snapshot: a.snapshot.clone(),
         ..Default::default()
     };
-    let vol = Volume::open(Arc::new(FsStorage::new(&dir)), &kms, opts)?;
+    let vol = Volume::open(Arc::new(FsStorage::new(&dir)), &*kms, opts)?;
     if !dest_existed {
         fs::DirBuilder::new()
             .mode(0o700)

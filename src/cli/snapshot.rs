@@ -28,13 +28,12 @@ pub(super) fn with_volume_or_mount(
 ) -> Result<serde_json::Value> {
     let canon = check_volume(dir)?;
     wait_for_finishing_daemon(&canon);
-    let (ks, unlock) = unlock_existing(keys, &MountOpts::default())?;
-    let kms = open_keystore(&ks, unlock)?;
+    let kms = open_kms(keys, false)?;
     let opts = OpenOptions {
         cache_bytes: TOOL_CACHE,
         ..Default::default()
     };
-    match Volume::open(Arc::new(FsStorage::new(&canon)), &kms, opts) {
+    match Volume::open(Arc::new(FsStorage::new(&canon)), &*kms, opts) {
         Ok(vol) => {
             let r = direct(&vol)?;
             vol.close()?;

@@ -944,6 +944,10 @@ fn volume_of(ctx: &EncryptionContext) -> Option<[u8; 16]> {
 }
 
 impl Kms for LocalKeystore {
+    fn describe(&self) -> String {
+        format!("keystore {}", self.path.display())
+    }
+
     fn generate_data_key(
         &self,
         cmk: Option<&str>,

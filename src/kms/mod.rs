@@ -520,6 +520,12 @@ pub trait Kms: Send + Sync {
     /// Keystore errors.
     fn record_generation(&self, volume_id: &[u8; 16], generation: u64) -> Result<(), KmsError>;
 
+    /// What this KMS is, for messages: "keystore /var/lib/kmsfs/keystore",
+    /// "KMS daemon unix:/run/kmsfs/kms.sock", "OpenBao http://…/transit/keys/vols".
+    fn describe(&self) -> String {
+        "key management service".into()
+    }
+
     /// Records that `volume_id`, at `path`, now has its DK wrapped under `cmk_id` (for
     /// `key describe`). Not audited (it is bookkeeping, not a key use).
     ///
