@@ -29,7 +29,7 @@ use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -197,8 +197,10 @@ pub struct RestoreReport {
 /// The embedded keystore. See the module documentation.
 pub struct LocalKeystore {
     path: PathBuf,
-    unlock: Unlock,
-    cache: Mutex<Option<CachedKey>>,
+    /// Shared with the views [`LocalKeystore::with_caller`] makes.
+    unlock: Arc<Unlock>,
+    /// Shared with the views [`LocalKeystore::with_caller`] makes.
+    cache: Arc<Mutex<Option<CachedKey>>>,
     service_key_id: String,
     audit: AuditLog,
     caller: Caller,
@@ -308,8 +310,8 @@ impl LocalKeystore {
     fn unopened(path: &Path, unlock: Unlock) -> Self {
         Self {
             path: path.to_path_buf(),
-            unlock,
-            cache: Mutex::new(None),
+            unlock: Arc::new(unlock),
+            cache: Arc::new(Mutex::new(None)),
             service_key_id: String::new(),
             audit: AuditLog::new(with_suffix(path, ".audit")),
             caller: Caller::current(),
@@ -320,7 +322,7 @@ impl LocalKeystore {
     fn check_files(&self) -> Result<(), KmsError> {
         check_private_file(&self.path, "keystore")?;
         check_private_file(&self.backup_path(), "keystore backup")?;
-        if let Unlock::Keyfile(kf) = &self.unlock {
+        if let Unlock::Keyfile(kf) = &*self.unlock {
             check_private_file(kf, "keyfile")?;
         }
         Ok(())
@@ -330,6 +332,47 @@ impl LocalKeystore {
     /// the peer's identity here.
     pub fn set_caller(&mut self, caller: Caller) {
         self.caller = caller;
+    }
+
+    /// The same keystore, recording `caller` in its audit records: a cheap view (the
+    /// unlock secret and the cached unlock key are shared, nothing is re-derived) that a
+    /// KMS daemon makes per request, so concurrent requests of different peers each
+    /// record their own identity.
+    #[must_use]
+    pub fn with_caller(&self, caller: Caller) -> Self {
+        Self {
+            path: self.path.clone(),
+            unlock: Arc::clone(&self.unlock),
+            cache: Arc::clone(&self.cache),
+            service_key_id: self.service_key_id.clone(),
+            audit: AuditLog::new(self.audit.path().to_path_buf()),
+            caller,
+        }
+    }
+
+    /// Records a request refused before it reached the keys (a KMS daemon's access
+    /// policy): one audit record of `op` on `key_id` (an id, or `""`) for `volume`, with
+    /// this keystore's caller and the result refused with `reason`.
+    ///
+    /// # Errors
+    /// Keystore and audit errors.
+    pub fn audit_refusal(
+        &self,
+        op: AuditOp,
+        key_id: &str,
+        volume: Option<[u8; 16]>,
+        reason: &str,
+    ) -> Result<(), KmsError> {
+        let res: Result<(), KmsError> = self.run(Some(op), false, |_, audit| {
+            audit.touched.key_id = key_id.to_owned();
+            audit.volume = volume;
+            Err(KmsError::Refused(reason.to_owned()))
+        });
+        match res {
+            Err(KmsError::Refused(r)) if r == reason => Ok(()),
+            Err(e) => Err(e),
+            Ok(()) => Ok(()),
+        }
     }
 
     /// The keystore file.

@@ -18,8 +18,11 @@ pub mod import;
 pub mod keystore;
 pub mod kmip;
 mod payload;
+pub mod policy;
 pub mod remote;
+pub mod server;
 pub mod transit;
+pub mod wire;
 
 pub use audit::{Anchor, AuditFilter, AuditOp, AuditRecord, Caller, StoredRecord, VerifyReport};
 pub use cmk::DELETION_DAYS;
