@@ -1,14 +1,21 @@
-//! Cleaner stall (engine, real directory): the cleaner holds the volume's
-//! write lock for its whole run today, so the longest time a FUSE request can
-//! wait behind it is the duration of one clean. This measures that duration
-//! with N small files and S snapshots, the files changed between snapshots so
-//! that each snapshot holds its own metadata, half of them deleted before the
-//! clean, and a probe thread that calls `getattr` in a loop and records its
-//! longest wait.
+//! Cleaner stall (engine, real directory): the longest time a request waits
+//! behind a clean. N small files and S snapshots, the files changed between
+//! snapshots so that each snapshot holds its own metadata, half of them
+//! deleted before the clean; while it runs, one probe thread calls `getattr`
+//! in a loop and records its longest wait. With `KMSFS_BENCH_WRITER=1`
+//! another changes files meanwhile (write, create, unlink; a commit every 200
+//! changes, as the committer would) and records its longest change; those
+//! commits make the getattr probe wait too (see the baseline below).
+//! The cleaner holds the volume lock only for its commits and to apply its
+//! relocation to what changed meanwhile, so both waits stay far below the
+//! duration of the clean.
 //!
 //! Run: `cargo run --release --example cleaner_stall`
 //! Environment: `KMSFS_BENCH_FILES` (default 200000), `KMSFS_BENCH_SNAPSHOTS`
-//! (5), `KMSFS_BENCH_DIR` (default: $TMPDIR).
+//! (5), `KMSFS_BENCH_DIR` (default: $TMPDIR), `KMSFS_BENCH_MAX_LIVE` (the
+//! cleaner's threshold, default 0.5), `KMSFS_BENCH_BASELINE_SECS` (run the
+//! probes this long without a clean instead: the waits their own commits
+//! cause).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,32 +77,87 @@ fn main() {
     }
     v.commit().unwrap();
     let setup = t.elapsed();
-    // The probe: one getattr after another, the longest wait recorded.
+    // The probes: one getattr after another; one change after another.
     let stop = Arc::new(AtomicBool::new(false));
     let probe = {
         let (v, stop, ino) = (v.clone(), stop.clone(), inos[1]);
         std::thread::spawn(move || {
             let mut worst = Duration::ZERO;
+            let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 v.getattr(ino).unwrap();
                 worst = worst.max(t.elapsed());
+                n += 1;
             }
-            worst
+            (worst, n)
         })
     };
+    let with_writer = std::env::var("KMSFS_BENCH_WRITER").is_ok_and(|v| v == "1");
+    let writer = {
+        let (v, stop, inos) = (v.clone(), stop.clone(), inos.clone());
+        std::thread::spawn(move || {
+            if !with_writer {
+                return (Duration::ZERO, 0);
+            }
+            let mut worst = Duration::ZERO;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                // Odd indices: the files the setup did not delete.
+                let ino = inos[((n as usize * 7919) % (inos.len() / 2)) * 2 + 1];
+                v.write(ino, 0, &n.to_le_bytes()).unwrap();
+                let name = format!("new{n}");
+                let a = v.create(ROOT_INO, name.as_bytes(), 0o644, 0, 0).unwrap();
+                v.write(a.ino, 0, b"x").unwrap();
+                if n % 2 == 1 {
+                    v.unlink(ROOT_INO, format!("new{}", n - 1).as_bytes())
+                        .unwrap();
+                }
+                if n % 200 == 199 {
+                    v.commit().unwrap();
+                }
+                worst = worst.max(t.elapsed());
+                n += 1;
+            }
+            (worst, n)
+        })
+    };
+    let max_live = std::env::var("KMSFS_BENCH_MAX_LIVE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.5);
     let t = Instant::now();
-    let stats = v.clean(0.5).unwrap();
+    // The same probes without a clean, for comparison: how long the probes'
+    // own commits make them wait.
+    let stats = match std::env::var("KMSFS_BENCH_BASELINE_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        Some(secs) => {
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            println!("baseline: no clean, the probes alone");
+            Default::default()
+        }
+        None => v.clean(max_live).unwrap(),
+    };
     let clean = t.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let worst = probe.join().unwrap();
+    let (worst, reads) = probe.join().unwrap();
+    let (worst_change, changes) = writer.join().unwrap();
+    let fsck = v.fsck().unwrap();
+    assert!(fsck.is_clean(), "{:?}", fsck.errors);
     println!(
         "{files} files, {snaps} snapshots (setup {:.1} s): clean took {:.2} s \
-         ({} segments removed, {} blocks moved); longest getattr wait {:.2} s",
+         ({} segments removed, {} blocks moved, {:.1} MB freed); longest getattr wait \
+         {:.3} s ({reads} getattrs), longest change {:.3} s ({changes} changes, a commit \
+         every 200)",
         setup.as_secs_f64(),
         clean.as_secs_f64(),
         stats.segments_removed,
         stats.blocks_moved,
-        worst.as_secs_f64()
+        stats.bytes_freed as f64 / 1e6,
+        worst.as_secs_f64(),
+        worst_change.as_secs_f64(),
     );
 }

@@ -498,6 +498,14 @@ impl Volume {
         }
     }
 
+    /// A commit even with nothing pending (the other root slot then names
+    /// the same trees as the newest).
+    fn force_commit(&self) -> Result<()> {
+        let mut st = self.st.write();
+        st.changed = true;
+        self.commit_locked(&mut st)
+    }
+
     /// [`Volume::clean`], reporting its progress: first the trees walked
     /// (done, total), then the live bytes copied out of the segments it
     /// empties (done, total). See the module comment for the steps.
@@ -514,13 +522,13 @@ impl Volume {
         let mut stats = CleanStats::default();
         // 1. Both slots on the same trees; writes in flight recorded first
         // (the append gate), so no record of theirs looks dead.
+        // Each commit under its own short hold of the lock.
+        self.force_commit()?;
         let (roots, boundary, open) = {
             let _gate = self.append_gate.write();
             let mut st = self.st.write();
-            for _ in 0..2 {
-                st.changed = true;
-                self.commit_locked(&mut st)?;
-            }
+            st.changed = true;
+            self.commit_locked(&mut st)?;
             let mut roots = st.committed.clone();
             for p in &st.previous {
                 if !roots.contains(p) {
@@ -606,10 +614,19 @@ impl Volume {
         for p in &roots {
             relocate_stored(p, self.nodes(), &mut rel)?;
         }
+        // What was committed meanwhile is immutable too: relocate it before
+        // taking the lock, so that little is left to do under it, and make
+        // the copies durable now rather than in the locked commit.
+        let latest: Vec<BlockPtr> = self.st.read().committed.clone();
+        for p in &latest {
+            relocate_stored(p, self.nodes(), &mut rel)?;
+        }
+        self.io.sync()?;
         self.run_clean_hook("relocated");
-        // 5. What changed meanwhile, under the lock, then two commits: both
-        // slots then name the new places.
-        let current: Vec<BlockPtr> = {
+        // 5. What changed since, under the lock, and a commit; then a
+        // second commit (under a lock of its own): both slots then name the
+        // new places.
+        {
             let mut st = self.st.write();
             let mut tree = st.tree.clone();
             tree.relocate_shared(self.nodes(), &mut rel)?;
@@ -619,10 +636,12 @@ impl Volume {
             }
             st.tree = tree;
             st.snapshots = snaps;
-            for _ in 0..2 {
-                st.changed = true;
-                self.commit_locked(&mut st)?;
-            }
+            st.changed = true;
+            self.commit_locked(&mut st)?;
+        }
+        self.force_commit()?;
+        let current: Vec<BlockPtr> = {
+            let st = self.st.read();
             st.committed.iter().chain(&st.previous).copied().collect()
         };
         stats.blocks_moved = rel.blocks_moved;

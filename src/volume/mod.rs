@@ -766,7 +766,13 @@ impl Volume {
                         (Tree::from_ptr(s.tree), s.next_ino)
                     }
                 };
-                (tree, next_ino, p.snapshots.clone())
+                // A snapshot opener holds (pins) that snapshot's tree only, so
+                // it reads no other: the cleaner may have freed theirs.
+                let snapshots = match &opts.snapshot {
+                    None => p.snapshots.clone(),
+                    Some(_) => Vec::new(),
+                };
+                (tree, next_ino, snapshots)
             }
         };
         Ok(Volume {
