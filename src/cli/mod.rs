@@ -24,6 +24,7 @@ mod audit;
 mod key;
 mod keystore;
 mod kms;
+mod migrate;
 mod mount;
 mod salvage;
 mod snapshot;
@@ -233,6 +234,9 @@ enum Command {
     /// The KMS daemon: serve the keystore's keys on a Unix socket (`kms serve`)
     #[command(subcommand)]
     Kms(kms::KmsCmd),
+    /// Copy a plaintext tree onto a mounted volume with rsync (resumable), then verify
+    /// every entry through the mount; --verify-only compares alone (exit 3 on a difference)
+    Migrate(migrate::MigrateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -380,7 +384,7 @@ volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
 
 const SUBCOMMANDS: &[&str] = &[
     "init", "mount", "umount", "info", "fsck", "snapshot", "clone", "clean", "salvage", "key",
-    "rewrap", "audit", "keystore", "kms", "help",
+    "rewrap", "audit", "keystore", "kms", "migrate", "help",
 ];
 
 /// Entry point of the binary; returns the process exit code.
@@ -467,6 +471,7 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
         Command::Audit(a) => audit::cmd_audit(&cli.keys, a),
         Command::Keystore(c) => keystore::cmd_keystore(&cli.keys, c),
         Command::Kms(c) => kms::cmd_kms(&cli.keys, c),
+        Command::Migrate(a) => migrate::run(a),
     }
 }
 
