@@ -207,6 +207,10 @@ impl Volume {
                 dest.describe()
             )));
         }
+        // The segments are brought after the state lock is let go: no clean
+        // of this volume may delete one meanwhile (a read-only opener's pin
+        // keeps them from the cleaners of other processes).
+        let _no_cleaner = self.clean_lock.lock();
         let st = self.st.read();
         let s = st
             .snapshots
