@@ -1323,11 +1323,9 @@ fn verify(src: &Path, dst: &Path, totals: &Totals, tty: bool) -> Verified {
     for (path, s, d) in &w.link_paths {
         let mut a = w.src_links[s].clone();
         let mut b = w.dst_links[d].clone();
-        if a.len() == b.len() && {
-            a.sort();
-            b.sort();
-            a == b
-        } {
+        a.sort();
+        b.sort();
+        if a == b {
             continue;
         }
         let peers = |v: &[String]| {
@@ -1556,6 +1554,32 @@ mod tests {
                 .to_string(),
         ];
         assert_eq!(vanished_paths(&m, Path::new("/src")), vec!["a/b c"]);
+    }
+
+    #[test]
+    fn changes_of_the_source_are_apart() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("old"), b"x").unwrap();
+        // ctimes come from a coarse clock: keep them well apart.
+        std::thread::sleep(Duration::from_millis(100));
+        fs::write(d.path().join("new"), b"y").unwrap();
+        let new = fs::metadata(d.path().join("new")).unwrap();
+        let start = UNIX_EPOCH + Duration::from_nanos(ctime_ns(&new) as u64);
+        let diff = |p: &str| Diff {
+            path: p.into(),
+            what: "content",
+            detail: String::new(),
+        };
+        let mut v = Verified {
+            diffs: ["old", "new", "gone", "vanished"].map(diff).to_vec(),
+            extras: vec![("extra".into(), PathBuf::new())],
+            ..Verified::default()
+        };
+        let (real, changed, extras) = classify(d.path(), start, &mut v, &["vanished".into()]);
+        let paths = |v: &[Diff]| v.iter().map(|d| d.path.clone()).collect::<Vec<_>>();
+        assert_eq!(paths(&real), ["old"]);
+        assert_eq!(paths(&changed), ["extra", "gone", "new", "vanished"]);
+        assert!(extras.is_empty()); // the root's ctime changed with "new"
     }
 
     #[test]
