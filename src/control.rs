@@ -68,6 +68,10 @@ pub struct Response {
     pub data: serde_json::Value,
 }
 
+/// The mount point this process serves (set once by the mount daemon): `kmsfs umount`
+/// waits for a daemon only when it serves the mount point being unmounted.
+pub static MOUNTPOINT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 pub fn socket_path(volume_dir: &Path) -> PathBuf {
     volume_dir.join(CONTROL_FILE)
 }
@@ -471,6 +475,9 @@ fn handle(vol: &std::sync::Weak<Volume>, c: UnixStream) -> std::io::Result<()> {
                 error: String::new(),
                 data,
             },
+            // A KMS refusal keeps its kind across the socket (the client's exit code
+            // is the key problem's, 4), by an errno no other error uses here.
+            Err(e @ Error::Kms(_)) => Response::failure(libc::EKEYREJECTED, e.to_string()),
             Err(e) => Response::failure(e.errno(), e.to_string()),
         },
     };
@@ -509,7 +516,8 @@ fn execute(vol: &Volume, req: &Request) -> Result<serde_json::Value> {
         }
         Request::Commit => {
             vol.commit()?;
-            serde_json::json!({"pid": std::process::id(), "generation": vol.generation()})
+            serde_json::json!({"pid": std::process::id(), "generation": vol.generation(),
+                "mountpoint": MOUNTPOINT.get().map(|p| p.display().to_string())})
         }
         Request::Stats => {
             let c = vol.cache_stats();
@@ -597,6 +605,7 @@ fn remote_error(errno: i32, msg: String) -> Error {
         libc::EROFS => Error::ReadOnly(msg),
         libc::ENOSPC => Error::NoSpace(msg),
         libc::EIO => Error::integrity("the mounted volume", msg),
+        libc::EKEYREJECTED => Error::Kms(crate::kms::KmsError::Refused(msg)),
         _ => Error::Invalid(msg),
     }
 }

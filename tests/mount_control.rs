@@ -4,12 +4,15 @@
 
 mod common;
 
+use std::ffi::OsStr;
+use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use common::Env;
+use common::{Env, is_mounted, wait_exit, wait_until};
 
 fn ctl(env: &Env) -> PathBuf {
     env.vol.join("kmsfs.ctl")
@@ -87,4 +90,40 @@ fn only_the_mounting_user_or_root_may_control() {
 
 fn fs_mode(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `kmsfs umount` of a snapshot mount beside the volume's read-write mount unmounts the
+/// snapshot and returns (it used to wait for the read-write daemon, which serves the
+/// volume's control socket, for ten minutes); the read-write mount keeps serving.
+#[test]
+fn kmsfs_umount_of_a_snapshot_mount_beside_the_read_write_mount() {
+    let env = Env::new();
+    let rw = env.mount();
+    fs::write(rw.p("f"), b"one").unwrap();
+    env.ok(&["snapshot", "create", env.vol_str(), "s1"]);
+    let snap_mnt = env.root().join("snap");
+    let snap = env.mount_other(&env.vol, &snap_mnt, &["-o", "snapshot=s1"]);
+    assert_eq!(fs::read(snap.p("f")).unwrap(), b"one");
+    let mut child = env
+        .cmd()
+        .args([OsStr::new("umount"), snap_mnt.as_os_str()])
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_until(
+        "kmsfs umount of the snapshot mount to return",
+        Duration::from_secs(60),
+        || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        },
+    );
+    assert!(status.unwrap().success());
+    assert!(!is_mounted(&snap_mnt));
+    wait_exit(snap.pid, Duration::from_secs(30));
+    std::mem::forget(snap);
+    // The read-write mount is untouched, and its own kmsfs umount still waits for it.
+    fs::write(rw.p("g"), b"two").unwrap();
+    rw.kmsfs_umount(&env);
+    env.assert_fsck_clean();
 }

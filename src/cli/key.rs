@@ -311,11 +311,10 @@ pub(super) fn cmd_key(keys: &KeyArgs, c: KeyCmd) -> Result<()> {
                     vols.join(", ")
                 )
             };
-            if !vols.is_empty() {
-                eprintln!("warning: {warning}");
-            }
             if !yes {
                 confirm(&warning)?;
+            } else if !vols.is_empty() {
+                eprintln!("warning: {warning}");
             }
             let k = ks.change_key(&key, KeyChange::ScheduleDeletion { days })?;
             println!(

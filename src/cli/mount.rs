@@ -618,6 +618,7 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
     let control = if plan.open.read_only {
         None
     } else {
+        let _ = crate::control::MOUNTPOINT.set(plan.mountpoint.clone());
         ControlServer::start(vol.clone(), &plan.volume)
             .inspect_err(|e| {
                 log::warn!("no control socket ({e}); snapshot commands need an unmounted volume")

@@ -549,6 +549,13 @@ impl Volume {
                     ));
                 }
             },
+            // The KMS refused the key itself (disabled, pending deletion, deleted, not
+            // in this keystore): the backup copy names a key too, and must not be a way
+            // around a refusal (after a crash mid-rewrap it may name the previous key).
+            Err(e) if matches!(&e, Error::Kms(k) if !matches!(k, crate::kms::KmsError::UnwrapFailed)) =>
+            {
+                return Err(e);
+            }
             Err(e) => match backup() {
                 Ok((b, dk)) if b.volume_id == root_vid => {
                     log::warn!(
