@@ -216,8 +216,7 @@ fn data_keys_lifecycle_and_audit_through_the_socket() {
     let me = std::process::id();
     let dec = records
         .iter()
-        .filter(|r| r.record.op == AuditOp::Decrypt && r.record.ok)
-        .last()
+        .rfind(|r| r.record.op == AuditOp::Decrypt && r.record.ok)
         .unwrap();
     assert_eq!((dec.record.caller.uid, dec.record.caller.pid), (0, me));
     assert!(

@@ -343,9 +343,9 @@ impl Policy {
     /// reading the audit log and creating a key without an alias need.
     #[must_use]
     pub fn allows_any_key(&self, p: &Principal, op: Operation) -> bool {
-        self.rules.iter().any(|r| {
-            r.admits(p) && r.ops.contains(&op) && r.keys.iter().any(|k| *k == Pattern::Any)
-        })
+        self.rules
+            .iter()
+            .any(|r| r.admits(p) && r.ops.contains(&op) && r.keys.contains(&Pattern::Any))
     }
 
     /// Whether `p` may do `op` on at least one key.
@@ -483,8 +483,12 @@ operations = ["generate", "decrypt", "describe"]
                 "no user named",
             ),
             (
-                "[[rule]]\nuids=[1]\nkeys=[\"a*b\"]\noperations=[\"*\"]",
+                "[[rule]]\nuids=[1]\nkeys=[\"a*b*\"]\noperations=[\"*\"]",
                 "trailing",
+            ),
+            (
+                "[[rule]]\nuids=[1]\nkeys=[\"a*b\"]\noperations=[\"*\"]",
+                "prefix ending in",
             ),
             (
                 "[[rule]]\nuids=[1]\nkeys=[\"*\"]\noperations=[\"encrypt\"]",
