@@ -1517,6 +1517,7 @@ mod tests {
             keystore: Some("/a".into()),
             passphrase_file: None,
             keyfile: Some("/kf".into()),
+            kms: None,
         };
         let o = MountOpts {
             keystore: Some("/b".into()),
@@ -1535,6 +1536,25 @@ mod tests {
             ..KeyArgs::default()
         };
         assert_eq!(resolve_keys(&both, &o).unwrap_err().code, exit::USAGE);
+        // A KMS URL: --kms, then -o kms=; a bad one is a usage error.
+        let url = KeyArgs {
+            kms: Some("unix:/run/k.sock".into()),
+            ..KeyArgs::default()
+        };
+        let ko = MountOpts {
+            kms: Some("kmip://h/uid".into()),
+            ..MountOpts::default()
+        };
+        assert_eq!(kms_url(&url, &ko).as_deref(), Some("unix:/run/k.sock"));
+        assert_eq!(kms_url(&KeyArgs::default(), &ko).as_deref(), Some("kmip://h/uid"));
+        let bad = KeyArgs {
+            kms: Some("ftp://x".into()),
+            ..KeyArgs::default()
+        };
+        assert!(matches!(
+            kms_source(&bad, &MountOpts::default(), false),
+            Err(e) if e.code == exit::USAGE
+        ));
     }
 
     #[test]
