@@ -399,7 +399,7 @@ impl Ticker {
                     }
                     None if now.duration_since(last_line) >= PLAIN_INTERVAL => {
                         last_line = now;
-                        let pct = if total > 0 { done * 100 / total } else { 100 };
+                        let pct = (done * 100).checked_div(total).unwrap_or(100);
                         eprintln!(
                             "kmsfs migrate: {phase}: {files}, {} of {} ({pct}%), {rate}, {left}",
                             human(done),
@@ -674,7 +674,11 @@ fn copy(a: &MigrateArgs, src: &Path, dst: &Path, totals: &Totals, tty: bool) -> 
                         continue;
                     }
                     match parse_rsync_line(&String::from_utf8_lossy(&line)) {
-                        RsyncLine::Item { update, kind, size } if kind == b'f' => {
+                        RsyncLine::Item {
+                            update,
+                            kind: b'f',
+                            size,
+                        } => {
                             c.files_done.fetch_add(1, Ordering::Relaxed);
                             if update == b'>' || update == b'<' {
                                 copied.fetch_add(1, Ordering::Relaxed);
