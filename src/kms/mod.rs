@@ -194,6 +194,26 @@ pub enum KmsError {
     /// Key derivation parameters out of bounds.
     #[error("invalid key derivation parameters: {0}")]
     InvalidParams(String),
+    /// A remote KMS cannot be used: unreachable after the retries, the secure channel
+    /// cannot be set up (TLS verification, client certificate refused), or it does not
+    /// speak its protocol.
+    #[error("the KMS {kms} cannot be used: {detail}")]
+    Unavailable {
+        /// Which KMS: "KMIP server 10.0.0.5:5696".
+        kms: String,
+        /// What went wrong and what to check.
+        detail: String,
+    },
+    /// A key on a remote KMS is gone or in a state that refuses the operation.
+    #[error("key {key} on {kms} {what}")]
+    RemoteKeyState {
+        /// Which KMS.
+        kms: String,
+        /// The key's identifier there.
+        key: String,
+        /// "is Deactivated (revoked) on the server: ...", "does not exist ...".
+        what: String,
+    },
 }
 
 /// Encryption context bound as AAD to every wrap (at least the volume id).
