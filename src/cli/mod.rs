@@ -28,6 +28,7 @@ mod migrate;
 mod mount;
 mod salvage;
 mod snapshot;
+mod systemd;
 mod umount;
 
 use mount::*;
@@ -37,7 +38,7 @@ use std::collections::HashSet;
 use std::ffi::{CString, OsString};
 use std::fs::{self, File, OpenOptions as FsOpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -237,6 +238,8 @@ enum Command {
     /// Copy a plaintext tree onto a mounted volume with rsync (resumable), then verify
     /// every entry through the mount; --verify-only compares alone (exit 3 on a difference)
     Migrate(migrate::MigrateArgs),
+    /// Print a systemd .mount unit for a volume (ordering for boot and shutdown, as from fstab)
+    SystemdUnit(systemd::SystemdUnitArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -384,8 +387,15 @@ volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
 
 const SUBCOMMANDS: &[&str] = &[
     "init", "mount", "umount", "info", "fsck", "snapshot", "clone", "clean", "salvage", "key",
-    "rewrap", "audit", "keystore", "kms", "migrate", "help",
+    "rewrap", "audit", "keystore", "kms", "migrate", "systemd-unit", "help",
 ];
+
+/// The clap definitions of `kmsfs` and of `mount.kmsfs`, for the man pages and shell
+/// completions (examples/gen_docs.rs).
+pub fn clap_commands() -> (clap::Command, clap::Command) {
+    use clap::CommandFactory;
+    (Cli::command(), HelperCli::command())
+}
 
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {
@@ -472,6 +482,7 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
         Command::Keystore(c) => keystore::cmd_keystore(&cli.keys, c),
         Command::Kms(c) => kms::cmd_kms(&cli.keys, c),
         Command::Migrate(a) => migrate::run(a),
+        Command::SystemdUnit(a) => systemd::run(a),
     }
 }
 
