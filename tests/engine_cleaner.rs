@@ -596,3 +596,26 @@ fn crash_at_every_point_of_a_clean() {
         assert_eq!(v.read(f.ino, 0, 10).unwrap(), b"ok");
     }
 }
+
+/// fsck reads the node mirror of the open segment; nodes appended to it
+/// afterwards (by commits, or by the cleaner's copies) are found there too.
+#[test]
+fn the_open_segment_mirror_is_read_again_after_it_grows() {
+    let env = env();
+    let storage = MemStorage::new();
+    let v = init(
+        &env,
+        Arc::new(storage.clone()) as Arc<dyn Storage>,
+        &small_opts(),
+    );
+    v.create(ROOT_INO, b"a", 0o644, 0, 0).unwrap();
+    v.commit().unwrap();
+    assert!(v.fsck().unwrap().is_clean());
+    for i in 0..20 {
+        v.create(ROOT_INO, format!("n{i}").as_bytes(), 0o644, 0, 0)
+            .unwrap();
+        v.commit().unwrap();
+    }
+    let r = v.fsck().unwrap();
+    assert!(r.is_clean(), "{:?}", r.errors);
+}

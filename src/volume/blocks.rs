@@ -198,6 +198,8 @@ impl BlockIo {
                 w.new_files = true;
             }
             w.unsynced_mirrors.insert(id);
+            // An index read before this record would not know it.
+            self.forget_mirror(id);
         }
         // Keep the device busy while we write, instead of all at the next sync.
         if end - w.written_back >= WRITEBACK_STEP {
@@ -295,7 +297,13 @@ impl BlockIo {
     /// The copy of node `p` in its segment's mirror file, checked like the
     /// original (length, kind, id, tag).
     fn mirror_record(&self, p: &BlockPtr) -> Result<Vec<u8>> {
-        let index = self.mirror_index_of(p.segment)?;
+        let mut index = self.mirror_index_of(p.segment)?;
+        if !index.contains_key(&p.block_id) {
+            // The index may predate the record (the mirror of the open
+            // segment grows): read it again once before giving up.
+            self.forget_mirror(p.segment);
+            index = self.mirror_index_of(p.segment)?;
+        }
         let name = mirror_file_name(p.segment);
         let &(offset, len) = index.get(&p.block_id).ok_or_else(|| {
             Error::integrity(format!("Node {p:?}"), format!("no copy in mirror {name}"))
