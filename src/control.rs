@@ -187,7 +187,7 @@ const STAGING_PREFIX: &str = ".kmsfs.ctl.";
 const STAGING_SOCKET: &str = "ctl";
 
 fn identity(st: &FileStat) -> (u64, u64) {
-    (st.st_dev, st.st_ino)
+    (crate::sys::dev_u64(st.st_dev), st.st_ino)
 }
 
 /// The error for a staging directory or socket name someone else has been at.
@@ -381,16 +381,36 @@ fn bind_inside(st: &OwnedFd) -> std::io::Result<UnixListener> {
 }
 
 /// Binds `ctl` relative to the directory `st` from a thread with its own
-/// working directory (unshare(CLONE_FS)), so the process's is untouched.
+/// working directory (unshare(CLONE_FS); on macOS, which has no /proc,
+/// pthread_fchdir_np), so the process's is untouched.
 fn bind_from_inside(st: &OwnedFd) -> std::io::Result<UnixListener> {
+    #[cfg(target_os = "macos")]
+    unsafe extern "C" {
+        /// This thread's own working directory (macOS 10.12); -1: the process's again.
+        fn pthread_fchdir_np(fd: libc::c_int) -> libc::c_int;
+    }
     std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: unshare with a flag constant; it affects this thread only.
-            if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
-                return Err(std::io::Error::last_os_error());
+            #[cfg(target_os = "linux")]
+            {
+                // SAFETY: unshare with a flag constant; it affects this thread only.
+                if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                nix::unistd::fchdir(st)?;
+                UnixListener::bind(STAGING_SOCKET)
             }
-            nix::unistd::fchdir(st)?;
-            UnixListener::bind(STAGING_SOCKET)
+            #[cfg(target_os = "macos")]
+            {
+                // SAFETY: changes this thread's working directory to an open directory.
+                if unsafe { pthread_fchdir_np(st.as_raw_fd()) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let r = UnixListener::bind(STAGING_SOCKET);
+                // SAFETY: back to the process's working directory.
+                unsafe { pthread_fchdir_np(-1) };
+                r
+            }
         })
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("the bind thread panicked")))
@@ -415,14 +435,13 @@ const MAX_CLIENTS: usize = 8;
 /// kernel, not the client) are checked too, in case the socket's mode or
 /// directory on a shared backing store were changed behind our back.
 fn admit(c: &UnixStream, owner: u32) -> std::result::Result<(), Response> {
-    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    let cred = getsockopt(c, PeerCredentials).map_err(|e| {
+    let cred = crate::sys::peer_cred(c).map_err(|e| {
         Response::failure(
             libc::EACCES,
             format!("cannot read the client's credentials ({e}); request refused"),
         )
     })?;
-    let uid = cred.uid();
+    let uid = cred.uid;
     if uid == 0 || uid == owner {
         Ok(())
     } else {
@@ -477,7 +496,7 @@ fn handle(vol: &std::sync::Weak<Volume>, c: UnixStream) -> std::io::Result<()> {
             },
             // A KMS refusal keeps its kind across the socket (the client's exit code
             // is the key problem's, 4), by an errno no other error uses here.
-            Err(e @ Error::Kms(_)) => Response::failure(libc::EKEYREJECTED, e.to_string()),
+            Err(e @ Error::Kms(_)) => Response::failure(crate::sys::EKEYREJECTED, e.to_string()),
             Err(e) => Response::failure(e.errno(), e.to_string()),
         },
     };
@@ -567,17 +586,16 @@ pub fn request(volume_dir: &Path, req: &Request) -> Result<serde_json::Value> {
 /// `kmsfs.ctl` by another user of a shared backing directory could otherwise
 /// forge answers.
 fn check_server(c: &UnixStream, volume_dir: &Path) -> Result<()> {
-    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    let cred = getsockopt(c, PeerCredentials).map_err(|e| {
+    let cred = crate::sys::peer_cred(c).map_err(|e| {
         Error::io(
             format!(
                 "credentials of the server of the control socket {CONTROL_FILE} of {}",
                 volume_dir.display()
             ),
-            e.into(),
+            e,
         )
     })?;
-    let server = cred.uid();
+    let server = cred.uid;
     let (uid, euid) = (
         nix::unistd::getuid().as_raw(),
         nix::unistd::geteuid().as_raw(),
@@ -605,7 +623,7 @@ fn remote_error(errno: i32, msg: String) -> Error {
         libc::EROFS => Error::ReadOnly(msg),
         libc::ENOSPC => Error::NoSpace(msg),
         libc::EIO => Error::integrity("the mounted volume", msg),
-        libc::EKEYREJECTED => Error::Kms(crate::kms::KmsError::Refused(msg)),
+        crate::sys::EKEYREJECTED => Error::Kms(crate::kms::KmsError::Refused(msg)),
         _ => Error::Invalid(msg),
     }
 }

@@ -115,7 +115,7 @@ impl Error {
             Error::NotEmpty => libc::ENOTEMPTY,
             Error::Invalid(_) => libc::EINVAL,
             Error::NameTooLong => libc::ENAMETOOLONG,
-            Error::NoXattr => libc::ENODATA,
+            Error::NoXattr => crate::sys::ENOATTR,
             Error::TooBig(_) => libc::E2BIG,
             Error::FileTooBig => libc::EFBIG,
             Error::TooManyLinks => libc::EMLINK,

@@ -577,26 +577,26 @@ impl FileKind {
         })
     }
     pub fn from_mode(mode: u32) -> Option<Self> {
-        Some(match mode & libc::S_IFMT {
-            libc::S_IFREG => FileKind::File,
-            libc::S_IFDIR => FileKind::Dir,
-            libc::S_IFLNK => FileKind::Symlink,
-            libc::S_IFIFO => FileKind::Fifo,
-            libc::S_IFSOCK => FileKind::Socket,
-            libc::S_IFCHR => FileKind::CharDev,
-            libc::S_IFBLK => FileKind::BlockDev,
+        Some(match mode & crate::sys::S_IFMT {
+            crate::sys::S_IFREG => FileKind::File,
+            crate::sys::S_IFDIR => FileKind::Dir,
+            crate::sys::S_IFLNK => FileKind::Symlink,
+            crate::sys::S_IFIFO => FileKind::Fifo,
+            crate::sys::S_IFSOCK => FileKind::Socket,
+            crate::sys::S_IFCHR => FileKind::CharDev,
+            crate::sys::S_IFBLK => FileKind::BlockDev,
             _ => return None,
         })
     }
     pub fn mode_bits(self) -> u32 {
         match self {
-            FileKind::File => libc::S_IFREG,
-            FileKind::Dir => libc::S_IFDIR,
-            FileKind::Symlink => libc::S_IFLNK,
-            FileKind::Fifo => libc::S_IFIFO,
-            FileKind::Socket => libc::S_IFSOCK,
-            FileKind::CharDev => libc::S_IFCHR,
-            FileKind::BlockDev => libc::S_IFBLK,
+            FileKind::File => crate::sys::S_IFREG,
+            FileKind::Dir => crate::sys::S_IFDIR,
+            FileKind::Symlink => crate::sys::S_IFLNK,
+            FileKind::Fifo => crate::sys::S_IFIFO,
+            FileKind::Socket => crate::sys::S_IFSOCK,
+            FileKind::CharDev => crate::sys::S_IFCHR,
+            FileKind::BlockDev => crate::sys::S_IFBLK,
         }
     }
 }

@@ -75,13 +75,36 @@ pub struct MountSettings {
 }
 
 impl MountSettings {
+    /// The name Finder shows (macOS): the volume directory's last component,
+    /// without the commas that would split the mount options.
+    #[cfg(target_os = "macos")]
+    fn volname(&self) -> String {
+        let name = std::path::Path::new(&self.fsname)
+            .file_name()
+            .map(|n| n.to_string_lossy().replace(',', "_"))
+            .unwrap_or_default();
+        if name.is_empty() {
+            "kmsfs".into()
+        } else {
+            name
+        }
+    }
+
     /// The fuser session configuration for these settings.
     pub fn config(&self) -> Config {
         let mut opts = vec![
             MountOption::FSName(self.fsname.clone()),
             // As a kernel option (fuser passes Subtype only to fusermount3):
             // the mount shows as `fuse.kmsfs`, so umount(8) runs our helper.
+            #[cfg(target_os = "linux")]
             MountOption::CUSTOM("subtype=kmsfs".into()),
+            // macFUSE has no subtype. Finder would store resource forks and
+            // metadata of every file as `._NAME` files (noappledouble keeps
+            // them out), and names the volume after the volume directory.
+            #[cfg(target_os = "macos")]
+            MountOption::CUSTOM("noappledouble".into()),
+            #[cfg(target_os = "macos")]
+            MountOption::CUSTOM(format!("volname={}", self.volname())),
             if self.read_only {
                 MountOption::RO
             } else {
@@ -251,7 +274,7 @@ impl KmsFs {
         umask: u32,
         create: impl FnOnce(u32) -> Result<Attr, Error>,
     ) -> Result<Attr, Error> {
-        let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
+        let is_dir = mode & crate::sys::S_IFMT == crate::sys::S_IFDIR;
         let (mode, mut inh) = self.new_mode(parent, mode, umask);
         if !is_dir {
             inh.default = None;
@@ -419,6 +442,17 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// renameat2's flags as the kernel sends them: Linux's RENAME_NOREPLACE and
+/// RENAME_EXCHANGE; macFUSE's are renamex_np's RENAME_EXCL and RENAME_SWAP.
+#[cfg(target_os = "linux")]
+const RENAME_NOREPLACE: RenameFlags = RenameFlags::RENAME_NOREPLACE;
+#[cfg(target_os = "linux")]
+const RENAME_EXCHANGE: RenameFlags = RenameFlags::RENAME_EXCHANGE;
+#[cfg(target_os = "macos")]
+const RENAME_NOREPLACE: RenameFlags = RenameFlags::from_bits_retain(libc::RENAME_EXCL);
+#[cfg(target_os = "macos")]
+const RENAME_EXCHANGE: RenameFlags = RenameFlags::from_bits_retain(libc::RENAME_SWAP);
+
 /// Open flags for files: the page cache stays valid across opens (single writer).
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
 
@@ -577,7 +611,7 @@ impl Filesystem for KmsFs {
         reply: ReplyEntry,
     ) {
         self.contain("mkdir", true, || {
-            let mode = libc::S_IFDIR | (mode & 0o7777);
+            let mode = crate::sys::S_IFDIR | (mode & 0o7777);
             let r = self.make(parent.0, mode, umask, |m| {
                 self.vol
                     .mkdir(parent.0, name.as_bytes(), m, req.uid(), req.gid())
@@ -638,15 +672,15 @@ impl Filesystem for KmsFs {
         reply: ReplyEmpty,
     ) {
         self.contain("rename", true, || {
-            let known = RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE;
-            if !known.contains(flags) {
+            let (noreplace, exchange) = (RENAME_NOREPLACE, RENAME_EXCHANGE);
+            if !(noreplace | exchange).contains(flags) {
                 // RENAME_WHITEOUT is for overlay filesystems' upper layers.
                 reply.error(Errno::EINVAL);
                 return;
             }
             let f = volume::RenameFlags {
-                noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
-                exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+                noreplace: flags.contains(noreplace),
+                exchange: flags.contains(exchange),
             };
             match self.vol.rename(
                 parent.0,
@@ -983,7 +1017,7 @@ impl Filesystem for KmsFs {
         reply: ReplyCreate,
     ) {
         self.contain("create", true, || {
-            let mode = libc::S_IFREG | (mode & 0o7777);
+            let mode = crate::sys::S_IFREG | (mode & 0o7777);
             let r = self
                 .make(parent.0, mode, umask, |m| {
                     self.vol

@@ -19,5 +19,6 @@ pub mod format;
 pub mod fuse;
 pub mod kms;
 pub mod store;
+pub mod sys;
 pub mod time;
 pub mod volume;

@@ -619,16 +619,8 @@ impl Storage for FsStorage {
         let Some(f) = self.handles.lock().get(name).cloned() else {
             return;
         };
-        // nix has no sync_file_range.
-        // SAFETY: sync_file_range on a descriptor we own; integer arguments only.
-        unsafe {
-            libc::sync_file_range(
-                f.as_raw_fd(),
-                offset as libc::off64_t,
-                len as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
+        // sync_file_range(SYNC_FILE_RANGE_WRITE) on Linux (nix has none).
+        crate::sys::start_writeback(&f.as_raw_fd(), offset, len);
     }
 
     fn lock_readers_shared(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {

@@ -84,12 +84,8 @@ fn serve(keys: &KeyArgs, a: ServeArgs) -> Result<()> {
     }
     // Nothing of this process may end up in a core dump or be read by ptrace of
     // another user's process.
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        log::warn!(
-            "cannot make the daemon non-dumpable: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = crate::sys::set_not_dumpable() {
+        log::warn!("cannot make the daemon non-dumpable: {e}");
     }
     let policy = match &a.policy {
         Some(p) => Policy::load(p).map_err(CliError::usage)?,
@@ -269,16 +265,16 @@ fn lock_memory() {
     unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut lim) };
     let future = lim.rlim_cur == libc::RLIM_INFINITY || has_cap_ipc_lock();
     let flags = if future {
-        libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT
+        libc::MCL_CURRENT | libc::MCL_FUTURE | crate::sys::MCL_ONFAULT
     } else {
-        libc::MCL_CURRENT | libc::MCL_ONFAULT
+        libc::MCL_CURRENT | crate::sys::MCL_ONFAULT
     };
     // SAFETY: mlockall with flag constants.
     let mut r = unsafe { libc::mlockall(flags) };
     if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
         // Kernels before 4.4 have no MCL_ONFAULT.
         // SAFETY: as above.
-        r = unsafe { libc::mlockall(flags & !libc::MCL_ONFAULT) };
+        r = unsafe { libc::mlockall(flags & !crate::sys::MCL_ONFAULT) };
     }
     if r != 0 {
         log::warn!(
@@ -317,9 +313,17 @@ fn sd_notify(state: &str) {
     };
     let bytes = target.as_encoded_bytes();
     let sent = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = name;
+            Err(std::io::Error::other("abstract sockets are Linux-only"))
+        }
     } else {
         sock.send_to(state.as_bytes(), Path::new(&target))
     };

@@ -24,7 +24,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CString, OsString};
 use std::fs::{self, File, Metadata};
 use std::io::{self, BufRead, BufReader, IsTerminal, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -263,7 +262,20 @@ struct MountEntry {
     target: String,
 }
 
+/// The mount holding `path` (statfs).
+#[cfg(target_os = "macos")]
+fn mount_of(path: &Path) -> Option<MountEntry> {
+    let m = crate::sys::mount_of(path)?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Some(MountEntry {
+        fstype: m.fstype,
+        source: text(&m.source),
+        target: text(&m.target),
+    })
+}
+
 /// The mount holding `path`, matched by its device number in /proc/self/mountinfo.
+#[cfg(target_os = "linux")]
 fn mount_of(path: &Path) -> Option<MountEntry> {
     let dev = fs::metadata(path).ok()?.dev();
     let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
@@ -632,6 +644,7 @@ fn copy(a: &MigrateArgs, src: &Path, dst: &Path, totals: &Totals, tty: bool) -> 
         .stderr(Stdio::piped())
         .process_group(0);
     // SAFETY: prctl is async-signal-safe; rsync gets SIGTERM if we die.
+    #[cfg(target_os = "linux")]
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
@@ -640,8 +653,12 @@ fn copy(a: &MigrateArgs, src: &Path, dst: &Path, totals: &Totals, tty: bool) -> 
     }
     // rsync's processes are reaped here, also those whose parent exits first,
     // so the run ends only when none of them is left writing.
+    // (Linux only: macOS has neither; there the signal handler stops rsync.)
     // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    };
     if SIGNALLED.load(Ordering::SeqCst) != 0 {
         return Err(interrupted(a, SIGNALLED.load(Ordering::SeqCst)));
     }
@@ -853,14 +870,14 @@ fn show(rel: &Path) -> String {
 }
 
 fn kind_name(mode: u32) -> &'static str {
-    match mode & libc::S_IFMT {
-        libc::S_IFREG => "regular file",
-        libc::S_IFDIR => "directory",
-        libc::S_IFLNK => "symlink",
-        libc::S_IFIFO => "fifo",
-        libc::S_IFSOCK => "socket",
-        libc::S_IFCHR => "character device",
-        libc::S_IFBLK => "block device",
+    match mode & crate::sys::S_IFMT {
+        crate::sys::S_IFREG => "regular file",
+        crate::sys::S_IFDIR => "directory",
+        crate::sys::S_IFLNK => "symlink",
+        crate::sys::S_IFIFO => "fifo",
+        crate::sys::S_IFSOCK => "socket",
+        crate::sys::S_IFCHR => "character device",
+        crate::sys::S_IFBLK => "block device",
         _ => "unknown",
     }
 }
@@ -893,7 +910,7 @@ fn xattr_buf(mut f: impl FnMut(*mut libc::c_char, usize) -> isize) -> io::Result
 fn xattrs(p: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let c = cstr(p)?;
     // SAFETY: c is a valid C string; buffers are passed with their lengths.
-    let names = match xattr_buf(|b, n| unsafe { libc::llistxattr(c.as_ptr(), b, n) }) {
+    let names = match xattr_buf(|b, n| unsafe { crate::sys::llistxattr(&c, b, n) }) {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
         Err(e) => return Err(e),
@@ -902,9 +919,9 @@ fn xattrs(p: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let cn = CString::new(name).expect("no NUL inside a split name");
         // SAFETY: as above.
-        match xattr_buf(|b, n| unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), b.cast(), n) }) {
+        match xattr_buf(|b, n| unsafe { crate::sys::lgetxattr(&c, &cn, b.cast(), n) }) {
             Ok(v) => out.push((name.to_vec(), v)),
-            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {} // removed meanwhile
+            Err(e) if e.raw_os_error() == Some(crate::sys::ENOATTR) => {} // removed meanwhile
             Err(e) => return Err(e),
         }
     }
@@ -998,32 +1015,32 @@ impl Walker<'_> {
 
     fn count(&mut self, s: &Metadata) {
         let c = &mut self.out.counts;
-        let ft = s.mode() & libc::S_IFMT;
-        if ft != libc::S_IFDIR && s.nlink() > 1 && !self.seen_src.insert(key(s)) {
+        let ft = s.mode() & crate::sys::S_IFMT;
+        if ft != crate::sys::S_IFDIR && s.nlink() > 1 && !self.seen_src.insert(key(s)) {
             c.hard_links += 1;
-            if ft == libc::S_IFREG {
+            if ft == crate::sys::S_IFREG {
                 c.files += 1;
             }
             return;
         }
         match ft {
-            libc::S_IFREG => {
+            crate::sys::S_IFREG => {
                 c.files += 1;
                 self.out.bytes += s.size();
             }
-            libc::S_IFDIR => c.directories += 1,
-            libc::S_IFLNK => c.symlinks += 1,
-            libc::S_IFIFO => c.fifos += 1,
-            libc::S_IFSOCK => c.sockets += 1,
-            libc::S_IFCHR => c.char_devices += 1,
-            libc::S_IFBLK => c.block_devices += 1,
+            crate::sys::S_IFDIR => c.directories += 1,
+            crate::sys::S_IFLNK => c.symlinks += 1,
+            crate::sys::S_IFIFO => c.fifos += 1,
+            crate::sys::S_IFSOCK => c.sockets += 1,
+            crate::sys::S_IFCHR => c.char_devices += 1,
+            crate::sys::S_IFBLK => c.block_devices += 1,
             _ => {}
         }
     }
 
     /// Compares one entry present on both sides.
     fn entry(&mut self, rel: &Path, s: &Metadata, d: &Metadata) {
-        let (sk, dk) = (s.mode() & libc::S_IFMT, d.mode() & libc::S_IFMT);
+        let (sk, dk) = (s.mode() & crate::sys::S_IFMT, d.mode() & crate::sys::S_IFMT);
         if sk != dk {
             self.diff(
                 rel,
@@ -1083,8 +1100,8 @@ impl Walker<'_> {
             );
         }
         match sk {
-            libc::S_IFREG => self.file(rel, s, d),
-            libc::S_IFLNK => {
+            crate::sys::S_IFREG => self.file(rel, s, d),
+            crate::sys::S_IFLNK => {
                 let (a, b) = (
                     fs::read_link(self.src.join(rel)),
                     fs::read_link(self.dst.join(rel)),
@@ -1106,7 +1123,7 @@ impl Walker<'_> {
                     ),
                 }
             }
-            libc::S_IFCHR | libc::S_IFBLK if s.rdev() != d.rdev() => {
+            crate::sys::S_IFCHR | crate::sys::S_IFBLK if s.rdev() != d.rdev() => {
                 let mm = |r: u64| {
                     format!(
                         "{}:{}",
@@ -1126,7 +1143,7 @@ impl Walker<'_> {
             }
             _ => {}
         }
-        if sk != libc::S_IFDIR && (s.nlink() > 1 || d.nlink() > 1) {
+        if sk != crate::sys::S_IFDIR && (s.nlink() > 1 || d.nlink() > 1) {
             let p = show(rel);
             self.src_links.entry(key(s)).or_default().push(p.clone());
             self.dst_links.entry(key(d)).or_default().push(p.clone());
@@ -1219,8 +1236,7 @@ impl Walker<'_> {
 fn hash_file(p: &Path, drop_cache: bool, counted: Option<&AtomicU64>) -> Hash {
     let mut f = File::open(p).map_err(|e| e.to_string())?;
     if drop_cache {
-        // SAFETY: fadvise on a descriptor we own.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        crate::sys::drop_cache(&f);
     }
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

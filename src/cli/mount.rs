@@ -153,6 +153,18 @@ pub(super) struct MountPlan {
     pub(super) fake: bool,
 }
 
+/// How to clear a dead FUSE mount at `p`.
+fn clear_dead_mount(p: &Path) -> String {
+    #[cfg(target_os = "linux")]
+    let hint = format!("`fusermount3 -u {0}` (or `umount -l {0}`)", p.display());
+    #[cfg(not(target_os = "linux"))]
+    let hint = format!(
+        "`umount -f {0}` (or `diskutil unmount force {0}`)",
+        p.display()
+    );
+    hint
+}
+
 /// The mount point, absolute, checked: an existing directory that nothing is
 /// mounted on. A dead FUSE mount (its daemon killed) and a directory already
 /// in use get messages that say so and how to clear them.
@@ -162,8 +174,9 @@ pub(super) fn check_mountpoint(given: &Path) -> Result<PathBuf> {
             exit::BUSY,
             format!(
                 "mount point {0} is a dead FUSE mount (the process that served it is gone); \
-                 clear it with `fusermount3 -u {0}` (or `umount -l {0}`), then mount again",
-                p.display()
+                 clear it with {1}, then mount again",
+                p.display(),
+                clear_dead_mount(p)
             ),
         )
     };
@@ -274,16 +287,7 @@ pub(super) fn cmd_mount(plan: MountPlan) -> Result<()> {
         let mut ready = Ready(None);
         return serve(&plan, src, &mut ready);
     }
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(CliError::error(format!(
-            "pipe: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: pipe2 just returned these two descriptors; each is owned once.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (rd, wr) = crate::sys::pipe_cloexec().map_err(|e| CliError::error(format!("pipe: {e}")))?;
     // SAFETY: the process is single-threaded here (nothing has spawned a thread
     // yet), so the child may run arbitrary code after fork.
     let pid = unsafe { libc::fork() };
@@ -464,11 +468,11 @@ pub(super) fn spawn_signal_thread(
         });
 }
 
+#[cfg(target_os = "linux")]
 pub(super) fn lazy_unmount(mountpoint: &Path) {
     if is_root()
         && let Ok(c) = CString::new(mountpoint.as_os_str().as_bytes())
-        // SAFETY: `c` is a valid NUL-terminated path.
-        && unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0
+        && crate::sys::unmount(&c, true).is_ok()
     {
         return;
     }
@@ -478,7 +482,24 @@ pub(super) fn lazy_unmount(mountpoint: &Path) {
         .status();
 }
 
+/// macOS has no lazy unmount and no fusermount3: a forced unmount(2) (the
+/// user who mounted a macFUSE volume may unmount it), else `diskutil unmount force`.
+#[cfg(target_os = "macos")]
+pub(super) fn lazy_unmount(mountpoint: &Path) {
+    if let Ok(c) = CString::new(mountpoint.as_os_str().as_bytes())
+        && crate::sys::unmount(&c, true).is_ok()
+    {
+        return;
+    }
+    let _ = std::process::Command::new("diskutil")
+        .args(["unmount", "force"])
+        .arg(mountpoint)
+        .stdout(std::process::Stdio::null())
+        .status();
+}
+
 /// Decodes the octal escapes of /proc/self/mountinfo fields (`\040` is a space).
+#[cfg(target_os = "linux")]
 pub(super) fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -498,7 +519,19 @@ pub(super) fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
+/// True when a kmsfs mount of `volume` is visible (macOS: in getfsstat's table).
+#[cfg(target_os = "macos")]
+pub(super) fn volume_is_mounted(volume: &Path) -> bool {
+    let Ok(mounts) = crate::sys::mounts() else {
+        return true; // unknown: assume the lock is a live mount
+    };
+    mounts
+        .iter()
+        .any(|m| m.fstype == "fuse" && m.source == volume.as_os_str().as_bytes())
+}
+
 /// True when a kmsfs mount of `volume` is visible in this mount namespace.
+#[cfg(target_os = "linux")]
 pub(super) fn volume_is_mounted(volume: &Path) -> bool {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return true; // unknown: assume the lock is a live mount
@@ -554,20 +587,14 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
     }
     init_logger();
     // The daemon holds the volume's keys: no core dumps, no ptrace by peers.
-    // SAFETY: prctl(PR_SET_DUMPABLE) takes integer arguments only.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    let _ = crate::sys::set_not_dumpable();
     // Block buffers are allocated and freed at a high rate; keep them in the
     // heap instead of mapping and unmapping (each new page is a fault, which
     // showed as 13% of a streaming-write profile). Freed memory above
     // TRIM_THRESHOLD still goes back to the system.
-    // SAFETY: mallopt takes integer arguments and only tunes the allocator.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as i32);
-        // One heap arena per request thread would each keep its own freed
-        // memory: a few shared arenas bound what the daemon holds.
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
+    // One heap arena per request thread would each keep its own freed memory:
+    // a few shared arenas (2) bound what the daemon holds.
+    crate::sys::tune_malloc(TRIM_THRESHOLD as i32);
     let set = block_signals();
     let phase = Arc::new(Mutex::new(Phase::Starting));
     spawn_signal_thread(set, phase.clone(), plan.mountpoint.clone());

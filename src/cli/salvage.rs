@@ -910,15 +910,7 @@ impl Salvager<'_> {
         let pname = dir.partial_name(name.to_bytes());
         let r = cstr(&pname).and_then(|new| {
             // SAFETY: a valid directory descriptor and NUL-terminated names.
-            cvt(unsafe {
-                libc::renameat2(
-                    dir.fd.as_raw_fd(),
-                    name.as_ptr(),
-                    dir.fd.as_raw_fd(),
-                    new.as_ptr(),
-                    libc::RENAME_NOREPLACE,
-                )
-            })
+            crate::sys::renameat_noreplace(&dir.fd, name, &dir.fd, &new)
         });
         if let Err(e) = r {
             return remove(FileOutcome::DestError(format!(
@@ -993,7 +985,7 @@ impl Salvager<'_> {
         let rdev = attr.inode.rdev;
         let major = (rdev >> 8) & 0xfff;
         let minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
-        let dev = libc::makedev(major, minor);
+        let dev = crate::sys::makedev(major, minor);
         // SAFETY: a valid directory descriptor and NUL-terminated name.
         if let Err(e) =
             cvt(unsafe { libc::mknodat(dir.fd.as_raw_fd(), name.as_ptr(), ty | 0o600, dev) })
@@ -1115,23 +1107,11 @@ impl Salvager<'_> {
                 // SAFETY: a descriptor we own, a NUL-terminated name, and a
                 // value pointer valid for its length.
                 XTarget::Fd(fd) => cvt(unsafe {
-                    libc::fsetxattr(
-                        fd.as_raw_fd(),
-                        cname.as_ptr(),
-                        value.as_ptr().cast(),
-                        value.len(),
-                        0,
-                    )
+                    crate::sys::fsetxattr(fd, &cname, value.as_ptr().cast(), value.len(), 0)
                 }),
                 // SAFETY: as above, with a NUL-terminated path.
                 XTarget::Path(p) => cvt(unsafe {
-                    libc::lsetxattr(
-                        p.as_ptr(),
-                        cname.as_ptr(),
-                        value.as_ptr().cast(),
-                        value.len(),
-                        0,
-                    )
+                    crate::sys::lsetxattr(p, &cname, value.as_ptr().cast(), value.len(), 0)
                 }),
             };
             if let Err(e) = r {

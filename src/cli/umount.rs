@@ -53,15 +53,10 @@ pub fn unmount(target: &Path, lazy: bool, verbose: bool) -> Result<(), CliError>
     // Hold the daemon by a pidfd before unmounting: waiting on it cannot
     // mistake a new process that reuses the pid for ours.
     let pidfd = pid.and_then(pidfd_open);
-    let mut flags = 0;
-    if lazy {
-        flags |= libc::MNT_DETACH;
-    }
     let c = CString::new(target.as_os_str().as_bytes())
         .map_err(|_| CliError::new(exit::USAGE, "the mount point contains a NUL byte"))?;
-    // SAFETY: umount2 with a valid C string and integer flags.
-    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
-        let e = std::io::Error::last_os_error();
+    // umount2(MNT_DETACH when lazy); macOS: unmount(MNT_FORCE when lazy).
+    if let Err(e) = crate::sys::unmount(&c, lazy) {
         let next = if e.raw_os_error() == Some(libc::EBUSY) {
             "; close the files open under it (`fuser -vm DIR` lists them), then retry"
         } else {
@@ -96,7 +91,20 @@ fn mount_source(target: &Path) -> Option<PathBuf> {
 }
 
 /// The filesystem type and source of the mount whose mount point is exactly
+/// `target` (the top one, if several are stacked), from the mount table
+/// (macOS: getfsstat; a macFUSE mount's type reads `fuse`).
+#[cfg(target_os = "macos")]
+pub fn mounted_at(target: &Path) -> Option<(String, String)> {
+    let want = std::path::absolute(target).ok()?;
+    crate::sys::mounts().ok()?.into_iter().rev().find_map(|m| {
+        (Path::new(std::ffi::OsStr::from_bytes(&m.target)) == want)
+            .then(|| (m.fstype, String::from_utf8_lossy(&m.source).into_owned()))
+    })
+}
+
+/// The filesystem type and source of the mount whose mount point is exactly
 /// `target` (the top one, if several are stacked), from /proc/self/mountinfo.
+#[cfg(target_os = "linux")]
 pub fn mounted_at(target: &Path) -> Option<(String, String)> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = std::path::absolute(target).ok()?;
@@ -112,6 +120,7 @@ pub fn mounted_at(target: &Path) -> Option<(String, String)> {
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
+#[cfg(target_os = "linux")]
 fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -135,6 +144,36 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// macOS has no pidfd: the daemon's pid, polled with kill(pid, 0) until it is
+/// gone. (The daemon is not our child; a pid reused within the wait would
+/// only make the wait last longer.)
+#[cfg(target_os = "macos")]
+struct Pid(i32);
+
+#[cfg(target_os = "macos")]
+fn pidfd_open(pid: i32) -> Option<Pid> {
+    Some(Pid(pid))
+}
+
+/// Waits until the process has exited.
+#[cfg(target_os = "macos")]
+fn wait_readable(p: &Pid, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        if unsafe { libc::kill(p.0, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+        {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(target_os = "linux")]
 fn pidfd_open(pid: i32) -> Option<std::os::fd::OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -144,6 +183,7 @@ fn pidfd_open(pid: i32) -> Option<std::os::fd::OwnedFd> {
 }
 
 /// Waits until the process behind a pidfd has exited (the pidfd turns readable).
+#[cfg(target_os = "linux")]
 fn wait_readable(fd: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
     use std::os::fd::AsRawFd;
     let mut p = libc::pollfd {
@@ -168,7 +208,7 @@ fn wait_readable(fd: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 

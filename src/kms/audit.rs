@@ -212,14 +212,10 @@ impl Caller {
     }
 
     /// Another process (e.g. the peer of a socket, from its credentials): its name is read
-    /// from `/proc/PID/comm`, `?` if that is not readable.
+    /// from `/proc/PID/comm` (macOS: proc_name), `?` if that is not readable.
     #[must_use]
     pub fn of_process(uid: u32, pid: u32) -> Self {
-        let command = std::fs::read(format!("/proc/{pid}/comm"))
-            .ok()
-            .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "?".to_owned());
+        let command = crate::sys::process_name(pid).unwrap_or_else(|| "?".to_owned());
         Self::new(uid, pid, &command)
     }
 }

@@ -177,10 +177,8 @@ impl DaemonClient {
 
     /// The daemon must run as root or as this user.
     fn check_server(&self, s: &UnixStream) -> Result<(), KmsError> {
-        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-        let cred = getsockopt(s, PeerCredentials)
-            .map_err(|e| self.unreachable(&io::Error::from(e), false))?;
-        let server = cred.uid();
+        let cred = crate::sys::peer_cred(s).map_err(|e| self.unreachable(&e, false))?;
+        let server = cred.uid;
         let (uid, euid) = (
             nix::unistd::getuid().as_raw(),
             nix::unistd::geteuid().as_raw(),

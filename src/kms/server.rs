@@ -151,45 +151,15 @@ fn admit(shared: &Arc<Shared>, c: UnixStream) {
 
 /// The peer's identity from the kernel.
 fn peer(c: &UnixStream) -> io::Result<(Principal, Caller)> {
-    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    let cred = getsockopt(c, PeerCredentials).map_err(io::Error::from)?;
-    let (uid, gid) = (cred.uid(), cred.gid());
-    let pid = u32::try_from(cred.pid()).unwrap_or(0);
+    let cred = crate::sys::peer_cred(c)?;
+    let (uid, gid) = (cred.uid, cred.gid);
+    let pid = u32::try_from(cred.pid).unwrap_or(0);
     let who = Principal {
         uid,
         gid,
-        groups: peer_groups(c),
+        groups: crate::sys::peer_groups(c),
     };
     Ok((who, Caller::of_process(uid, pid)))
-}
-
-/// Supplementary groups of the peer (SO_PEERGROUPS, Linux 4.13); empty if unknown.
-fn peer_groups(c: &UnixStream) -> Vec<u32> {
-    let mut buf: Vec<libc::gid_t> = vec![0; 64];
-    for _ in 0..3 {
-        let mut len = libc::socklen_t::try_from(buf.len() * size_of::<libc::gid_t>())
-            .unwrap_or(libc::socklen_t::MAX);
-        // SAFETY: `buf` has `len` writable bytes; the kernel writes at most that.
-        let r = unsafe {
-            libc::getsockopt(
-                c.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERGROUPS,
-                buf.as_mut_ptr().cast(),
-                &raw mut len,
-            )
-        };
-        let n = len as usize / size_of::<libc::gid_t>();
-        if r == 0 {
-            buf.truncate(n);
-            return buf;
-        }
-        if io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) || n > 1 << 16 {
-            return Vec::new();
-        }
-        buf = vec![0; n.max(buf.len() * 2)];
-    }
-    Vec::new()
 }
 
 fn send(c: &UnixStream, e: &Enc) -> io::Result<()> {

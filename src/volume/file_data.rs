@@ -345,11 +345,13 @@ impl Volume {
         if end > MAX_FILE_SIZE {
             return Err(Error::FileTooBig);
         }
-        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
-        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
-        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        let keep = mode & crate::sys::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & crate::sys::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & crate::sys::FALLOC_FL_ZERO_RANGE != 0;
         if mode
-            & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE)
+            & !(crate::sys::FALLOC_FL_KEEP_SIZE
+                | crate::sys::FALLOC_FL_PUNCH_HOLE
+                | crate::sys::FALLOC_FL_ZERO_RANGE)
             != 0
         {
             return Err(Error::NotSupported("this fallocate mode".into()));

@@ -1147,10 +1147,10 @@ impl Volume {
             mode & 0o7777
         };
         let mut gid = gid;
-        if pi.perm & libc::S_ISGID != 0 {
+        if pi.perm & crate::sys::S_ISGID != 0 {
             gid = pi.gid;
             if kind == FileKind::Dir {
-                perm |= libc::S_ISGID;
+                perm |= crate::sys::S_ISGID;
             }
         }
         let ino = st.next_ino;
@@ -1196,7 +1196,7 @@ impl Volume {
         self.mknod(
             parent,
             name,
-            libc::S_IFDIR | (mode & 0o7777),
+            crate::sys::S_IFDIR | (mode & 0o7777),
             uid,
             gid,
             0,
@@ -1208,7 +1208,7 @@ impl Volume {
         self.mknod(
             parent,
             name,
-            libc::S_IFREG | (mode & 0o7777),
+            crate::sys::S_IFREG | (mode & 0o7777),
             uid,
             gid,
             0,
@@ -1227,7 +1227,7 @@ impl Volume {
         self.mknod(
             parent,
             name,
-            libc::S_IFLNK | 0o777,
+            crate::sys::S_IFLNK | 0o777,
             uid,
             gid,
             0,
@@ -1556,9 +1556,9 @@ impl Volume {
             }
             // As local filesystems do: a change of owner drops set-id bits of files.
             if s.mode.is_none() && i.kind == FileKind::File {
-                i.perm &= !libc::S_ISUID;
+                i.perm &= !crate::sys::S_ISUID;
                 if i.perm & 0o010 != 0 {
-                    i.perm &= !libc::S_ISGID;
+                    i.perm &= !crate::sys::S_ISGID;
                 }
             }
         }
@@ -1583,9 +1583,9 @@ impl Volume {
         let mut st = self.st.write();
         let mut i = self.get_inode(&st, ino)?;
         let before = i.perm;
-        i.perm &= !libc::S_ISUID;
+        i.perm &= !crate::sys::S_ISUID;
         if i.perm & 0o010 != 0 {
-            i.perm &= !libc::S_ISGID;
+            i.perm &= !crate::sys::S_ISGID;
         }
         if i.perm != before {
             i.ctime = now();
