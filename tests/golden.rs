@@ -155,6 +155,15 @@ fn golden_v1_slots_volume_opens_and_reads() {
 fn check_golden(dir: &Path) {
     let tmp = tempfile::tempdir().unwrap();
     copy_tree(dir, tmp.path());
+    // Git keeps no file modes but the executable bit: the keystore is checked out 0644,
+    // which kmsfs refuses (as it would any keystore others can read).
+    for k in ["keystore", "keystore.bak"] {
+        std::fs::set_permissions(
+            tmp.path().join(k),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+    }
     let kms = LocalKeystore::open_or_create_with_params(
         &tmp.path().join("keystore"),
         Unlock::Passphrase(Passphrase::new(GOLDEN_PASSPHRASE.into())),
