@@ -280,6 +280,14 @@ pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<M
 
 pub(super) fn cmd_mount(plan: MountPlan) -> Result<()> {
     let src = kms_source(&plan.keys, &plan.opts, false)?;
+    if let KmsSource::Url(u) = &src
+        && u.starts_with("kmip://")
+    {
+        eprintln!(
+            "kmsfs: note: with KMIP the volume's rollback mark is kept in a local state file \
+             on this host (state_dir=, default /var/lib/kmsfs/state); keep it in this host's backups"
+        );
+    }
     if plan.fake {
         return Ok(());
     }
