@@ -30,7 +30,11 @@ fn killed_key_changes_leave_a_keystore_and_audit_log_that_verify() {
         let status = child.wait().unwrap();
         // Whatever the moment, the keystore opens, and the key exists or does not.
         let list = env.run(&["key", "list", "--json"]);
-        assert!(list.status.success(), "after kill {i}: {}", output_text(&list));
+        assert!(
+            list.status.success(),
+            "after kill {i}: {}",
+            output_text(&list)
+        );
         let keys: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
         let has = keys
             .as_array()

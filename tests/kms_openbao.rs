@@ -10,10 +10,10 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kmsfs::kms::{EncryptionContext, KeyChange, Kms, KmsError, remote};
+use kmsfs::kms::{EncryptionContext, KeyChange, KmsError, remote};
 use kmsfs::store::{MemStorage, Storage};
 use kmsfs::volume::{CreateOptions, OpenOptions, ROOT_INO, Volume};
-use serde_json::{Value, json};
+use serde_json::json;
 
 mod common_bao;
 

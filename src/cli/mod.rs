@@ -386,8 +386,23 @@ after writes go idle, and every 5 s under steady writes. A second read-write mou
 volume is refused (exit 5); read-only and snapshot mounts may run alongside.";
 
 const SUBCOMMANDS: &[&str] = &[
-    "init", "mount", "umount", "info", "fsck", "snapshot", "clone", "clean", "salvage", "key",
-    "rewrap", "audit", "keystore", "kms", "migrate", "systemd-unit", "help",
+    "init",
+    "mount",
+    "umount",
+    "info",
+    "fsck",
+    "snapshot",
+    "clone",
+    "clean",
+    "salvage",
+    "key",
+    "rewrap",
+    "audit",
+    "keystore",
+    "kms",
+    "migrate",
+    "systemd-unit",
+    "help",
 ];
 
 /// The clap definitions of `kmsfs` and of `mount.kmsfs`, for the man pages and shell
@@ -1557,7 +1572,10 @@ mod tests {
             ..MountOpts::default()
         };
         assert_eq!(kms_url(&url, &ko).as_deref(), Some("unix:/run/k.sock"));
-        assert_eq!(kms_url(&KeyArgs::default(), &ko).as_deref(), Some("kmip://h/uid"));
+        assert_eq!(
+            kms_url(&KeyArgs::default(), &ko).as_deref(),
+            Some("kmip://h/uid")
+        );
         let bad = KeyArgs {
             kms: Some("ftp://x".into()),
             ..KeyArgs::default()

@@ -56,7 +56,20 @@ pub fn unmount(target: &Path, lazy: bool, verbose: bool) -> Result<(), CliError>
     let c = CString::new(target.as_os_str().as_bytes())
         .map_err(|_| CliError::new(exit::USAGE, "the mount point contains a NUL byte"))?;
     // umount2(MNT_DETACH when lazy); macOS: unmount(MNT_FORCE when lazy).
-    if let Err(e) = crate::sys::unmount(&c, lazy) {
+    // EBUSY right after the last file under the mount was closed is transient (the
+    // kernel's final release of FUSE files is asynchronous, and an indexer or `du` may be
+    // passing through): retry for a moment before reporting files that stay open.
+    let mut result = crate::sys::unmount(&c, lazy);
+    for _ in 0..20 {
+        match &result {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(100));
+                result = crate::sys::unmount(&c, lazy);
+            }
+            _ => break,
+        }
+    }
+    if let Err(e) = result {
         let next = if e.raw_os_error() == Some(libc::EBUSY) {
             "; close the files open under it (`fuser -vm DIR` lists them), then retry"
         } else {
