@@ -5,7 +5,7 @@ use super::*;
 
 // ----- snapshots and clones -------------------------------------------------------
 
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 pub(super) struct SnapshotJson {
     pub(super) name: String,
     pub(super) created: i64,
@@ -27,6 +27,12 @@ pub(super) fn with_volume_or_mount(
     direct: impl FnOnce(&Volume) -> std::result::Result<serde_json::Value, Error>,
 ) -> Result<serde_json::Value> {
     let canon = check_volume(dir)?;
+    // Mounted read-write: the mount does it. No key is needed for that (the mount holds
+    // the volume's keys; the control socket admits only the mounting user and root), so
+    // the keystore is not unlocked, which would cost an Argon2id derivation.
+    if writer_lock_held(&canon) && volume_is_mounted(&canon) {
+        return Ok(crate::control::request(&canon, &req)?);
+    }
     wait_for_finishing_daemon(&canon);
     let kms = open_kms(keys, false)?;
     let opts = OpenOptions {
@@ -130,18 +136,26 @@ pub(super) fn cmd_snapshot(keys: &KeyArgs, c: SnapshotCmd) -> Result<()> {
             Ok(())
         }
         SnapshotCmd::List { volume_dir, json } => {
-            let (vol, _kms, _dir) = open_read_only(keys, &volume_dir)?;
-            let list: Vec<SnapshotJson> = vol
-                .snapshot_list()?
-                .into_iter()
-                .map(|s| SnapshotJson {
-                    name: s.name,
-                    created: s.created,
-                    generation: s.generation,
-                    exclusive_bytes: s.exclusive_bytes,
-                    shared_bytes: s.shared_bytes,
-                })
-                .collect();
+            let canon = check_volume(&volume_dir)?;
+            let list: Vec<SnapshotJson> = if writer_lock_held(&canon) && volume_is_mounted(&canon) {
+                // Through the mount, without unlocking the keystore.
+                let v = crate::control::request(&canon, &Request::SnapshotList)?;
+                serde_json::from_value(v).map_err(|e| {
+                    CliError::error(format!("bad snapshot list from the mount: {e}"))
+                })?
+            } else {
+                let (vol, _kms, _dir) = open_read_only(keys, &volume_dir)?;
+                vol.snapshot_list()?
+                    .into_iter()
+                    .map(|s| SnapshotJson {
+                        name: s.name,
+                        created: s.created,
+                        generation: s.generation,
+                        exclusive_bytes: s.exclusive_bytes,
+                        shared_bytes: s.shared_bytes,
+                    })
+                    .collect()
+            };
             if json {
                 println!(
                     "{}",
