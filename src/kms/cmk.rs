@@ -1,6 +1,6 @@
 //! A customer master key: its versions, its state, what it may do in each state, and
 //! its lifecycle changes. Everything here works on the decrypted keystore [`State`]; the
-//! keystore file and the audit trail are `keystore.rs`'s job.
+//! keystore file and the audit trail are `keystore`'s job.
 
 use zeroize::Zeroize;
 
