@@ -391,3 +391,46 @@ fn repairing_a_clean_volume_changes_nothing() {
     let v = reopen_clean(&fx.env, &s);
     assert_eq!(dump(&v).unwrap(), before);
 }
+
+/// A repair that rewrites tree nodes shared by the live tree and a snapshot writes each
+/// once, ancestors included: the snapshot's exclusive bytes do not grow (each tree used
+/// to get its own copies of the rewritten paths).
+#[test]
+fn repair_keeps_snapshot_metadata_shared() {
+    let fx = fixture();
+    let s0 = fx.base.reboot();
+    let v = open(&fx.env, Arc::new(s0.clone()));
+    v.snapshot_create("shared").unwrap();
+    let excl = |v: &Volume| {
+        v.snapshot_list()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "shared")
+            .unwrap()
+            .exclusive_bytes
+    };
+    let before_excl = excl(&v);
+    let nodes = v.node_pointers().unwrap();
+    let before = dump(&v).unwrap();
+    v.commit().unwrap();
+    drop(v);
+    let s = s0.reboot();
+    for p in &nodes {
+        let name = format::segment_file_name(p.segment);
+        flip(&s, &name, (p.offset as usize, p.len as usize));
+    }
+    let v = open(&fx.env, Arc::new(s.clone()));
+    let r = repair(&v);
+    assert!(r.nodes_rewritten > 0);
+    assert!(r.snapshot_damage.is_empty(), "{:?}", r.snapshot_damage);
+    assert_eq!(dump(&v).unwrap(), before);
+    let after_excl = excl(&v);
+    eprintln!("snapshot exclusive bytes: {before_excl} before, {after_excl} after the repair");
+    assert_eq!(
+        after_excl, before_excl,
+        "the repair un-shared snapshot metadata"
+    );
+    drop(v);
+    let v = reopen_clean(&fx.env, &s);
+    assert_eq!(dump(&v).unwrap(), before);
+}

@@ -234,27 +234,6 @@ impl Relocator for Reloc<'_> {
 type LivePin = (String, Vec<BlockPtr>);
 
 impl Volume {
-    /// Applies `relocate` to the live tree and to every snapshot's tree, and
-    /// stores the snapshots' new root pointers (the live tree is flushed by
-    /// the next commit). Nothing changes in `st` if any tree fails.
-    pub(super) fn relocate_all(
-        &self,
-        st: &mut State,
-        relocate: &dyn Fn(&mut Tree) -> Result<()>,
-    ) -> Result<()> {
-        let mut live = st.tree.clone();
-        relocate(&mut live)?;
-        let mut snaps = st.snapshots.clone();
-        for s in &mut snaps {
-            let mut t = Tree::from_ptr(s.tree);
-            relocate(&mut t)?;
-            s.tree = t.flush(self.nodes())?;
-        }
-        st.tree = live;
-        st.snapshots = snaps;
-        Ok(())
-    }
-
     /// Removes the node mirror of a segment being deleted; returns its size.
     pub(super) fn remove_mirror(&self, id: u64) -> Result<u64> {
         let name = blocks::mirror_file_name(id);

@@ -18,11 +18,11 @@
 //!    the way out (salvage, then delete the snapshot);
 //! 4. two commits (both root slots then hold the repaired state), then fsck.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::fsck::FsckReport;
-use super::{NAME_MAX, ROOT_INO, State, Volume, now, tree::Tree, value_ptr};
+use super::tree::{Relocator, Tree, relocate_stored};
+use super::{NAME_MAX, ROOT_INO, State, Volume, now, value_ptr};
 use crate::error::{Error, Result};
 use crate::format::{
     self, BlockKind, BlockPtr, DirEntry, FileKind, Inode, XattrValue, key, split_key, tag,
@@ -382,33 +382,26 @@ impl Volume {
         if bad.is_empty() {
             return Ok(());
         }
-        let io = self.io.clone();
-        let moved: RefCell<HashMap<[u8; 16], BlockPtr>> = RefCell::new(HashMap::new());
-        let rewrite = |p: &BlockPtr| -> Result<Option<BlockPtr>> {
-            if !bad.contains(&p.block_id) {
-                return Ok(None);
-            }
-            if let Some(np) = moved.borrow().get(&p.block_id) {
-                return Ok(Some(*np));
-            }
-            // Decrypted through the fallback, sealed again: a new record in
-            // the current segment and in its mirror.
-            let plain = io.read_block(p, BlockKind::Node)?;
-            let np = io.write_block(BlockKind::Node, &plain)?;
-            moved.borrow_mut().insert(p.block_id, np);
-            Ok(Some(np))
+        // One memo for every tree (as the cleaner does): a node shared by the live
+        // tree and snapshots, or an ancestor of a rewritten node they share, is
+        // written once and stays shared.
+        let mut r = RepairReloc {
+            io: &self.io,
+            bad: &bad,
+            lost: &lost,
+            done: HashMap::new(),
+            rewritten: 0,
         };
-        let relocate = |t: &mut Tree| -> Result<()> {
-            t.relocate(
-                n,
-                &mut |p| rewrite(p),
-                &mut |p| !lost.contains(&p.block_id),
-                &mut |_, _| Ok(None),
-            )
-        };
-        self.relocate_all(st, &relocate)?;
+        let mut live = st.tree.clone();
+        live.relocate_shared(n, &mut r)?;
+        let mut snaps = st.snapshots.clone();
+        for s in &mut snaps {
+            s.tree = relocate_stored(&s.tree, n, &mut r)?;
+        }
+        st.tree = live;
+        st.snapshots = snaps;
         st.changed = true;
-        rep.nodes_rewritten = moved.borrow().len() as u64;
+        rep.nodes_rewritten = r.rewritten;
         Ok(())
     }
 
@@ -970,5 +963,40 @@ impl Volume {
             "no free name in lost+found for {}",
             text(path)
         )))
+    }
+}
+
+/// Step 1's relocation: nodes with a failing copy are sealed again from the copy that
+/// verifies (a new record, so their parents change too); nodes with no intact copy are
+/// left where they are (what they held is repaired as missing by the later steps).
+struct RepairReloc<'a> {
+    io: &'a super::blocks::BlockIo,
+    bad: &'a HashSet<[u8; 16]>,
+    lost: &'a HashSet<[u8; 16]>,
+    done: HashMap<[u8; 16], BlockPtr>,
+    rewritten: u64,
+}
+
+impl Relocator for RepairReloc<'_> {
+    fn done(&self, p: &BlockPtr) -> Option<BlockPtr> {
+        self.done.get(&p.block_id).copied()
+    }
+    fn record(&mut self, old: &BlockPtr, new: BlockPtr) {
+        self.done.insert(old.block_id, new);
+    }
+    fn visit(&self, p: &BlockPtr) -> bool {
+        !self.lost.contains(&p.block_id)
+    }
+    fn move_node(&mut self, p: &BlockPtr) -> Result<Option<BlockPtr>> {
+        if !self.bad.contains(&p.block_id) {
+            return Ok(None);
+        }
+        let plain = self.io.read_block(p, BlockKind::Node)?;
+        let np = self.io.write_block(BlockKind::Node, &plain)?;
+        self.rewritten += 1;
+        Ok(Some(np))
+    }
+    fn map_value(&mut self, _key: &[u8], _val: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(None)
     }
 }
