@@ -1591,6 +1591,8 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/srv/my\040vault"), b"/srv/my vault");
         assert_eq!(unescape_mountinfo(r"/a\\b"), br"/a\\b");
         assert_eq!(unescape_mountinfo(r"/x\04"), br"/x\04");
+        // Out of the kernel's range: the low byte, no overflow panic.
+        assert_eq!(unescape_mountinfo(r"\777"), vec![0xff]);
     }
 
     #[test]

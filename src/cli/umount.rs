@@ -135,26 +135,7 @@ pub fn mounted_at(target: &Path) -> Option<(String, String)> {
 /// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
 #[cfg(target_os = "linux")]
 fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
-                out.push(v as u8);
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&super::mount::unescape_mountinfo(s)).into_owned()
 }
 
 /// macOS has no pidfd: the daemon's pid, polled with kill(pid, 0) until it is
