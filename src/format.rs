@@ -7,8 +7,19 @@
 
 use std::fmt;
 
-/// Current on-disk format version. Bump it on any layout change (see docs/FORMAT.md).
+/// Version of the record layouts: segment header, sealed-block AAD, root record,
+/// tree nodes. Bump it on any change to them (see docs/FORMAT.md).
 pub const FORMAT_VERSION: u16 = 1;
+
+/// Volume version in the header: what may be found in a volume's tree.
+/// 1: block map entries only. 2: also fragment entries ([`tag::FRAG`]): small
+/// overwrites stored as sealed fragments over a block. New volumes are version 2;
+/// a version-1 volume stays version 1 (this kmsfs never writes fragments into
+/// it), so an older kmsfs keeps opening it, and refuses a version-2 volume
+/// instead of ignoring fragments it does not know.
+pub const VOLUME_VERSION: u16 = 2;
+/// The first volume version whose tree may hold fragment entries.
+pub const FRAGMENTS_SINCE: u16 = 2;
 
 /// Volume header file names (primary and backup copy).
 pub const HEADER_FILE: &str = "kmsfs.header";
@@ -391,9 +402,9 @@ impl Header {
             ));
         }
         let version = Self::peek_version(b)?;
-        if version > FORMAT_VERSION {
+        if version > VOLUME_VERSION {
             return derr(format!(
-                "volume format version {version} is newer than this kmsfs supports ({FORMAT_VERSION}); upgrade kmsfs"
+                "volume format version {version} is newer than this kmsfs supports ({VOLUME_VERSION}); upgrade kmsfs"
             ));
         }
         if version == 0 {
@@ -725,6 +736,53 @@ pub mod tag {
     pub const SYMLINK: u8 = 6;
     /// 0|7|ino -> empty: inode unlinked while open, purged at next open
     pub const ORPHAN: u8 = 7;
+    /// ino|8|block index(BE)|sequence(BE u32) -> FragValue: bytes written over
+    /// part of a stored block, applied over it in sequence order (volume version 2)
+    pub const FRAG: u8 = 8;
+}
+
+/// Length of a fragment entry's value: a BlockPtr, then offset and length (u32 LE).
+pub const FRAG_VALUE_LEN: usize = PTR_LEN + 8;
+
+/// A fragment: `len` bytes at `offset` in a block, stored as the first `len`
+/// bytes of the data record `ptr` points to (its plaintext is padded to
+/// [`PAD_QUANTUM`] like every short block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragValue {
+    pub ptr: BlockPtr,
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl FragValue {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut e = Enc::with_capacity(FRAG_VALUE_LEN);
+        self.ptr.encode(&mut e);
+        e.u32(self.offset).u32(self.len);
+        e.buf
+    }
+    /// Decodes and checks the value against the block size: a fragment lies
+    /// inside its block and is not empty.
+    pub fn from_bytes(b: &[u8], block_size: u32) -> Result<Self, DecodeError> {
+        let v = Self::from_bytes_unchecked(b)?;
+        let end = v.offset as u64 + v.len as u64;
+        if v.len == 0 || end > block_size as u64 {
+            return derr(format!(
+                "fragment of {} bytes at offset {} does not fit a {block_size}-byte block",
+                v.len, v.offset
+            ));
+        }
+        Ok(v)
+    }
+    /// Decodes without the block-size check (for walks that only need the pointer).
+    pub fn from_bytes_unchecked(b: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Dec::new(b);
+        let ptr = BlockPtr::decode(&mut d)?;
+        let offset = d.u32()?;
+        let len = d.u32()?;
+        d.finish()?;
+        Ok(FragValue { ptr, offset, len })
+    }
 }
 
 pub fn key(ino: u64, tag: u8, suffix: &[u8]) -> Vec<u8> {
@@ -868,8 +926,12 @@ mod tests {
         let b = h.encode_unsigned();
         assert_eq!(b.len(), HEADER_LEN);
         assert_eq!(Header::decode(&b).unwrap(), h);
+        // Version 2 (fragments) opens; the next one is refused.
+        let mut v2 = b.clone();
+        v2[header_off::VERSION] = 2;
+        assert_eq!(Header::decode(&v2).unwrap().version, 2);
         let mut newer = b.clone();
-        newer[header_off::VERSION] = 2;
+        newer[header_off::VERSION] = (VOLUME_VERSION + 1) as u8;
         let e = Header::decode(&newer).unwrap_err();
         assert!(e.0.contains("newer"), "{e}");
         let mut bad = b.clone();

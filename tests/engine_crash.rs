@@ -33,6 +33,9 @@ fn workload(v: &Volume, commits: &mut Vec<Dump>) -> Result<()> {
     // Overwrite in the middle, extend, and add a sparse tail.
     v.write(a.ino, 5_000, &pattern(3, 7_000))?;
     v.write(b.ino, 1_000_000, &pattern(4, 5_000))?;
+    // Small overwrites of stored blocks: fragments.
+    v.write(b.ino, 70_000, &pattern(7, 500))?;
+    v.write(b.ino, 130_001, &pattern(8, 1_000))?;
     v.symlink(ROOT_INO, b"link", b"docs/a.txt", 0, 0)?;
     v.link(a.ino, ROOT_INO, b"hard")?;
     commit(v)?;
@@ -52,6 +55,7 @@ fn workload(v: &Volume, commits: &mut Vec<Dump>) -> Result<()> {
         },
     )?;
     v.removexattr(a.ino, b"user.tag")?;
+    v.write(c.ino, 1_000, &pattern(9, 700))?; // a fragment the clean below moves
     v.setxattr(c.ino, b"user.big", &pattern(5, 10_000), 0)?;
     commit(v)?;
     // Free most of the data, then clean (moves live blocks, deletes segments).

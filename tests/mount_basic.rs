@@ -7,9 +7,11 @@ mod common;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::{Env, TIMEOUT, errno_of, is_mounted, output_text, pattern, wait_until};
+use common::{Env, TIMEOUT, errno_of, is_mounted, output_text, pattern, require_root, wait_until};
 
 #[test]
 fn data_persists_across_remount_and_info_fsck_report_it() {
@@ -39,7 +41,7 @@ fn data_persists_across_remount_and_info_fsck_report_it() {
     assert_eq!(info["logical_bytes"], (3 << 20) + 12);
     assert_eq!(info["cipher"], "aes-256-gcm-siv");
     assert_eq!(info["block_size"], 65536);
-    assert_eq!(info["format_version"], 1);
+    assert_eq!(info["format_version"], kmsfs::format::VOLUME_VERSION);
     assert!(info["stored_bytes"].as_u64().unwrap() >= 3 << 20);
     assert!(info["generation"].as_u64().unwrap() >= 2);
     assert_eq!(info["snapshots"], 0);
@@ -370,4 +372,47 @@ fn mount_right_after_umount_waits_for_the_final_commit() {
     assert_eq!(common::wait_exit(old, TIMEOUT), Some(0));
     assert!(fs::read(m.p("late")).unwrap() == pattern(6 << 20, 3));
     assert_eq!(m.unmount(), Some(0));
+}
+
+/// The mount raises the kernel's readahead window for itself (FUSE caps it at
+/// the kernel default at INIT), so cold sequential reads arrive as 1 MiB
+/// requests; `readahead=0` leaves the kernel's window; root only (sysfs).
+#[test]
+fn the_mount_raises_its_readahead_window() {
+    require_fuse!();
+    require_root("writing the bdi's read_ahead_kb");
+    let ra_of = |mnt: &Path| -> u32 {
+        let dev = fs::metadata(mnt).unwrap().dev();
+        let p = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            libc::major(dev),
+            libc::minor(dev)
+        );
+        fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let env = Env::new();
+    let m = env.mount();
+    // The daemon sets it from a thread once INIT is answered: wait for it.
+    wait_until(
+        "readahead raised to 1024 KiB",
+        Duration::from_secs(30),
+        || ra_of(&env.mnt) == 1024,
+    );
+    m.kmsfs_umount(&env);
+    let m = env.mount_with("readahead=0", &[]);
+    // Give a raise that should not happen every chance to show.
+    fs::write(m.p("f"), b"x").unwrap();
+    let _ = fs::read(m.p("f")).unwrap();
+    assert_ne!(
+        ra_of(&env.mnt),
+        1024,
+        "readahead=0 must keep the kernel's window"
+    );
+    m.kmsfs_umount(&env);
+    let log = env.log_text();
+    assert!(log.contains("readahead window"), "log: {log}");
 }

@@ -214,19 +214,22 @@ impl Relocator for Reloc<'_> {
         let Some(p) = value_ptr(k, v) else {
             return Ok(None);
         };
-        let data = k.get(8) == Some(&tag::BLOCK);
-        let kind = if data {
-            BlockKind::Data
-        } else {
-            BlockKind::Xattr
+        let tg = k.get(8).copied();
+        let kind = match tg {
+            Some(tag::BLOCK) | Some(tag::FRAG) => BlockKind::Data,
+            _ => BlockKind::Xattr,
         };
-        Ok(self.copy(&p, kind)?.map(|np| {
-            if data {
-                np.to_bytes().to_vec()
-            } else {
-                XattrValue::Block(np).encode()
-            }
-        }))
+        let Some(np) = self.copy(&p, kind)? else {
+            return Ok(None);
+        };
+        Ok(match tg {
+            Some(tag::BLOCK) => Some(np.to_bytes().to_vec()),
+            // The same fragment at its new place.
+            Some(tag::FRAG) => FragValue::from_bytes_unchecked(v)
+                .ok()
+                .map(|f| FragValue { ptr: np, ..f }.to_bytes()),
+            _ => Some(XattrValue::Block(np).encode()),
+        })
     }
 }
 

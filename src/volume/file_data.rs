@@ -3,6 +3,7 @@
 //! volume lock, partial ones buffered), truncate, fallocate, and the
 //! write-back of buffered blocks.
 
+use super::fragments::{DirtyBlock, MAX_FRAGMENTS};
 use super::*;
 
 impl Volume {
@@ -60,8 +61,9 @@ impl Volume {
         from: usize,
         out: &mut [u8],
     ) -> Result<()> {
-        if let Some(p) = st.dirty.get(&(ino, blk)) {
-            copy_stored(&p.0, from, out);
+        let dirty = st.dirty.get(&(ino, blk));
+        if let Some(w) = dirty.and_then(DirtyBlock::whole) {
+            copy_stored(&w.0, from, out);
             return Ok(());
         }
         match self.block_ptr(st, ino, blk)? {
@@ -76,6 +78,12 @@ impl Volume {
                 })?;
                 copy_stored(&plain.0, from, out);
             }
+        }
+        for f in self.fragments(st, ino, blk, blk + 1)? {
+            self.apply_fragment(ino, &f, from, out)?;
+        }
+        if let Some(d) = dirty {
+            d.overlay(from, out);
         }
         Ok(())
     }
@@ -102,12 +110,20 @@ impl Volume {
             pieces.push((blk, from, n, (pos - offset) as usize));
             pos += n as u64;
         }
-        // Dirty blocks and holes directly; stored blocks in one batch.
+        // Whole dirty blocks and holes directly; stored blocks in one batch,
+        // then their fragments, then what partly written dirty blocks hold.
         let mut stored: Vec<(usize, BlockPtr)> = Vec::new();
+        let mut partial: Vec<usize> = Vec::new();
         for (k, &(blk, from, n, o)) in pieces.iter().enumerate() {
-            if let Some(p) = st.dirty.get(&(ino, blk)) {
-                copy_stored(&p.0, from, &mut out[o..o + n]);
-            } else if let Some(p) = self.block_ptr(&st, ino, blk)? {
+            let dirty = st.dirty.get(&(ino, blk));
+            if let Some(w) = dirty.and_then(DirtyBlock::whole) {
+                copy_stored(&w.0, from, &mut out[o..o + n]);
+                continue;
+            }
+            if dirty.is_some() {
+                partial.push(k);
+            }
+            if let Some(p) = self.block_ptr(&st, ino, blk)? {
                 stored.push((k, p));
             }
         }
@@ -156,6 +172,28 @@ impl Volume {
                     e => e,
                 })?;
                 copy_stored(&plain.0, from, &mut out[o..o + n]);
+            }
+        }
+        if let (Some(first), Some(last)) = (pieces.first(), pieces.last()) {
+            let frags = self.fragments(&st, ino, first.0, last.0 + 1)?;
+            for f in &frags {
+                // Pieces are in block order, one per block.
+                let Some(&(blk, from, n, o)) = pieces.get((f.blk - first.0) as usize) else {
+                    continue;
+                };
+                let whole_dirty = st
+                    .dirty
+                    .get(&(ino, blk))
+                    .is_some_and(|d| d.whole().is_some());
+                if blk == f.blk && !whole_dirty {
+                    self.apply_fragment(ino, f, from, &mut out[o..o + n])?;
+                }
+            }
+        }
+        for k in partial {
+            let (blk, from, n, o) = pieces[k];
+            if let Some(d) = st.dirty.get(&(ino, blk)) {
+                d.overlay(from, &mut out[o..o + n]);
             }
         }
         Ok(out)
@@ -229,8 +267,11 @@ impl Volume {
                 }
                 // This whole-block write supersedes any older buffered data.
                 if let Some(p) = st.dirty.remove(&(ino, *blk)) {
-                    st.dirty_bytes -= p.0.len();
+                    st.dirty_bytes -= p.mem();
                 }
+            }
+            if !direct.is_empty() {
+                self.drop_fragments(&mut st, ino, full_from, full_to)?;
             }
             let mut pos = offset;
             while pos < end {
@@ -242,19 +283,26 @@ impl Volume {
                     continue;
                 }
                 let src = &data[(pos - offset) as usize..(pos - offset) as usize + n];
-                if let Some(p) = st.dirty.get_mut(&(ino, blk)) {
-                    p.0[from..from + n].copy_from_slice(src);
+                if let Some(d) = st.dirty.get_mut(&(ino, blk)) {
+                    let before = d.mem();
+                    d.put(from, src, bs as usize);
+                    let after = d.mem();
+                    st.dirty_bytes = st.dirty_bytes + after - before;
                 } else {
-                    let buf = if n == bs as usize {
+                    let d = if n == bs as usize {
                         // A whole block: no need to read or zero what is replaced.
-                        src.to_vec()
+                        DirtyBlock::full(src.to_vec())
+                    } else if self.fragments_on() && self.block_ptr(&st, ino, blk)?.is_some() {
+                        // A small overwrite of a stored block: keep only what
+                        // was written (no decryption now; see fragments.rs).
+                        DirtyBlock::piece(from, src)
                     } else {
                         let mut b = self.load_block_full(&st, ino, blk)?;
                         b[from..from + n].copy_from_slice(src);
-                        b
+                        DirtyBlock::full(b)
                     };
-                    st.dirty.insert((ino, blk), Plain(buf));
-                    st.dirty_bytes += bs as usize;
+                    st.dirty_bytes += d.mem();
+                    st.dirty.insert((ino, blk), d);
                 }
                 pos += n as u64;
             }
@@ -297,9 +345,10 @@ impl Volume {
             if !size.is_multiple_of(bs) && stored {
                 let mut b = self.load_block_full(st, ino, blk)?;
                 b[(size % bs) as usize..].fill(0);
-                if st.dirty.insert((ino, blk), Plain(b)).is_none() {
-                    st.dirty_bytes += bs as usize;
+                if let Some(old) = st.dirty.insert((ino, blk), DirtyBlock::full(b)) {
+                    st.dirty_bytes -= old.mem();
                 }
+                st.dirty_bytes += bs as usize;
             }
         }
         i.size = size;
@@ -323,6 +372,7 @@ impl Volume {
         self.freed_since_clean.store(true, Ordering::Relaxed);
         let removed = self.remove_key_range(st, &Self::block_key(ino, from), &end)?;
         i.blocks = i.blocks.saturating_sub(removed);
+        self.drop_fragments(st, ino, from, to)?;
         let dk: Vec<(u64, u64)> = st
             .dirty
             .range((ino, from)..(ino, to))
@@ -330,7 +380,7 @@ impl Volume {
             .collect();
         for k in dk {
             if let Some(p) = st.dirty.remove(&k) {
-                st.dirty_bytes -= p.0.len();
+                st.dirty_bytes -= p.mem();
             }
         }
         st.changed = true;
@@ -383,9 +433,10 @@ impl Volume {
                 if n as u64 != bs && pos < i.size && stored {
                     let mut b = self.load_block_full(&st, ino, blk)?;
                     b[from..from + n].fill(0);
-                    if st.dirty.insert((ino, blk), Plain(b)).is_none() {
-                        st.dirty_bytes += bs as usize;
+                    if let Some(old) = st.dirty.insert((ino, blk), DirtyBlock::full(b)) {
+                        st.dirty_bytes -= old.mem();
                     }
+                    st.dirty_bytes += bs as usize;
                 }
                 pos += n as u64;
             }
@@ -419,7 +470,9 @@ impl Volume {
         Ok(())
     }
 
-    /// Seals all dirty blocks and records them in the block map (not a commit).
+    /// Seals all dirty blocks and records them in the block map (not a commit):
+    /// whole blocks as block records, small overwrites of stored blocks as
+    /// fragments (merged into a whole block once a block has too many).
     pub(super) fn flush_data(&self, st: &mut State) -> Result<()> {
         if st.dirty.is_empty() {
             return Ok(());
@@ -438,19 +491,60 @@ impl Volume {
                 sizes.insert(*ino, size);
             }
         }
-        let dirty = std::mem::take(&mut st.dirty);
-        st.dirty_bytes = 0;
-        // Group by inode so each inode's size is read once.
-        let mut jobs: Vec<((u64, u64), Plain, usize)> = Vec::with_capacity(dirty.len());
-        for ((ino, blk), p) in dirty {
-            let size = sizes[&ino];
-            let start = blk * bs as u64;
-            if start >= size {
-                continue;
+        // Plan each block: a whole block, or fragments over the stored one.
+        // Merging reads the stored block; an error there keeps everything
+        // buffered, so nothing is lost.
+        let mut jobs: Vec<FlushJob> = Vec::with_capacity(st.dirty.len());
+        {
+            let st_ro: &State = st;
+            for (&(ino, blk), d) in &st_ro.dirty {
+                let size = sizes[&ino];
+                let start = blk * bs as u64;
+                if start >= size {
+                    continue;
+                }
+                let len = (size - start).min(bs as u64) as usize;
+                let stored = format::round_up(len, format::PAD_QUANTUM).min(bs);
+                let kind = if d.whole().is_some() {
+                    JobKind::Whole { stored }
+                } else if d.covers(len) {
+                    // Written up to the end of the file: nothing to merge.
+                    let mut b = vec![0u8; bs];
+                    d.overlay(0, &mut b);
+                    JobKind::Merged {
+                        plain: Plain(b),
+                        stored,
+                    }
+                } else {
+                    let frags = self.fragments(st_ro, ino, blk, blk + 1)?;
+                    let have: usize = frags.iter().map(|f| f.v.len as usize).sum();
+                    let based = self.block_ptr(st_ro, ino, blk)?.is_some();
+                    let ranges: Vec<(u32, u32)> = d
+                        .pieces()
+                        .iter()
+                        .map(|(a, p)| (*a, (*a as usize + p.0.len()).min(len) as u32))
+                        .filter(|(a, b)| a < b)
+                        .collect();
+                    if based
+                        && frags.len() + ranges.len() <= MAX_FRAGMENTS
+                        && have + d.mem() <= bs / 2
+                    {
+                        let seq = frags.last().map(|f| f.seq.saturating_add(1)).unwrap_or(0);
+                        JobKind::Frags { ranges, seq }
+                    } else {
+                        let mut b = self.stored_block_full(st_ro, ino, blk)?;
+                        d.overlay(0, &mut b);
+                        JobKind::Merged {
+                            plain: Plain(b),
+                            stored,
+                        }
+                    }
+                };
+                jobs.push(FlushJob {
+                    key: (ino, blk),
+                    kind,
+                });
             }
-            let len = (size - start).min(bs as u64) as usize;
-            let stored = format::round_up(len, format::PAD_QUANTUM).min(bs);
-            jobs.push(((ino, blk), p, stored));
         }
         // Seal in parallel (AEAD is the cost), append in order.
         let threads = std::thread::available_parallelism()
@@ -459,15 +553,12 @@ impl Volume {
             .min(4);
         let chunk = jobs.len().div_ceil(threads).max(1);
         let io = &self.io;
-        let sealed: Vec<Vec<blocks::Sealed>> = std::thread::scope(|s| {
+        let dirty = &st.dirty;
+        let sealed: Vec<Vec<Vec<blocks::Sealed>>> = std::thread::scope(|s| {
             let hs: Vec<_> = jobs
                 .chunks(chunk)
                 .map(|c| {
-                    s.spawn(move || {
-                        c.iter()
-                            .map(|(_, p, stored)| io.seal(BlockKind::Data, &p.0[..*stored]))
-                            .collect::<Vec<_>>()
-                    })
+                    s.spawn(move || c.iter().map(|j| j.seal(io, dirty, bs)).collect::<Vec<_>>())
                 })
                 .collect();
             hs.into_iter()
@@ -476,45 +567,38 @@ impl Volume {
         });
         let mut inode_updates: HashMap<u64, Inode> = HashMap::new();
         let mut failed = None;
-        for (((ino, blk), p, stored), (rec, id, tag)) in
-            jobs.into_iter().zip(sealed.into_iter().flatten())
-        {
+        for (job, recs) in jobs.into_iter().zip(sealed.into_iter().flatten()) {
+            let (ino, blk) = job.key;
             if failed.is_some() {
-                // Keep what could not be written, so nothing is lost.
-                st.dirty_bytes += p.0.len();
-                st.dirty.insert((ino, blk), p);
+                // Keep what could not be written (it stays in the dirty map).
                 continue;
             }
-            let recorded = self.io.append(&rec, id, tag).and_then(|ptr| {
-                let old = st.tree.insert(
-                    self.nodes(),
-                    &Self::block_key(ino, blk),
-                    ptr.to_bytes().to_vec(),
-                )?;
-                if old.is_none() {
-                    if let std::collections::hash_map::Entry::Vacant(e) = inode_updates.entry(ino) {
-                        e.insert(self.get_inode(st, ino)?);
-                    }
-                    if let Some(i) = inode_updates.get_mut(&ino) {
-                        i.blocks += 1;
-                    }
+            let Some(d) = st.dirty.remove(&job.key) else {
+                continue;
+            };
+            st.dirty_bytes -= d.mem();
+            let recorded = self.record_flush_job(st, &job, d, recs, &mut inode_updates);
+            if let Err((e, d)) = recorded {
+                // Put the buffer back so nothing is lost; fragments recorded
+                // before the error are rewritten by the retry, in sequence.
+                if let Some(d) = d {
+                    st.dirty_bytes += d.mem();
+                    st.dirty.insert((ino, blk), d);
                 }
-                Ok(ptr)
-            });
-            match recorded {
-                Ok(ptr) => {
-                    // Cache exactly what was stored (a short copy frees the full buffer).
-                    let plain = if stored < p.0.len() {
-                        Plain(p.0[..stored].to_vec())
-                    } else {
-                        p
-                    };
-                    self.io.data_cache.insert(ptr.id_u128(), Arc::new(plain));
-                }
-                Err(e) => {
-                    st.dirty_bytes += p.0.len();
-                    st.dirty.insert((ino, blk), p);
-                    failed = Some(e);
+                failed = Some(e);
+            }
+        }
+        // Blocks past the end of their file (truncated or destroyed meanwhile).
+        let gone: Vec<(u64, u64)> = st
+            .dirty
+            .keys()
+            .filter(|(ino, blk)| blk * bs as u64 >= sizes.get(ino).copied().unwrap_or(0))
+            .copied()
+            .collect();
+        if failed.is_none() {
+            for k in gone {
+                if let Some(d) = st.dirty.remove(&k) {
+                    st.dirty_bytes -= d.mem();
                 }
             }
         }
@@ -525,6 +609,134 @@ impl Volume {
         match failed {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Appends a flush job's sealed records and records them in the tree. On
+    /// error, returns the buffer (when it was not recorded) with the error.
+    fn record_flush_job(
+        &self,
+        st: &mut State,
+        job: &FlushJob,
+        d: DirtyBlock,
+        recs: Vec<blocks::Sealed>,
+        inode_updates: &mut HashMap<u64, Inode>,
+    ) -> std::result::Result<(), (Error, Option<DirtyBlock>)> {
+        let (ino, blk) = job.key;
+        match &job.kind {
+            JobKind::Whole { stored } | JobKind::Merged { stored, .. } => {
+                let Some((rec, id, tag)) = recs.into_iter().next() else {
+                    return Err((Error::Invalid("nothing sealed".into()), Some(d)));
+                };
+                let ptr = match self.io.append(&rec, id, tag) {
+                    Ok(p) => p,
+                    Err(e) => return Err((e, Some(d))),
+                };
+                let recorded = (|| -> Result<()> {
+                    let old = st.tree.insert(
+                        self.nodes(),
+                        &Self::block_key(ino, blk),
+                        ptr.to_bytes().to_vec(),
+                    )?;
+                    if old.is_none() {
+                        if let std::collections::hash_map::Entry::Vacant(e) =
+                            inode_updates.entry(ino)
+                        {
+                            e.insert(self.get_inode(st, ino)?);
+                        }
+                        if let Some(i) = inode_updates.get_mut(&ino) {
+                            i.blocks += 1;
+                        }
+                    }
+                    // The new block holds everything its fragments held.
+                    self.drop_fragments(st, ino, blk, blk + 1)?;
+                    Ok(())
+                })();
+                if let Err(e) = recorded {
+                    return Err((e, Some(d)));
+                }
+                // Cache exactly what was stored (a short copy frees the full buffer).
+                let plain = match (&job.kind, d) {
+                    (JobKind::Merged { plain, .. }, _) => Plain(plain.0[..*stored].to_vec()),
+                    (_, DirtyBlock::Whole(p)) if *stored < p.0.len() => {
+                        Plain(p.0[..*stored].to_vec())
+                    }
+                    (_, DirtyBlock::Whole(p)) => p,
+                    (_, DirtyBlock::Pieces(_)) => return Ok(()),
+                };
+                self.io.data_cache.insert(ptr.id_u128(), Arc::new(plain));
+                Ok(())
+            }
+            JobKind::Frags { ranges, seq } => {
+                for (k, ((a, b), (rec, id, tag))) in ranges.iter().zip(recs).enumerate() {
+                    let recorded = self.io.append(&rec, id, tag).and_then(|ptr| {
+                        let v = FragValue {
+                            ptr,
+                            offset: *a,
+                            len: b - a,
+                        };
+                        st.tree.insert(
+                            self.nodes(),
+                            &Self::frag_key(ino, blk, seq.saturating_add(k as u32)),
+                            v.to_bytes(),
+                        )?;
+                        Ok(ptr)
+                    });
+                    match recorded {
+                        // Not cached: a fragment is read back only by a read
+                        // of its block before the next merge.
+                        Ok(_) => {}
+                        Err(e) => return Err((e, Some(d))),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One dirty block's write-back, planned under the lock, sealed outside it.
+struct FlushJob {
+    key: (u64, u64),
+    kind: JobKind,
+}
+
+enum JobKind {
+    /// The dirty buffer is the whole block: seal its first `stored` bytes.
+    Whole { stored: usize },
+    /// Stored block, fragments and buffered writes merged into `plain`.
+    Merged { plain: Plain, stored: usize },
+    /// Seal these ranges of the dirty buffer as fragments `seq`, `seq + 1`, ...
+    Frags { ranges: Vec<(u32, u32)>, seq: u32 },
+}
+
+impl FlushJob {
+    fn seal(&self, io: &BlockIo, dirty: &DirtyMap, bs: usize) -> Vec<blocks::Sealed> {
+        match &self.kind {
+            JobKind::Merged { plain, stored } => {
+                vec![io.seal(BlockKind::Data, &plain.0[..*stored])]
+            }
+            JobKind::Whole { stored } => match dirty.get(&self.key).and_then(DirtyBlock::whole) {
+                Some(w) => vec![io.seal(BlockKind::Data, &w.0[..*stored])],
+                None => Vec::new(),
+            },
+            JobKind::Frags { ranges, .. } => {
+                let Some(d) = dirty.get(&self.key) else {
+                    return Vec::new();
+                };
+                // Ranges are the pieces, in order, clipped to the file's end.
+                ranges
+                    .iter()
+                    .zip(d.pieces())
+                    .map(|(&(a, b), (_, piece))| {
+                        let len = (b - a) as usize;
+                        let padded = format::round_up(len, format::PAD_QUANTUM).min(bs);
+                        let mut p = Plain(vec![0u8; padded]);
+                        p.0[..len].copy_from_slice(&piece.0[..len]);
+                        io.seal(BlockKind::Data, &p.0)
+                    })
+                    .collect()
+            }
         }
     }
 }

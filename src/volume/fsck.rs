@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use super::{ROOT_INO, Volume, tree::Tree};
 use crate::error::Result;
 use crate::format::{
-    self, BlockKind, BlockPtr, DirEntry, FileKind, Inode, XattrValue, split_key, tag,
+    self, BlockKind, BlockPtr, DirEntry, FileKind, FragValue, Inode, XattrValue, split_key, tag,
 };
 
 #[derive(Clone, Debug, Default)]
@@ -34,6 +34,8 @@ struct TreeFacts {
     entries: Vec<(u64, Vec<u8>, DirEntry)>,
     cookies: HashMap<(u64, u64), Vec<u8>>,
     blocks: Vec<(u64, u64, BlockPtr)>,
+    /// Fragments: inode, block, sequence, value.
+    frags: Vec<(u64, u64, u32, FragValue)>,
     xattr_blocks: Vec<(u64, BlockPtr)>,
     symlinks: HashSet<u64>,
     orphans: HashSet<u64>,
@@ -214,6 +216,17 @@ impl Volume {
                         }
                         Err(e) => errors.push(format!("{label}: inode {ino} block map: {e}")),
                     },
+                    tag::FRAG if suffix.len() == 12 => {
+                        match FragValue::from_bytes(v, self.header.block_size) {
+                            Ok(fv) => f.frags.push((
+                                ino,
+                                u64::from_be_bytes(suffix[..8].try_into().unwrap()),
+                                u32::from_be_bytes(suffix[8..].try_into().unwrap()),
+                                fv,
+                            )),
+                            Err(e) => errors.push(format!("{label}: inode {ino} fragment: {e}")),
+                        }
+                    }
                     tag::XATTR => match XattrValue::decode(v) {
                         Ok(XattrValue::Block(p)) => f.xattr_blocks.push((ino, p)),
                         Ok(_) => {}
@@ -312,6 +325,51 @@ impl Volume {
                     r.bytes_checked += b.len() as u64;
                 }
                 Err(e) => errors.push(format!("{label}: file {} block {blk}: {e}", path(*ino))),
+            }
+        }
+        if !f.frags.is_empty() && !self.fragments_on() {
+            errors.push(format!(
+                "{label}: fragments in a version {} volume (they need version {})",
+                self.header.version,
+                format::FRAGMENTS_SINCE
+            ));
+        }
+        let based: HashSet<(u64, u64)> = f.blocks.iter().map(|(i, b, _)| (*i, *b)).collect();
+        for (ino, blk, seq, fv) in &f.frags {
+            let p = &fv.ptr;
+            segs.insert(p.segment);
+            if let Some(i) = f.inodes.get(ino)
+                && blk.checked_mul(bs).is_none_or(|at| at >= i.size)
+            {
+                errors.push(format!(
+                    "{label}: {} : fragment {seq} of block {blk} lies beyond the file size",
+                    path(*ino)
+                ));
+            }
+            if !based.contains(&(*ino, *blk)) {
+                errors.push(format!(
+                    "{label}: {} : fragment {seq} of block {blk} has no block under it",
+                    path(*ino)
+                ));
+            }
+            if !seen_blocks.insert(p.block_id) {
+                continue;
+            }
+            match self.io.read_block(p, BlockKind::Data) {
+                Ok(b) if b.len() >= fv.len as usize => {
+                    r.blocks_checked += 1;
+                    r.bytes_checked += b.len() as u64;
+                }
+                Ok(b) => errors.push(format!(
+                    "{label}: file {} block {blk} fragment {seq}: the record holds {} bytes, the fragment names {}",
+                    path(*ino),
+                    b.len(),
+                    fv.len
+                )),
+                Err(e) => errors.push(format!(
+                    "{label}: file {} block {blk} fragment {seq}: {e}",
+                    path(*ino)
+                )),
             }
         }
         for (ino, p) in &f.xattr_blocks {

@@ -21,6 +21,7 @@ pub mod blocks;
 mod cleaner;
 mod commit;
 mod file_data;
+mod fragments;
 pub mod fsck;
 mod header;
 pub mod repair;
@@ -39,8 +40,8 @@ use crate::cache::{CacheStats, Plain};
 use crate::crypto::{self, CipherKind, Sealer, SecretKey, derive_subkey, labels};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, BlockKind, BlockPtr, DirEntry, FileKind, Header, Inode, RootPayload, SnapshotRecord,
-    Timestamp, XattrValue, key, tag,
+    self, BlockKind, BlockPtr, DirEntry, FileKind, FragValue, Header, Inode, RootPayload,
+    SnapshotRecord, Timestamp, XattrValue, key, tag,
 };
 use crate::kms::{EncryptionContext, Kms, WrappedKey};
 use crate::store::Storage;
@@ -231,8 +232,8 @@ pub type WriteHook = Arc<dyn Fn() + Send + Sync>;
 /// See `Volume::set_clean_hook`.
 pub type CleanHook = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// Plaintext of one block waiting to be sealed (full block size; wiped on drop).
-type DirtyMap = BTreeMap<(u64, u64), Plain>;
+/// Blocks waiting to be sealed (see [`fragments::DirtyBlock`]).
+type DirtyMap = BTreeMap<(u64, u64), fragments::DirtyBlock>;
 
 struct State {
     tree: Tree,
@@ -330,11 +331,11 @@ fn read_header(storage: &dyn Storage, kms: &dyn Kms, name: &str) -> Result<(Head
         }
     })?;
     if let Ok(v) = Header::peek_version(&b)
-        && v > format::FORMAT_VERSION
+        && v > format::VOLUME_VERSION
     {
         return Err(Error::Format(format!(
             "volume format version {v} is newer than this kmsfs supports (version {}); upgrade kmsfs to open it",
-            format::FORMAT_VERSION
+            format::VOLUME_VERSION
         )));
     }
     let h = Header::decode(&b).map_err(|e| Error::integrity(format!("volume header {name}"), e))?;
@@ -458,7 +459,7 @@ impl Volume {
         let volume_id: [u8; 16] = crypto::random_array();
         let (dk, wrapped) = kms.generate_data_key(opts.cmk.as_deref(), &ctx_for(&volume_id))?;
         let header = Header {
-            version: format::FORMAT_VERSION,
+            version: format::VOLUME_VERSION,
             volume_id,
             key_domain: volume_id,
             cipher: opts.cipher as u8,
@@ -1053,7 +1054,7 @@ impl Volume {
             .collect();
         for k in drop_keys {
             if let Some(p) = st.dirty.remove(&k) {
-                st.dirty_bytes -= p.0.len();
+                st.dirty_bytes -= p.mem();
             }
         }
         st.changed = true;
@@ -1648,6 +1649,7 @@ fn copy_stored(plain: &[u8], from: usize, out: &mut [u8]) {
 pub(crate) fn value_ptr(k: &[u8], v: &[u8]) -> Option<BlockPtr> {
     match k.get(8) {
         Some(&tag::BLOCK) => BlockPtr::from_bytes(v).ok(),
+        Some(&tag::FRAG) => FragValue::from_bytes_unchecked(v).ok().map(|f| f.ptr),
         Some(&tag::XATTR) => match XattrValue::decode(v) {
             Ok(XattrValue::Block(p)) => Some(p),
             _ => None,

@@ -25,7 +25,8 @@ use super::tree::{Relocator, Tree, relocate_stored};
 use super::{NAME_MAX, ROOT_INO, State, Volume, now, value_ptr};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, BlockKind, BlockPtr, DirEntry, FileKind, Inode, XattrValue, key, split_key, tag,
+    self, BlockKind, BlockPtr, DirEntry, FileKind, FragValue, Inode, XattrValue, key, split_key,
+    tag,
 };
 
 /// Where repaired files go, in the root directory.
@@ -140,6 +141,8 @@ struct Facts {
     cookies: BTreeMap<(u64, u64), Vec<u8>>,
     /// (ino, block index, pointer)
     blocks: Vec<(u64, u64, BlockPtr)>,
+    /// (ino, block index, pointer) of fragments
+    frags: Vec<(u64, u64, BlockPtr)>,
     /// (ino, xattr name, pointer)
     xattr_blocks: Vec<(u64, Vec<u8>, BlockPtr)>,
     orphans: BTreeSet<u64>,
@@ -311,6 +314,14 @@ impl Volume {
                     (tag::BLOCK, Some(b)) => {
                         if let Ok(p) = BlockPtr::from_bytes(v) {
                             f.blocks.push((ino, b, p));
+                        }
+                    }
+                    (tag::FRAG, None) if suffix.len() == 12 => {
+                        if let (Ok(b), Ok(fv)) = (
+                            <[u8; 8]>::try_from(&suffix[..8]),
+                            FragValue::from_bytes_unchecked(v),
+                        ) {
+                            f.frags.push((ino, u64::from_be_bytes(b), fv.ptr));
                         }
                     }
                     (tag::XATTR, _) => {
@@ -530,7 +541,7 @@ impl Volume {
         let links = f.links();
         let mut bad_blocks: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
         let mut bad_xattrs: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
-        for (ino, blk, p) in &f.blocks {
+        for (ino, blk, p) in f.blocks.iter().chain(&f.frags) {
             if !self.verify(p, BlockKind::Data, verified)? {
                 bad_blocks.entry(*ino).or_default().insert(*blk);
             }
@@ -673,6 +684,20 @@ impl Volume {
                 _ => *stored.entry(*ino).or_default() += 1,
             }
         }
+        // Fragments past the end, or with no block under them, go too.
+        let based: HashSet<(u64, u64)> = f.blocks.iter().map(|(i, b, _)| (*i, *b)).collect();
+        for (ino, blk, _) in &f.frags {
+            let past = f
+                .inodes
+                .get(ino)
+                .is_some_and(|i| blk.checked_mul(bs).is_none_or(|at| at >= i.size));
+            if past || !based.contains(&(*ino, *blk)) {
+                let bl = beyond.entry(*ino).or_default();
+                if !bl.contains(blk) {
+                    bl.push(*blk);
+                }
+            }
+        }
         for (ino, old) in &f.inodes {
             let mut i = old.clone();
             let shown = path_text(&links, *ino);
@@ -729,7 +754,7 @@ impl Volume {
             let f = self.repair_facts(&Tree::from_ptr(s.tree))?;
             let links = f.links();
             let mut bad: BTreeMap<u64, (BTreeSet<u64>, Vec<String>)> = BTreeMap::new();
-            for (ino, blk, p) in &f.blocks {
+            for (ino, blk, p) in f.blocks.iter().chain(&f.frags) {
                 if !self.verify(p, BlockKind::Data, verified)? {
                     bad.entry(*ino).or_default().0.insert(*blk);
                 }

@@ -1,0 +1,338 @@
+//! Small overwrites as sealed fragments (volume version 2, docs/FORMAT.md
+//! "Fragments").
+//!
+//! A write of a few KiB into a stored block used to cost the whole block twice:
+//! decrypt it to merge the new bytes, seal it again at the next write-back (a
+//! 4 KiB write into a 64 KiB block: 32x the bytes through the cipher). Now such
+//! a write is buffered as the bytes it wrote ([`DirtyBlock::written`]), and the
+//! write-back seals only those bytes as a fragment record, keyed
+//! `ino|FRAG|block|sequence` beside the block's map entry. Reads apply a block's
+//! fragments over it in sequence order. When a block has [`MAX_FRAGMENTS`]
+//! fragments, or they add up to half the block, the next write-back merges them
+//! into a new whole block and drops them, so a read costs at most a bounded
+//! number of records and the space they take stays bounded.
+//!
+//! Invariants: a fragment exists only over a stored block (dropping a block drops
+//! its fragments, a whole-block write replaces both); a dirty block with written
+//! ranges is never the full content of the block, only what was written since.
+
+use super::*;
+
+/// Most fragments over one block before the next write-back merges them.
+pub const MAX_FRAGMENTS: usize = 8;
+
+/// A block waiting to be sealed (its buffers are wiped on drop).
+pub enum DirtyBlock {
+    /// The block's whole content, full block size.
+    Whole(Plain),
+    /// A small overwrite of a stored block: only the bytes written since, as
+    /// pieces `(offset, bytes)`, sorted, disjoint and not touching; the rest
+    /// comes from the stored block and its fragments.
+    Pieces(Vec<(u32, Plain)>),
+}
+
+impl DirtyBlock {
+    pub fn full(data: Vec<u8>) -> Self {
+        DirtyBlock::Whole(Plain(data))
+    }
+
+    pub fn piece(from: usize, src: &[u8]) -> Self {
+        DirtyBlock::Pieces(vec![(from as u32, Plain(src.to_vec()))])
+    }
+
+    /// The whole content, when this is a whole block.
+    pub fn whole(&self) -> Option<&Plain> {
+        match self {
+            DirtyBlock::Whole(p) => Some(p),
+            DirtyBlock::Pieces(_) => None,
+        }
+    }
+
+    /// Bytes of memory this entry holds (what the dirty limit counts).
+    pub fn mem(&self) -> usize {
+        match self {
+            DirtyBlock::Whole(p) => p.0.len(),
+            DirtyBlock::Pieces(ps) => ps.iter().map(|(_, p)| p.0.len()).sum(),
+        }
+    }
+
+    /// Whether the entry gives every byte of `[0, len)`.
+    pub fn covers(&self, len: usize) -> bool {
+        match self {
+            DirtyBlock::Whole(_) => true,
+            DirtyBlock::Pieces(ps) => {
+                len == 0 || ps.first().is_some_and(|(a, p)| *a == 0 && p.0.len() >= len)
+            }
+        }
+    }
+
+    /// Copies `src` in at block offset `from`; pieces that come to cover the
+    /// whole block (`bs` bytes) turn into a whole block.
+    pub fn put(&mut self, from: usize, src: &[u8], bs: usize) {
+        let ps = match self {
+            DirtyBlock::Whole(p) => {
+                p.0[from..from + src.len()].copy_from_slice(src);
+                return;
+            }
+            DirtyBlock::Pieces(ps) => ps,
+        };
+        let (mut lo, mut hi) = (from, from + src.len());
+        // Pieces that overlap or touch the new bytes merge with them.
+        let mut keep = Vec::with_capacity(ps.len() + 1);
+        let mut merged = Vec::new();
+        for (a, p) in ps.drain(..) {
+            let (pa, pb) = (a as usize, a as usize + p.0.len());
+            if pb < lo || pa > hi {
+                keep.push((a, p));
+            } else {
+                lo = lo.min(pa);
+                hi = hi.max(pb);
+                merged.push((a, p));
+            }
+        }
+        let mut buf = vec![0u8; hi - lo];
+        for (a, p) in &merged {
+            let at = *a as usize - lo;
+            buf[at..at + p.0.len()].copy_from_slice(&p.0);
+        }
+        buf[from - lo..from - lo + src.len()].copy_from_slice(src);
+        drop(merged);
+        let at = keep.partition_point(|(a, _)| (*a as usize) < lo);
+        keep.insert(at, (lo as u32, Plain(buf)));
+        if keep.len() == 1 && lo == 0 && hi >= bs {
+            if let Some((_, p)) = keep.pop() {
+                *self = DirtyBlock::Whole(p);
+            }
+            return;
+        }
+        *ps = keep;
+    }
+
+    /// Lays what this entry holds over `out`, which holds block bytes
+    /// `[from, from + out.len())` as stored.
+    pub fn overlay(&self, from: usize, out: &mut [u8]) {
+        match self {
+            DirtyBlock::Whole(p) => copy_stored(&p.0, from, out),
+            DirtyBlock::Pieces(ps) => {
+                for (a, p) in ps {
+                    let a = *a as usize;
+                    let lo = a.max(from);
+                    let hi = (a + p.0.len()).min(from + out.len());
+                    if lo < hi {
+                        out[lo - from..hi - from].copy_from_slice(&p.0[lo - a..hi - a]);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn pieces(&self) -> &[(u32, Plain)] {
+        match self {
+            DirtyBlock::Whole(_) => &[],
+            DirtyBlock::Pieces(ps) => ps,
+        }
+    }
+}
+
+/// A fragment as found in the tree.
+#[derive(Clone, Copy, Debug)]
+pub struct Fragment {
+    pub blk: u64,
+    pub seq: u32,
+    pub v: FragValue,
+}
+
+impl Volume {
+    /// Whether this volume's tree may hold fragments (and new ones may be written).
+    pub(super) fn fragments_on(&self) -> bool {
+        self.header.version >= format::FRAGMENTS_SINCE
+    }
+
+    pub(super) fn frag_key(ino: u64, blk: u64, seq: u32) -> Vec<u8> {
+        let mut s = [0u8; 12];
+        s[..8].copy_from_slice(&blk.to_be_bytes());
+        s[8..].copy_from_slice(&seq.to_be_bytes());
+        key(ino, tag::FRAG, &s)
+    }
+
+    fn frag_range_key(ino: u64, blk: u64) -> Vec<u8> {
+        key(ino, tag::FRAG, &blk.to_be_bytes())
+    }
+
+    /// The end of fragment keys for blocks below `to` (u64::MAX: all of them).
+    fn frag_range_end(ino: u64, to: u64) -> Vec<u8> {
+        if to == u64::MAX {
+            key(ino, tag::FRAG + 1, &[])
+        } else {
+            Self::frag_range_key(ino, to)
+        }
+    }
+
+    /// The fragments of blocks `[from, to)` of `ino`, by block then sequence.
+    pub(super) fn fragments(
+        &self,
+        st: &State,
+        ino: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Fragment>> {
+        if !self.fragments_on() || from >= to {
+            return Ok(Vec::new());
+        }
+        let bs = self.header.block_size;
+        let mut out = Vec::new();
+        let mut bad = None;
+        st.tree.range(
+            self.nodes(),
+            &Self::frag_range_key(ino, from),
+            &Self::frag_range_end(ino, to),
+            &mut |k, v| {
+                let parsed = k
+                    .get(9..21)
+                    .filter(|_| k.len() == 21)
+                    .and_then(|s| {
+                        let blk = u64::from_be_bytes(s[..8].try_into().ok()?);
+                        let seq = u32::from_be_bytes(s[8..].try_into().ok()?);
+                        Some((blk, seq))
+                    })
+                    .ok_or_else(|| "malformed fragment key".to_string())
+                    .and_then(|(blk, seq)| {
+                        FragValue::from_bytes(v, bs)
+                            .map(|v| Fragment { blk, seq, v })
+                            .map_err(|e| e.to_string())
+                    });
+                match parsed {
+                    Ok(f) => {
+                        out.push(f);
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        bad = Some(e);
+                        Ok(false)
+                    }
+                }
+            },
+        )?;
+        if let Some(e) = bad {
+            return Err(Error::Integrity {
+                what: format!("inode {ino} fragment map"),
+                detail: e,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Lays fragment `f` over `out`, which holds `[from, from + out.len())` of its block.
+    pub(super) fn apply_fragment(
+        &self,
+        ino: u64,
+        f: &Fragment,
+        from: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let (a, b) = (f.v.offset as usize, (f.v.offset + f.v.len) as usize);
+        if b <= from || a >= from + out.len() {
+            return Ok(());
+        }
+        let plain = self.io.read_data(&f.v.ptr).map_err(|e| match e {
+            Error::Integrity { what, detail } => Error::Integrity {
+                what: format!("inode {ino} block {} fragment {} ({what})", f.blk, f.seq),
+                detail,
+            },
+            e => e,
+        })?;
+        let Some(bytes) = plain.0.get(..f.v.len as usize) else {
+            return Err(Error::Integrity {
+                what: format!("inode {ino} block {} fragment {}", f.blk, f.seq),
+                detail: format!(
+                    "the record holds {} bytes, the fragment names {}",
+                    plain.0.len(),
+                    f.v.len
+                ),
+            });
+        };
+        let lo = a.max(from);
+        let hi = b.min(from + out.len());
+        out[lo - from..hi - from].copy_from_slice(&bytes[lo - a..hi - a]);
+        Ok(())
+    }
+
+    /// Removes the fragments of blocks `[from, to)`; returns how many there were.
+    pub(super) fn drop_fragments(
+        &self,
+        st: &mut State,
+        ino: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<u64> {
+        if !self.fragments_on() || from >= to {
+            return Ok(0);
+        }
+        self.remove_key_range(
+            st,
+            &Self::frag_range_key(ino, from),
+            &Self::frag_range_end(ino, to),
+        )
+    }
+
+    /// The block as stored (its record, or zeros, with its fragments applied),
+    /// full block size; buffered writes are not included.
+    pub(super) fn stored_block_full(&self, st: &State, ino: u64, blk: u64) -> Result<Vec<u8>> {
+        let mut b = vec![0u8; self.header.block_size as usize];
+        if let Some(p) = self.block_ptr(st, ino, blk)? {
+            let plain = self.io.read_data(&p).map_err(|e| match e {
+                Error::Integrity { what, detail } => Error::Integrity {
+                    what: format!("inode {ino} block {blk} ({what})"),
+                    detail,
+                },
+                e => e,
+            })?;
+            copy_stored(&plain.0, 0, &mut b);
+        }
+        for f in self.fragments(st, ino, blk, blk + 1)? {
+            self.apply_fragment(ino, &f, 0, &mut b)?;
+        }
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DirtyBlock;
+
+    fn spans(d: &DirtyBlock) -> Vec<(u32, usize)> {
+        d.pieces().iter().map(|(a, p)| (*a, p.0.len())).collect()
+    }
+
+    #[test]
+    fn pieces_merge_and_become_whole() {
+        let bs = 32;
+        let mut d = DirtyBlock::piece(8, &[1; 4]);
+        d.put(0, &[2; 4], bs);
+        assert_eq!(spans(&d), vec![(0, 4), (8, 4)]);
+        assert!(!d.covers(12));
+        assert_eq!(d.mem(), 8);
+        d.put(4, &[3; 4], bs); // touches both: one piece
+        assert_eq!(spans(&d), vec![(0, 12)]);
+        assert!(d.covers(12) && !d.covers(13));
+        d.put(20, &[4; 4], bs);
+        d.put(14, &[5; 8], bs); // overlaps the last piece: newest bytes win
+        assert_eq!(spans(&d), vec![(0, 12), (14, 10)]);
+        let mut out = vec![9u8; bs];
+        d.overlay(0, &mut out);
+        let mut want = vec![9u8; bs];
+        want[..4].fill(2);
+        want[4..8].fill(3);
+        want[8..12].fill(1);
+        want[14..22].fill(5);
+        want[22..24].fill(4);
+        assert_eq!(out, want);
+        // A window of the block.
+        let mut part = vec![0u8; 6];
+        d.overlay(10, &mut part);
+        assert_eq!(part, vec![1, 1, 0, 0, 5, 5]);
+        d.put(0, &[6; 32], bs);
+        assert!(d.whole().is_some());
+        assert_eq!(d.mem(), bs);
+    }
+}
