@@ -496,6 +496,32 @@ fn entry(s: &libc::statfs) -> MountEntry {
     }
 }
 
+/// Raises the kernel's readahead window of the FUSE mount at `mountpoint` to
+/// `kb` KiB (the bdi's `read_ahead_kb`; needs root), and returns the window it
+/// had. FUSE caps the window at the kernel's default (128 KiB) when the
+/// connection starts, whatever the daemon asks for, so cold sequential reads
+/// would reach the daemon as 128 KiB requests. Call it once the mount answers
+/// (after FUSE INIT): `statfs` first waits for that.
+#[cfg(target_os = "linux")]
+pub fn raise_readahead(mountpoint: &std::path::Path, kb: u32) -> io::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    nix::sys::statfs::statfs(mountpoint).map_err(io::Error::from)?;
+    let dev = std::fs::metadata(mountpoint)?.dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let old: u32 = std::fs::read_to_string(&path)?
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: not a number")))?;
+    if old != kb {
+        std::fs::write(&path, kb.to_string())?;
+    }
+    Ok(old)
+}
+
 #[cfg(test)]
 mod tests {
     #[cfg(target_os = "linux")]

@@ -304,7 +304,7 @@ struct MountArgs {
     /// Where to mount it
     mountpoint: PathBuf,
     /// Comma-separated options: ro, rw, allow_other, default_permissions, cache_size=SIZE,
-    /// keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
+    /// readahead=KIB (kernel readahead window, default 1024; 0 keeps the kernel's), keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
     /// generic options mount(8) passes (accepted; kernel flags such as nodev are applied)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -986,6 +986,21 @@ mod tests {
         assert!(e.msg.contains("bogus=1"), "{}", e.msg);
         assert!(parse_mount_options(&["rw,bogus=1".into()], true).is_ok());
         assert!(parse_mount_options(&["keystore=".into()], false).is_err());
+        // readahead= in KiB: bounded, and 0 keeps the kernel's window.
+        let o = parse_mount_options(&["readahead=4096".into()], false).unwrap();
+        assert_eq!(o.readahead_kb, Some(4096));
+        let o = parse_mount_options(&["readahead=0".into()], false).unwrap();
+        assert_eq!(o.readahead_kb, Some(0));
+        for bad in [
+            "readahead=1M",
+            "readahead=-1",
+            "readahead=999999",
+            "readahead=",
+        ] {
+            let e = parse_mount_options(&[bad.into()], false).unwrap_err();
+            assert_eq!(e.code, exit::USAGE, "{bad}");
+            assert!(e.msg.contains("readahead"), "{bad}: {}", e.msg);
+        }
     }
 
     #[test]

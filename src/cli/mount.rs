@@ -12,6 +12,8 @@ pub(super) struct MountOpts {
     pub(super) allow_other: bool,
     pub(super) default_permissions: bool,
     pub(super) cache_size: Option<u64>,
+    /// Kernel readahead window in KiB (`readahead=`); None: [`DEFAULT_READAHEAD_KB`].
+    pub(super) readahead_kb: Option<u32>,
     pub(super) keystore: Option<PathBuf>,
     pub(super) passphrase_file: Option<PathBuf>,
     pub(super) keyfile: Option<PathBuf>,
@@ -20,6 +22,12 @@ pub(super) struct MountOpts {
     pub(super) log: Option<PathBuf>,
     pub(super) flags: Vec<MountOption>,
 }
+
+/// The readahead window a mount asks the kernel for: one request of the
+/// largest size FUSE takes (256 pages), so a cold sequential read reaches the
+/// daemon as 1 MiB requests instead of the kernel's default 128 KiB.
+pub(super) const DEFAULT_READAHEAD_KB: u32 = 1024;
+const MAX_READAHEAD_KB: u32 = 65536;
 
 /// Options mount(8), mount.fuse3 and systemd pass that mean nothing to kmsfs.
 pub(super) const IGNORED_OPTIONS: &[&str] = &[
@@ -115,6 +123,19 @@ pub(super) fn parse_mount_options(groups: &[String], sloppy: bool) -> Result<Mou
                 let s = need(v)?;
                 o.cache_size =
                     Some(parse_size(&s).map_err(|e| CliError::usage(format!("cache_size: {e}")))?);
+            }
+            ("readahead", v) => {
+                let s = need(v)?;
+                o.readahead_kb = Some(
+                    s.parse::<u32>()
+                        .ok()
+                        .filter(|kb| *kb <= MAX_READAHEAD_KB)
+                        .ok_or_else(|| {
+                            CliError::usage(format!(
+                                "readahead={s}: give the window in KiB, 0 to {MAX_READAHEAD_KB} (0: the kernel's default)"
+                            ))
+                        })?,
+                );
             }
             ("keystore", v) => o.keystore = Some(need(v)?.into()),
             ("passphrase_file", v) => o.passphrase_file = Some(need(v)?.into()),
@@ -654,6 +675,15 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
         ))
     })?;
     let _ = notifier.set(session.notifier());
+    let ra = plan.opts.readahead_kb.unwrap_or(DEFAULT_READAHEAD_KB);
+    if ra > 0 {
+        // After FUSE INIT, which the session below answers (statfs waits for it).
+        let mp = plan.mountpoint.clone();
+        std::thread::Builder::new()
+            .name("readahead".into())
+            .spawn(move || raise_readahead(&mp, ra))
+            .map_err(|e| CliError::error(format!("cannot start a thread: {e}")))?;
+    }
     *phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::Mounted(session.unmount_callable());
     // Read-write mounts take snapshot/clean commands over the control socket.
     let control = if plan.open.read_only {
@@ -774,4 +804,19 @@ impl crate::kms::Kms for TimedKms<'_> {
     ) -> std::result::Result<(), KmsError> {
         self.timed(|| self.inner.note_volume(volume_id, cmk_id, path))
     }
+}
+
+/// See [`crate::sys::raise_readahead`]; where it cannot (not root, no sysfs),
+/// the mount keeps the kernel's window and says so once.
+fn raise_readahead(mountpoint: &Path, kb: u32) {
+    #[cfg(target_os = "linux")]
+    match crate::sys::raise_readahead(mountpoint, kb) {
+        Ok(old) if old != kb => log::info!("readahead window {old} KiB -> {kb} KiB"),
+        Ok(_) => {}
+        Err(e) => {
+            log::info!("readahead window left at the kernel's default ({e}); raising it needs root")
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (mountpoint, kb);
 }
