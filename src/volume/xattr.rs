@@ -101,4 +101,18 @@ impl Volume {
         self.put_inode(&mut st, ino, &i)?;
         Ok(())
     }
+
+    /// Removes the file capabilities (`security.capability`) of `ino`, as the
+    /// kernel does on every write to a file that has them; nothing to do (and
+    /// no change) for the usual file without.
+    pub fn drop_capability(&self, ino: u64) -> Result<()> {
+        let k = key(ino, tag::XATTR, b"security.capability");
+        if self.read_only || self.st.read().tree.get(self.nodes(), &k)?.is_none() {
+            return Ok(());
+        }
+        match self.removexattr(ino, b"security.capability") {
+            Ok(()) | Err(Error::NoXattr) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
 }
