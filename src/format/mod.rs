@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+pub mod stream;
+
 /// Current on-disk format version. Bump it on any layout change (see docs/FORMAT.md).
 pub const FORMAT_VERSION: u16 = 1;
 
