@@ -55,9 +55,11 @@ fn progress_bar(json: bool, what: &str) -> indicatif::ProgressBar {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
     bar.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_message(what.to_string());
     bar
@@ -178,9 +180,9 @@ pub(super) fn cmd_receive(a: ReceiveArgs) -> Result<()> {
         return Ok(());
     }
     let mut input: Box<dyn Read> = match &a.input {
-        Some(p) => Box::new(
-            File::open(p).map_err(|e| CliError::error(format!("{}: {e}", p.display())))?,
-        ),
+        Some(p) => {
+            Box::new(File::open(p).map_err(|e| CliError::error(format!("{}: {e}", p.display())))?)
+        }
         None => Box::new(std::io::stdin().lock()),
     };
     let mut input = std::io::BufReader::with_capacity(1 << 20, &mut input);
@@ -218,7 +220,11 @@ pub(super) fn cmd_receive(a: ReceiveArgs) -> Result<()> {
         println!(
             "received {} stream into {}: {} in {} records ({} from the base, {} moved) in {:.1} s; \
              it holds {} snapshot(s); mount it with `kmsfs mount --read-only`",
-            if s.incremental { "an incremental" } else { "a full" },
+            if s.incremental {
+                "an incremental"
+            } else {
+                "a full"
+            },
             dir.display(),
             human(s.stream_bytes),
             s.blocks,

@@ -8,7 +8,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::{BlockKind, BlockPtr, DecodeError, Dec, Enc, PTR_LEN, RECORD_HEADER_LEN, derr};
+use super::{BlockKind, BlockPtr, Dec, DecodeError, Enc, PTR_LEN, RECORD_HEADER_LEN, derr};
 
 /// Magic at the start of every stream (the BEGIN payload) and in the check.
 pub const STREAM_MAGIC: &[u8; 8] = b"KMSFSSTR";
@@ -251,7 +251,10 @@ pub struct RecordFacts {
 /// plaintext facts. Nothing here needs a key.
 pub fn record_facts(rec: &[u8]) -> Result<RecordFacts, DecodeError> {
     if rec.len() < RECORD_HEADER_LEN + 16 {
-        return derr(format!("segment record of {} bytes is too short", rec.len()));
+        return derr(format!(
+            "segment record of {} bytes is too short",
+            rec.len()
+        ));
     }
     let mut d = Dec::new(rec);
     let n = d.u32()? as usize;
@@ -659,6 +662,9 @@ pub struct CommitPlan {
     pub header: Vec<u8>,
     pub root: Vec<u8>,
     pub state: Vec<u8>,
+    /// Records this receive put into segments the target already had: staged
+    /// in `kmsfs.recv/seg/N.seg` at their offsets, copied in place by the commit.
+    pub patches: Vec<HeldRecord>,
 }
 
 impl CommitPlan {
@@ -671,6 +677,7 @@ impl CommitPlan {
             .bytes32(&self.header)
             .bytes32(&self.root)
             .bytes32(&self.state);
+        encode_held(&mut e, &self.patches);
         seal_sum(e.buf)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
@@ -684,6 +691,7 @@ impl CommitPlan {
             header: d.bytes32()?.to_vec(),
             root: d.bytes32()?.to_vec(),
             state: d.bytes32()?.to_vec(),
+            patches: decode_held(&mut d)?,
         };
         d.finish()?;
         Ok(c)

@@ -1,11 +1,11 @@
 //! `receive`: turns a send stream into a volume, or extends one, without any
 //! key (docs/STREAM-FORMAT.md, "Receiving").
 //!
-//! Records land at the (segment, offset) their pointers name: in a new
-//! segment, in the staging directory `kmsfs.recv/seg/` until the receive
-//! commits; in a segment the target already has, in place, where it has no
-//! record (bytes there belong to no tree until the new root record names
-//! them). Tree node records also go to the segment's mirror. The receiving
+//! Records land at the (segment, offset) their pointers name. Until the
+//! receive commits, every write goes to the staging directory
+//! `kmsfs.recv/seg/`: a new segment as a whole file; for a segment the target
+//! already has, a sparse file of the new records at their offsets, copied in
+//! place by the commit (where the target has no record). Tree node records also go to the segment's mirror. The receiving
 //! side tracks, in `kmsfs.received`, every record it holds (place, id, tag)
 //! and the snapshots its root record lists, so an incremental is checked
 //! against its base and its references are found without a key.
@@ -123,6 +123,8 @@ struct Receiver<'a> {
     staged_segs: BTreeSet<u64>,
     staged_mirrors: BTreeSet<u64>,
     held: Held,
+    /// Places written by this receive (in staged files).
+    fresh: std::collections::HashSet<(u64, u32)>,
     progress: Progress,
     since_checkpoint: u64,
     frames_since_checkpoint: u64,
@@ -137,10 +139,9 @@ fn staged_mirror(id: u64) -> String {
 }
 
 impl Receiver<'_> {
+    /// The staged file of segment `id`: the whole new segment, or for a
+    /// segment the target has, a sparse file of the new records only.
     fn seg_file(&mut self, id: u64) -> Result<String> {
-        if self.existing_segs.contains(&id) {
-            return Ok(segment_file_name(id));
-        }
         let name = staged_seg(id);
         if self.staged_segs.insert(id) && !self.st.exists(&name) {
             self.st
@@ -199,13 +200,16 @@ impl Receiver<'_> {
             self.mirror(segment, rec)?;
         }
         self.held.add(r);
+        self.fresh.insert((r.segment, r.offset));
         self.progress.records.push(r);
         self.since_checkpoint += rec.len() as u64;
         Ok(true)
     }
 
     fn read_held(&self, r: &HeldRecord) -> Result<Vec<u8>> {
-        let name = if self.existing_segs.contains(&r.segment) {
+        let name = if self.existing_segs.contains(&r.segment)
+            && !self.fresh.contains(&(r.segment, r.offset))
+        {
             segment_file_name(r.segment)
         } else {
             staged_seg(r.segment)
@@ -302,9 +306,35 @@ fn load_state(st: &dyn Storage) -> Result<Option<(ReceivedState, Header)>> {
 
 /// Finishes a commit whose plan is written (idempotent).
 fn apply_commit(st: &dyn Storage, plan: &CommitPlan) -> Result<()> {
-    if !st.exists(SEGMENT_DIR) {
-        st.create_dir(SEGMENT_DIR).map_err(|e| io(SEGMENT_DIR, e))?;
+    st.create_dir(SEGMENT_DIR).map_err(|e| io(SEGMENT_DIR, e))?;
+    // Records for segments the target had: copied into place from the staged
+    // patch files (a patch file already removed was applied before).
+    let mut patched = BTreeSet::new();
+    for r in &plan.patches {
+        let from = staged_seg(r.segment);
+        let rec = match st.read_at_vec(&from, r.offset as u64, r.len as usize) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(&from, e)),
+        };
+        let to = segment_file_name(r.segment);
+        st.write_at(&to, r.offset as u64, &rec)
+            .map_err(|e| io(&to, e))?;
+        patched.insert(r.segment);
     }
+    for id in &patched {
+        let to = segment_file_name(*id);
+        st.sync(&to).map_err(|e| io(&to, e))?;
+    }
+    let patch_segs: BTreeSet<u64> = plan.patches.iter().map(|r| r.segment).collect();
+    for id in &patch_segs {
+        match st.remove(&staged_seg(*id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(staged_seg(*id), e)),
+        }
+    }
+    // New segments and the mirrors (whole files) are renamed into place.
     let staged = st.list(RECV_SEG_DIR).unwrap_or_default();
     for n in &staged {
         let from = format!("{RECV_SEG_DIR}/{n}");
@@ -338,9 +368,7 @@ fn clear_staging(st: &dyn Storage) -> Result<()> {
             st.remove(&p).map_err(|e| io(&p, e))?;
         }
     }
-    // Directories: removed by name (the storage removes empty ones).
-    let _ = st.remove(RECV_SEG_DIR);
-    let _ = st.remove(RECV_DIR);
+    // The (now empty) directories stay for the next receive.
     st.sync_dir("").map_err(|e| io("volume directory", e))
 }
 
@@ -353,7 +381,8 @@ pub fn abort_receive(st: &dyn Storage) -> Result<bool> {
             st.describe()
         )));
     }
-    let had = st.exists(RECV_PROGRESS_FILE) || st.list(RECV_DIR).is_ok();
+    let had =
+        st.exists(RECV_PROGRESS_FILE) || !st.list(RECV_SEG_DIR).unwrap_or_default().is_empty();
     clear_staging(st)?;
     Ok(had)
 }
@@ -578,7 +607,8 @@ pub fn receive(
         )));
     }
     st.create_dir(RECV_DIR).map_err(|e| io(RECV_DIR, e))?;
-    st.create_dir(RECV_SEG_DIR).map_err(|e| io(RECV_SEG_DIR, e))?;
+    st.create_dir(RECV_SEG_DIR)
+        .map_err(|e| io(RECV_SEG_DIR, e))?;
     let list_ids = |dir: &str, suffix: &str| -> BTreeSet<u64> {
         st.list(dir)
             .unwrap_or_default()
@@ -596,6 +626,11 @@ pub fn receive(
         touched: BTreeSet::new(),
         staged_segs: list_ids(RECV_SEG_DIR, ".seg"),
         staged_mirrors: list_ids(RECV_SEG_DIR, ".meta"),
+        fresh: progress_state
+            .records
+            .iter()
+            .map(|r| (r.segment, r.offset))
+            .collect(),
         held,
         progress: progress_state,
         since_checkpoint: 0,
@@ -691,12 +726,16 @@ pub fn receive(
                 }
                 let (segment, offset, len) = if f.ftype == frame::BLOCK {
                     let (b, _) = BlockFrame::decode(&f.payload).map_err(|e| {
-                        refuse(format!("frame {idx}: {e}: the stream is damaged; {UNCHANGED}"))
+                        refuse(format!(
+                            "frame {idx}: {e}: the stream is damaged; {UNCHANGED}"
+                        ))
                     })?;
                     (b.segment, b.offset, b.record.len() as u64)
                 } else {
                     let r = RefFrame::decode(&f.payload).map_err(|e| {
-                        refuse(format!("frame {idx}: {e}: the stream is damaged; {UNCHANGED}"))
+                        refuse(format!(
+                            "frame {idx}: {e}: the stream is damaged; {UNCHANGED}"
+                        ))
                     })?;
                     (r.segment, r.offset, r.len as u64)
                 };
@@ -856,6 +895,13 @@ pub fn receive(
         },
         root: chosen.record,
         state: state.encode(),
+        patches: rx
+            .progress
+            .records
+            .iter()
+            .filter(|r| rx.existing_segs.contains(&r.segment))
+            .copied()
+            .collect(),
     };
     rx.checkpoint(true)?;
     write_durably(st, RECV_COMMIT_FILE, &plan.encode())?;

@@ -13,7 +13,8 @@
 //! cleaner's moves, so the receiver finds them wherever it holds them and
 //! copies them locally if the source moved them. Tree nodes are always sent
 //! in full (the cleaner gives a node it rewrites a new id, which the target
-//! cannot have); they are about 0.1% of the data.
+//! cannot have): those of the snapshot and of the base as it is now, so the
+//! target lists both; they are about 0.1% of the data.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -21,8 +22,8 @@ use std::io::Write;
 use super::{Tree, Volume, sign_header_with, value_ptr};
 use crate::error::{Error, Result};
 use crate::format::stream::{
-    Begin, BlockFrame, End, FLAG_INCREMENTAL, FrameWriter, RefFrame, RootFrame, SnapRef,
-    TOKEN_LEN, frame,
+    Begin, BlockFrame, End, FLAG_INCREMENTAL, FrameWriter, RefFrame, RootFrame, SnapRef, TOKEN_LEN,
+    frame,
 };
 use crate::format::{self, BlockKind, BlockPtr, Header, RootPayload, SnapshotRecord, tag};
 
@@ -145,16 +146,23 @@ impl Volume {
                 b.name, snap.name
             )));
         }
-        let records = self.tree_records(snap.tree)?;
+        let mut records = self.tree_records(snap.tree)?;
         // Data and xattr blocks the base references: the target holds them.
+        // The base's tree goes along too (its nodes as they are now, its
+        // blocks as references), so that the target lists it whatever the
+        // cleaner did to it since it was sent.
         let held: HashSet<[u8; 16]> = match &base {
             None => HashSet::new(),
-            Some(b) => self
-                .tree_records(b.tree)?
-                .values()
-                .filter(|(_, k)| *k != BlockKind::Node)
-                .map(|(p, _)| p.block_id)
-                .collect(),
+            Some(b) => {
+                let base_records = self.tree_records(b.tree)?;
+                let held = base_records
+                    .values()
+                    .filter(|(_, k)| *k != BlockKind::Node)
+                    .map(|(p, _)| p.block_id)
+                    .collect();
+                records.extend(base_records);
+                held
+            }
         };
         let sent = |p: &BlockPtr, k: BlockKind| k == BlockKind::Node || !held.contains(&p.block_id);
         let total_bytes: u64 = records
@@ -292,9 +300,10 @@ impl Volume {
         Ok(stats)
     }
 
-    /// The root records the target may take, most complete first: every
-    /// snapshot up to the base with the new one (if the target holds them
-    /// all unchanged), the base with the new one, the new one alone.
+    /// The root records the target may take, most complete first: the
+    /// snapshots older than the base, the base and the new one (if the target
+    /// holds the older ones unchanged); the base and the new one; for a full
+    /// stream, the new one alone.
     fn root_candidates(
         &self,
         snap: &SnapshotRecord,
@@ -305,29 +314,32 @@ impl Volume {
             token: self.snapshot_token(s),
             tree: s.tree,
         };
-        let mut sets: Vec<Vec<SnapshotRecord>> = Vec::new();
-        if let Some(b) = base {
-            let mut older: Vec<SnapshotRecord> = self
-                .st
-                .read()
-                .snapshots
-                .iter()
-                .filter(|s| s.generation <= b.generation)
-                .cloned()
-                .collect();
-            older.sort_by_key(|s| s.generation);
-            if older.len() > 1 {
-                sets.push(older);
+        // (snapshots required unchanged, snapshots carried by this stream)
+        let mut sets: Vec<(Vec<SnapshotRecord>, Vec<SnapshotRecord>)> = Vec::new();
+        match base {
+            Some(b) => {
+                let mut older: Vec<SnapshotRecord> = self
+                    .st
+                    .read()
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.generation < b.generation)
+                    .cloned()
+                    .collect();
+                older.sort_by_key(|s| s.generation);
+                if !older.is_empty() {
+                    sets.push((older, vec![b.clone(), snap.clone()]));
+                }
+                sets.push((Vec::new(), vec![b.clone(), snap.clone()]));
             }
-            sets.push(vec![b.clone()]);
+            None => sets.push((Vec::new(), vec![snap.clone()])),
         }
-        sets.push(Vec::new());
         let next_segment = self.io.next_segment();
         Ok(sets
             .into_iter()
-            .map(|requires| {
+            .map(|(requires, carried)| {
                 let mut listed = requires.clone();
-                listed.push(snap.clone());
+                listed.extend(carried);
                 let payload = RootPayload {
                     tree: snap.tree,
                     next_ino: snap.next_ino,

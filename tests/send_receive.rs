@@ -1,0 +1,469 @@
+//! Raw send and receive at the engine level: full and incremental streams
+//! received without a key and compared with their snapshots, fsck on the
+//! received volume, refusals of damaged streams and wrong bases (the target
+//! left exactly as it was), interrupted receives resumed (same stream again,
+//! or a token-resumed stream), a source cleaned between two sends, clones.
+
+mod engine_common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use engine_common::*;
+use kmsfs::format::stream::{CHECK_LEN, FRAME_PREFIX_LEN, frame};
+use kmsfs::store::{FsStorage, Storage};
+use kmsfs::volume::receive::{ReceiveOptions, abort_receive, receive, resume_token};
+use kmsfs::volume::send::parse_resume_token;
+use kmsfs::volume::{OpenOptions, ROOT_INO, Volume};
+
+fn fs(p: &Path) -> Arc<dyn Storage> {
+    std::fs::create_dir_all(p).unwrap();
+    Arc::new(FsStorage::new(p))
+}
+
+fn send(v: &Volume, snap: &str, base: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    v.send(snap, base, None, &mut out, &|_, _| {}).unwrap();
+    out
+}
+
+fn recv(
+    target: &Path,
+    stream: &[u8],
+) -> kmsfs::error::Result<kmsfs::volume::receive::ReceiveStats> {
+    receive(
+        fs(target),
+        &mut &stream[..],
+        &ReceiveOptions::default(),
+        &|_, _| {},
+    )
+}
+
+fn recv_resume(
+    target: &Path,
+    stream: &[u8],
+) -> kmsfs::error::Result<kmsfs::volume::receive::ReceiveStats> {
+    receive(
+        fs(target),
+        &mut &stream[..],
+        &ReceiveOptions { resume: true },
+        &|_, _| {},
+    )
+}
+
+fn open_ro(env: &Env, p: &Path, snapshot: Option<&str>) -> Volume {
+    Volume::open(
+        fs(p),
+        &env.kms,
+        OpenOptions {
+            read_only: true,
+            snapshot: snapshot.map(String::from),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("open {} {snapshot:?}: {e}", p.display()))
+}
+
+fn snap_dump(env: &Env, p: &Path, snapshot: &str) -> Dump {
+    dump(&open_ro(env, p, Some(snapshot))).unwrap()
+}
+
+/// Every file of a volume directory with its bytes (what "unchanged" means).
+fn files(p: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    fn go(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let name = e.path().strip_prefix(root).unwrap().display().to_string();
+            if name == "kmsfs.lock" || name == "kmsfs.readers" || name.starts_with("kmsfs.recv") {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                go(root, &e.path(), out);
+            } else {
+                out.insert(name, std::fs::read(e.path()).unwrap());
+            }
+        }
+    }
+    go(p, p, &mut out);
+    out
+}
+
+/// The byte ranges of the frames of a stream.
+fn frames(s: &[u8]) -> Vec<(u8, std::ops::Range<usize>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < s.len() {
+        let len = u32::from_le_bytes(s[at + 1..at + 5].try_into().unwrap()) as usize;
+        let end = at + FRAME_PREFIX_LEN + len + CHECK_LEN;
+        out.push((s[at], at..end));
+        at = end;
+    }
+    out
+}
+
+fn write_file(v: &Volume, name: &str, seed: u64, len: usize) {
+    let ino = match v.lookup(ROOT_INO, name.as_bytes()) {
+        Ok(a) => a.ino,
+        Err(_) => {
+            v.create(ROOT_INO, name.as_bytes(), 0o644, 0, 0)
+                .unwrap()
+                .ino
+        }
+    };
+    v.write(ino, 0, &pattern(seed, len)).unwrap();
+}
+
+/// A source with snapshot s1 (files, a directory, a symlink, an xattr).
+fn source(env: &Env) -> (Volume, std::path::PathBuf) {
+    let p = env.dir.path().join("src");
+    let v = init(env, fs(&p), &small_opts());
+    for i in 0..6 {
+        write_file(&v, &format!("f{i}"), i, 20_000 + i as usize * 7_000);
+    }
+    let d = v.mkdir(ROOT_INO, b"dir", 0o750, 1, 2).unwrap();
+    let f = v.create(d.ino, b"inner", 0o600, 1, 2).unwrap();
+    v.write(f.ino, 0, &pattern(99, 50_000)).unwrap();
+    v.setxattr(f.ino, b"user.big", &pattern(5, 5000), 0)
+        .unwrap();
+    v.symlink(ROOT_INO, b"link", b"dir/inner", 0, 0).unwrap();
+    v.snapshot_create("s1").unwrap();
+    (v, p)
+}
+
+#[test]
+fn full_then_two_incrementals_match_their_snapshots() {
+    let env = env();
+    let (v, _) = source(&env);
+    let target = env.dir.path().join("target");
+    let full = send(&v, "s1", None);
+    let st = recv(&target, &full).unwrap();
+    assert!(!st.incremental);
+    assert_eq!(st.snapshots, 1);
+    assert_eq!(snap_dump(&env, &target, "s1"), src_snap(&env, &v, "s1"));
+    // The live tree of the received volume is the snapshot too.
+    assert_eq!(
+        dump(&open_ro(&env, &target, None)).unwrap(),
+        src_snap(&env, &v, "s1")
+    );
+    let r = open_ro(&env, &target, None).fsck().unwrap();
+    assert!(r.is_clean(), "{:?}", r.errors);
+
+    // Change a little: the incremental carries that, not the rest.
+    write_file(&v, "f1", 1001, 4096);
+    v.unlink(ROOT_INO, b"f2").unwrap();
+    write_file(&v, "new", 7, 30_000);
+    v.snapshot_create("s2").unwrap();
+    let inc = send(&v, "s2", Some("s1"));
+    assert!(
+        inc.len() * 3 < full.len(),
+        "incremental {} vs full {}",
+        inc.len(),
+        full.len()
+    );
+    let st = recv(&target, &inc).unwrap();
+    assert!(st.incremental && st.refs > 0);
+    assert_eq!(st.snapshots, 2, "the base stays listed");
+    assert_eq!(snap_dump(&env, &target, "s2"), src_snap(&env, &v, "s2"));
+    assert_eq!(snap_dump(&env, &target, "s1"), src_snap(&env, &v, "s1"));
+
+    // The source's cleaner moves records between sends: the third stream
+    // still fits (moved blocks are copied within the target).
+    for i in 0..6 {
+        write_file(&v, &format!("churn{i}"), 500 + i, 200_000);
+    }
+    for i in 0..6 {
+        v.unlink(ROOT_INO, format!("churn{i}").as_bytes()).unwrap();
+    }
+    v.commit().unwrap();
+    v.snapshot_delete("s1").unwrap();
+    v.clean(0.99).unwrap();
+    write_file(&v, "f3", 3003, 10_000);
+    v.snapshot_create("s3").unwrap();
+    let inc2 = send(&v, "s3", Some("s2"));
+    let st = recv(&target, &inc2).unwrap();
+    assert!(st.incremental);
+    assert!(
+        st.copied > 0,
+        "the cleaner moved none of the base's blocks: {st:?}"
+    );
+    let t = open_ro(&env, &target, None);
+    let names: Vec<String> = t.snapshots().iter().map(|s| s.name.clone()).collect();
+    // s1 is gone from the source, so from the stream's list; s2 stays, as
+    // the source has it now.
+    assert_eq!(names, ["s2", "s3"]);
+    assert_eq!(snap_dump(&env, &target, "s3"), src_snap(&env, &v, "s3"));
+    let r = t.fsck().unwrap();
+    assert!(r.is_clean(), "{:?}", r.errors);
+    for s in t.snapshots() {
+        assert_eq!(
+            snap_dump(&env, &target, &s.name),
+            src_snap(&env, &v, &s.name),
+            "snapshot {}",
+            s.name
+        );
+    }
+}
+
+/// The source's snapshot `name`, as a reader sees it.
+fn src_snap(env: &Env, v: &Volume, name: &str) -> Dump {
+    let s = Volume::open(
+        v.storage().clone(),
+        &env.kms,
+        OpenOptions {
+            snapshot: Some(name.into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    dump(&s).unwrap()
+}
+
+#[test]
+fn a_received_volume_opens_read_only_and_clones_writable() {
+    let env = env();
+    let (v, _) = source(&env);
+    let target = env.dir.path().join("target");
+    recv(&target, &send(&v, "s1", None)).unwrap();
+    let e = Volume::open(fs(&target), &env.kms, OpenOptions::default())
+        .err()
+        .expect("a received volume must not open read-write");
+    assert!(e.to_string().contains("read-only"), "{e}");
+    let t = open_ro(&env, &target, None);
+    let clone = env.dir.path().join("clone");
+    let cs = fs(&clone);
+    t.clone_snapshot("s1", cs.clone(), &|n| {
+        std::fs::copy(target.join(n), clone.join(n)).map(|_| ())
+    })
+    .unwrap();
+    let c = Volume::open(cs, &env.kms, OpenOptions::default()).unwrap();
+    write_file(&c, "written-in-clone", 1, 1000);
+    c.commit().unwrap();
+    let mut want = src_snap(&env, &v, "s1");
+    let got = dump(&c).unwrap();
+    assert!(got.contains_key("/written-in-clone"));
+    want.insert("/written-in-clone".into(), got["/written-in-clone"].clone());
+    assert_eq!(got, want);
+}
+
+#[test]
+fn receive_needs_no_key_and_the_mount_needs_the_cmk() {
+    let env = env();
+    let (v, _) = source(&env);
+    let target = env.dir.path().join("target");
+    // receive takes no KMS at all.
+    recv(&target, &send(&v, "s1", None)).unwrap();
+    // A keystore without the CMK cannot open it, and says so.
+    let other = engine_common::env();
+    let e = Volume::open(
+        fs(&target),
+        &other.kms,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("another keystore lacks the CMK");
+    assert!(matches!(e, kmsfs::error::Error::Kms(_)), "{e}");
+    // With the key, it opens.
+    open_ro(&env, &target, Some("s1"));
+}
+
+#[test]
+fn damaged_streams_are_refused_and_the_target_is_unchanged() {
+    let env = env();
+    let (v, _) = source(&env);
+    let target = env.dir.path().join("target");
+    recv(&target, &send(&v, "s1", None)).unwrap();
+    write_file(&v, "f0", 4242, 60_000);
+    v.snapshot_create("s2").unwrap();
+    let inc = send(&v, "s2", Some("s1"));
+    let fr = frames(&inc);
+    let blocks: Vec<_> = fr.iter().filter(|(t, _)| *t == frame::BLOCK).collect();
+    assert!(blocks.len() >= 2);
+    let before = files(&target);
+
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    // Truncated: in the middle of a block frame, and at a frame boundary.
+    let r = &blocks[1].1;
+    cases.push(("truncated mid-frame", inc[..r.start + 10].to_vec()));
+    cases.push(("truncated at a boundary", inc[..r.end].to_vec()));
+    cases.push((
+        "truncated before END",
+        inc[..fr.last().unwrap().1.start].to_vec(),
+    ));
+    // Altered: one bit of a sealed record, of a length, of the END frame.
+    let mut a = inc.clone();
+    a[r.start + 40] ^= 1;
+    cases.push(("altered record", a));
+    let mut a = inc.clone();
+    a[r.start + 2] ^= 1;
+    cases.push(("altered length", a));
+    let mut a = inc.clone();
+    let last = fr.last().unwrap().1.clone();
+    a[last.start + 6] ^= 1;
+    cases.push(("altered END", a));
+    // Reordered: two block frames swapped.
+    let (r0, r1) = (blocks[0].1.clone(), blocks[1].1.clone());
+    let mut a = inc[..r0.start].to_vec();
+    a.extend_from_slice(&inc[r1.clone()]);
+    a.extend_from_slice(&inc[r0.clone()]);
+    a.extend_from_slice(&inc[r1.end..]);
+    cases.push(("reordered", a));
+    // A frame dropped.
+    let mut a = inc[..r0.start].to_vec();
+    a.extend_from_slice(&inc[r0.end..]);
+    cases.push(("frame dropped", a));
+    // Trailing garbage after END.
+    let mut a = inc.clone();
+    a.extend_from_slice(&inc[r0.clone()]);
+    cases.push(("frame after END", a));
+
+    for (what, s) in cases {
+        let e = recv(&target, &s)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: accepted"));
+        assert!(matches!(e, kmsfs::error::Error::Stream(_)), "{what}: {e}");
+        assert!(e.to_string().contains("unchanged"), "{what}: {e}");
+        assert_eq!(files(&target), before, "{what}: the target changed");
+        // The volume still opens as s1 only.
+        let t = open_ro(&env, &target, None);
+        assert_eq!(t.snapshots().len(), 1, "{what}");
+        abort_receive(&*fs(&target)).unwrap();
+    }
+    // And the intact stream is still accepted afterwards.
+    recv(&target, &inc).unwrap();
+    assert_eq!(snap_dump(&env, &target, "s2"), src_snap(&env, &v, "s2"));
+}
+
+#[test]
+fn wrong_base_and_wrong_kind_of_stream_are_refused() {
+    let env = env();
+    let (v, _) = source(&env);
+    write_file(&v, "f0", 1, 5000);
+    v.snapshot_create("s2").unwrap();
+    write_file(&v, "f0", 2, 5000);
+    v.snapshot_create("s3").unwrap();
+    let target = env.dir.path().join("target");
+    // An incremental into an empty directory.
+    let e = recv(&target, &send(&v, "s2", Some("s1"))).unwrap_err();
+    assert!(e.to_string().contains("full stream of its base"), "{e}");
+    recv(&target, &send(&v, "s1", None)).unwrap();
+    let before = files(&target);
+    // The target holds s1, not s2.
+    let e = recv(&target, &send(&v, "s3", Some("s2"))).unwrap_err();
+    assert!(
+        e.to_string().contains("does not hold the stream's base"),
+        "{e}"
+    );
+    assert_eq!(files(&target), before);
+    // A full stream into a received volume.
+    let e = recv(&target, &send(&v, "s2", None)).unwrap_err();
+    assert!(e.to_string().contains("full stream"), "{e}");
+    assert_eq!(files(&target), before);
+    // Another volume's incremental with a base of the same name.
+    let env2 = engine_common::env();
+    let (w, _) = source(&env2);
+    write_file(&w, "x", 1, 100);
+    w.snapshot_create("s2").unwrap();
+    let e = recv(&target, &send(&w, "s2", Some("s1"))).unwrap_err();
+    assert!(e.to_string().contains("another volume"), "{e}");
+    assert_eq!(files(&target), before);
+    // An older snapshot than the target holds.
+    recv(&target, &send(&v, "s3", Some("s1"))).unwrap();
+    let e = recv(&target, &send(&v, "s2", Some("s1"))).unwrap_err();
+    assert!(e.to_string().contains("newer"), "{e}");
+    // The base must be older than the snapshot.
+    assert!(
+        v.send("s1", Some("s3"), None, &mut Vec::new(), &|_, _| {})
+            .is_err()
+    );
+}
+
+#[test]
+fn an_interrupted_receive_resumes() {
+    let env = env();
+    let p = env.dir.path().join("src");
+    let v = init(&env, fs(&p), &small_opts());
+    // Enough records for a checkpoint (1024 frames) midway.
+    for i in 0..48 {
+        write_file(&v, &format!("f{i}"), i, 200_000);
+    }
+    v.snapshot_create("s1").unwrap();
+    let full = send(&v, "s1", None);
+    let fr = frames(&full);
+    assert!(fr.len() > 2100, "{} frames", fr.len());
+    let target = env.dir.path().join("target");
+
+    // Dies at frame 1500: nothing visible, the resume point kept.
+    let cut = fr[1500].1.start + 7;
+    let e = recv(&target, &full[..cut]).unwrap_err();
+    assert!(e.to_string().contains("--resume"), "{e}");
+    assert!(!target.join("kmsfs.root").exists());
+    assert!(!target.join("kmsfs.header").exists());
+    // Without --resume, a new receive is refused (it would lose the work).
+    let e = recv(&target, &full).unwrap_err();
+    assert!(e.to_string().contains("interrupted receive"), "{e}");
+    // Token-resumed stream: only the rest is sent.
+    let token = resume_token(&*fs(&target)).unwrap().unwrap();
+    let point = parse_resume_token(&token).unwrap();
+    assert!(point.next_index > 1000, "{}", point.next_index);
+    let mut rest = Vec::new();
+    let s = v
+        .send("s1", None, Some(&point), &mut rest, &|_, _| {})
+        .unwrap();
+    assert!(s.skipped_frames > 1000);
+    assert!(rest.len() < full.len() / 2);
+    // Interrupt again, then resume by feeding the whole stream again.
+    let e = recv_resume(&target, &rest[..rest.len() / 2]).unwrap_err();
+    assert!(e.to_string().contains("--resume"), "{e}");
+    let st = recv_resume(&target, &full).unwrap();
+    assert!(st.resumed_from > point.next_index);
+    assert_eq!(snap_dump(&env, &target, "s1"), src_snap(&env, &v, "s1"));
+    let r = open_ro(&env, &target, None).fsck().unwrap();
+    assert!(r.is_clean(), "{:?}", r.errors);
+    assert!(!target.join("kmsfs.recv/progress").exists());
+    // A token whose chain does not match what the source sends is refused.
+    let mut bad = point.clone();
+    bad.check[0] ^= 1;
+    assert!(
+        v.send("s1", None, Some(&bad), &mut Vec::new(), &|_, _| {})
+            .is_err()
+    );
+}
+
+#[test]
+fn aborting_restores_the_target() {
+    let env = env();
+    let (v, _) = source(&env);
+    let target = env.dir.path().join("target");
+    let full = send(&v, "s1", None);
+    let fr = frames(&full);
+    let _ = recv(&target, &full[..fr[4].1.end]).unwrap_err();
+    assert!(resume_token(&*fs(&target)).unwrap().is_some());
+    assert!(abort_receive(&*fs(&target)).unwrap());
+    assert!(resume_token(&*fs(&target)).unwrap().is_none());
+    assert!(files(&target).is_empty(), "{:?}", files(&target).keys());
+    recv(&target, &full).unwrap();
+    assert_eq!(snap_dump(&env, &target, "s1"), src_snap(&env, &v, "s1"));
+}
+
+#[test]
+fn a_stream_shows_no_names_or_plaintext() {
+    let env = env();
+    let p = env.dir.path().join("src");
+    let v = init(&env, fs(&p), &small_opts());
+    let f = v
+        .create(ROOT_INO, b"secret-file-name", 0o644, 0, 0)
+        .unwrap();
+    v.write(f.ino, 0, b"very secret plaintext contents")
+        .unwrap();
+    v.snapshot_create("secret-snapshot-name").unwrap();
+    let s = send(&v, "secret-snapshot-name", None);
+    let has = |n: &[u8]| s.windows(n.len()).any(|w| w == n);
+    assert!(!has(b"secret-file-name"));
+    assert!(!has(b"secret-snapshot-name"));
+    assert!(!has(b"very secret plaintext"));
+}
