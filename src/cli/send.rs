@@ -152,7 +152,15 @@ pub(super) fn cmd_receive(a: ReceiveArgs) -> Result<()> {
             .create(dir)
             .map_err(|e| CliError::error(format!("{}: {e}", dir.display())))?;
     }
-    let dir = check_volume(dir)?;
+    // Not check_volume: an empty directory is a fine target.
+    let dir = fs::canonicalize(dir)
+        .map_err(|e| CliError::error(format!("target directory {}: {e}", dir.display())))?;
+    if !dir.is_dir() {
+        return Err(CliError::error(format!(
+            "{} is not a directory; give a directory for the received volume",
+            dir.display()
+        )));
+    }
     let storage = Arc::new(FsStorage::new(&dir));
     if a.token {
         return match receive::resume_token(&*storage)? {
