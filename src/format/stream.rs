@@ -483,6 +483,28 @@ impl HeldRecord {
     }
 }
 
+/// Length of an encoded held record.
+pub const HELD_RECORD_LEN: usize = HELD_LEN;
+
+impl HeldRecord {
+    /// The 49 bytes of one held record (an entry of `kmsfs.recv/records`).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut e = Enc::with_capacity(HELD_LEN);
+        self.encode(&mut e);
+        e.buf
+    }
+    /// The first `count` records of a journal of held records.
+    pub fn decode_journal(b: &[u8], count: u64) -> Result<Vec<Self>, DecodeError> {
+        if count > (b.len() / HELD_LEN) as u64 {
+            return derr(format!(
+                "{RECV_RECORDS_FILE} holds fewer records than {RECV_PROGRESS_FILE} counts"
+            ));
+        }
+        let mut d = Dec::new(b);
+        (0..count).map(|_| HeldRecord::decode(&mut d)).collect()
+    }
+}
+
 fn encode_held(e: &mut Enc, v: &[HeldRecord]) {
     e.u64(v.len() as u64);
     for h in v {
@@ -530,6 +552,8 @@ fn open_sum<'a>(b: &'a [u8], magic: &[u8; 8], what: &str) -> Result<Dec<'a>, Dec
 pub const RECEIVED_FILE: &str = "kmsfs.received";
 pub const RECV_DIR: &str = "kmsfs.recv";
 pub const RECV_PROGRESS_FILE: &str = "kmsfs.recv/progress";
+/// Journal of the records an interrupted receive wrote (appended, 49 bytes each).
+pub const RECV_RECORDS_FILE: &str = "kmsfs.recv/records";
 pub const RECV_COMMIT_FILE: &str = "kmsfs.recv/commit";
 pub const RECV_SEG_DIR: &str = "kmsfs.recv/seg";
 pub const RECEIVED_MAGIC: &[u8; 8] = b"KMSFSRCV";
@@ -600,8 +624,9 @@ pub struct Progress {
     pub blocks: u64,
     pub refs: u64,
     pub block_bytes: u64,
-    /// Records written by this receive so far.
-    pub records: Vec<HeldRecord>,
+    /// Records written by this receive so far: the first this many entries
+    /// of `kmsfs.recv/records`.
+    pub records: u64,
 }
 
 impl Progress {
@@ -615,8 +640,8 @@ impl Progress {
             .bytes(&self.check)
             .u64(self.blocks)
             .u64(self.refs)
-            .u64(self.block_bytes);
-        encode_held(&mut e, &self.records);
+            .u64(self.block_bytes)
+            .u64(self.records);
         seal_sum(e.buf)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
@@ -628,7 +653,7 @@ impl Progress {
             blocks: d.u64()?,
             refs: d.u64()?,
             block_bytes: d.u64()?,
-            records: decode_held(&mut d)?,
+            records: d.u64()?,
         };
         d.finish()?;
         Ok(p)

@@ -506,7 +506,7 @@ impl Volume {
         let read_only = opts.read_only || opts.snapshot.is_some();
         if !read_only && storage.exists(format::stream::RECEIVED_FILE) {
             return Err(Error::ReadOnly(format!(
-                "{} was made by `kmsfs receive` and takes further streams, so it only opens                  read-only: mount it with --read-only, or make a writable volume of a snapshot                  with `kmsfs clone`",
+                "{} was made by `kmsfs receive` and takes further streams, so it only opens read-only: mount it with --read-only, or make a writable volume of a snapshot with `kmsfs clone`",
                 storage.describe()
             )));
         }

@@ -23,9 +23,9 @@ use std::sync::Arc;
 use super::{ROOT_SLOTS, write_durably, write_durably_via};
 use crate::error::{Error, Result};
 use crate::format::stream::{
-    Begin, BlockFrame, CommitPlan, End, FrameError, FrameReader, HeldRecord, Progress,
-    RECEIVED_FILE, RECV_COMMIT_FILE, RECV_DIR, RECV_PROGRESS_FILE, RECV_SEG_DIR, ReceivedState,
-    RefFrame, RootFrame, frame, sha256,
+    Begin, BlockFrame, CommitPlan, End, FrameError, FrameReader, HELD_RECORD_LEN, HeldRecord,
+    Progress, RECEIVED_FILE, RECV_COMMIT_FILE, RECV_DIR, RECV_PROGRESS_FILE, RECV_RECORDS_FILE,
+    RECV_SEG_DIR, ReceivedState, RefFrame, RootFrame, frame, sha256,
 };
 use crate::format::{
     self, BlockKind, Header, SEGMENT_DIR, SEGMENT_HEADER_LEN, encode_segment_header,
@@ -123,6 +123,10 @@ struct Receiver<'a> {
     staged_segs: BTreeSet<u64>,
     staged_mirrors: BTreeSet<u64>,
     held: Held,
+    /// Records this receive wrote, in order; the first `journaled` are in
+    /// the journal `kmsfs.recv/records`.
+    written: Vec<HeldRecord>,
+    journaled: usize,
     /// Places written by this receive (in staged files).
     fresh: std::collections::HashSet<(u64, u32)>,
     progress: Progress,
@@ -201,7 +205,7 @@ impl Receiver<'_> {
         }
         self.held.add(r);
         self.fresh.insert((r.segment, r.offset));
-        self.progress.records.push(r);
+        self.written.push(r);
         self.since_checkpoint += rec.len() as u64;
         Ok(true)
     }
@@ -246,6 +250,22 @@ impl Receiver<'_> {
                 .sync_dir(RECV_SEG_DIR)
                 .map_err(|e| io(RECV_SEG_DIR, e))?;
         }
+        if self.journaled < self.written.len() {
+            let mut b = Vec::with_capacity((self.written.len() - self.journaled) * HELD_RECORD_LEN);
+            for r in &self.written[self.journaled..] {
+                b.extend_from_slice(&r.to_bytes());
+            }
+            self.st
+                .append(RECV_RECORDS_FILE, &b)
+                .map_err(|e| io(RECV_RECORDS_FILE, e))?;
+            self.journaled = self.written.len();
+        }
+        if self.journaled > 0 {
+            self.st
+                .sync(RECV_RECORDS_FILE)
+                .map_err(|e| io(RECV_RECORDS_FILE, e))?;
+        }
+        self.progress.records = self.journaled as u64;
         write_durably(self.st, RECV_PROGRESS_FILE, &self.progress.encode())?;
         self.since_checkpoint = 0;
         self.frames_since_checkpoint = 0;
@@ -571,8 +591,9 @@ pub fn receive(
         blocks: 0,
         refs: 0,
         block_bytes: 0,
-        records: Vec::new(),
+        records: 0,
     };
+    let mut written = Vec::new();
     if let Some(p) = &pending {
         if p.stream_id != begin.stream_id() {
             return Err(refuse(format!(
@@ -581,7 +602,27 @@ pub fn receive(
                 st.describe()
             )));
         }
-        for r in &p.records {
+        let journal = match st.read(RECV_RECORDS_FILE) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(RECV_RECORDS_FILE, e)),
+        };
+        written = HeldRecord::decode_journal(&journal, p.records).map_err(|e| {
+            refuse(format!(
+                "{e}; discard the interrupted receive with `kmsfs receive --abort`"
+            ))
+        })?;
+        // Entries past the count (written after the last checkpoint) go.
+        if journal.len() > written.len() * HELD_RECORD_LEN {
+            st.write_file(
+                RECV_RECORDS_FILE,
+                &journal[..written.len() * HELD_RECORD_LEN],
+            )
+            .map_err(|e| io(RECV_RECORDS_FILE, e))?;
+            st.sync(RECV_RECORDS_FILE)
+                .map_err(|e| io(RECV_RECORDS_FILE, e))?;
+        }
+        for r in &written {
             held.add(*r);
         }
         if begin.resume_index == 0 {
@@ -626,11 +667,9 @@ pub fn receive(
         touched: BTreeSet::new(),
         staged_segs: list_ids(RECV_SEG_DIR, ".seg"),
         staged_mirrors: list_ids(RECV_SEG_DIR, ".meta"),
-        fresh: progress_state
-            .records
-            .iter()
-            .map(|r| (r.segment, r.offset))
-            .collect(),
+        fresh: written.iter().map(|r| (r.segment, r.offset)).collect(),
+        journaled: written.len(),
+        written,
         held,
         progress: progress_state,
         since_checkpoint: 0,
@@ -840,7 +879,7 @@ pub fn receive(
         Some(h) => h,
         None => st.read(RECV_HEADER_FILE).map_err(|e| {
             refuse(format!(
-                "the volume header of the interrupted receive is gone ({e}); discard it with                  `kmsfs receive --abort` and send the whole stream again"
+                "the volume header of the interrupted receive is gone ({e}); discard it with `kmsfs receive --abort` and send the whole stream again"
             ))
         })?,
     };
@@ -854,7 +893,7 @@ pub fn receive(
         .find(|r| r.requires.iter().all(|q| old_snaps.contains(q)))
         .ok_or_else(|| {
             refuse(format!(
-                "none of the stream's root records fits {}: it does not hold the base snapshot                  unchanged; {UNCHANGED}",
+                "none of the stream's root records fits {}: it does not hold the base snapshot unchanged; {UNCHANGED}",
                 st.describe()
             ))
         })?;
@@ -875,7 +914,7 @@ pub fn receive(
         ),
         None => (0, Vec::new(), None),
     };
-    records.extend_from_slice(&rx.progress.records);
+    records.extend_from_slice(&rx.written);
     let state = ReceivedState {
         target_volume: begin.target_volume,
         key_domain: begin.key_domain,
@@ -896,8 +935,7 @@ pub fn receive(
         root: chosen.record,
         state: state.encode(),
         patches: rx
-            .progress
-            .records
+            .written
             .iter()
             .filter(|r| rx.existing_segs.contains(&r.segment))
             .copied()
