@@ -211,6 +211,12 @@ impl Receiver<'_> {
     }
 
     fn read_held(&self, r: &HeldRecord) -> Result<Vec<u8>> {
+        if r.len > MAX_RECORD {
+            return Err(refuse(format!(
+                "{RECEIVED_FILE} names a record of {} bytes, more than any record: it is                  damaged; receive a full stream into a new directory",
+                r.len
+            )));
+        }
         let name = if self.existing_segs.contains(&r.segment)
             && !self.fresh.contains(&(r.segment, r.offset))
         {
@@ -331,6 +337,12 @@ fn apply_commit(st: &dyn Storage, plan: &CommitPlan) -> Result<()> {
     // patch files (a patch file already removed was applied before).
     let mut patched = BTreeSet::new();
     for r in &plan.patches {
+        if r.len > MAX_RECORD {
+            return Err(refuse(format!(
+                "{RECV_COMMIT_FILE} names a record of {} bytes: it is damaged; remove {RECV_DIR}                  and receive again",
+                r.len
+            )));
+        }
         let from = staged_seg(r.segment);
         let rec = match st.read_at_vec(&from, r.offset as u64, r.len as usize) {
             Ok(b) => b,
