@@ -529,7 +529,7 @@ fn write_golden_stream() {
     let v = Volume::open(storage, &kms, OpenOptions::default()).unwrap();
     for (path, data) in golden_files("s1") {
         let f = v
-            .create(ROOT_INO, path[1..].as_bytes(), 0o644, 1000, 1000)
+            .create(ROOT_INO, &path.as_bytes()[1..], 0o644, 1000, 1000)
             .unwrap();
         v.write(f.ino, 0, &data).unwrap();
     }
@@ -613,7 +613,7 @@ fn golden_stream_v1_receives_and_reads() {
         )
         .unwrap();
         for (p, want) in golden_files(snap) {
-            let a = v.lookup(ROOT_INO, p[1..].as_bytes()).unwrap();
+            let a = v.lookup(ROOT_INO, &p.as_bytes()[1..]).unwrap();
             let got = v.read(a.ino, 0, a.inode.size as u32).unwrap();
             assert!(got == want, "{snap}{p}");
         }
