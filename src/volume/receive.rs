@@ -272,11 +272,18 @@ impl Receiver<'_> {
                 .map_err(|e| io(RECV_RECORDS_FILE, e))?;
         }
         self.progress.records = self.journaled as u64;
-        write_durably(self.st, RECV_PROGRESS_FILE, &self.progress.encode())?;
+        write_staged(self.st, RECV_PROGRESS_FILE, &self.progress.encode())?;
         self.since_checkpoint = 0;
         self.frames_since_checkpoint = 0;
         Ok(())
     }
+}
+
+/// As `write_durably`, for a file in the staging directory: the rename is
+/// made durable there (a rename is durable once its directory is synced).
+fn write_staged(st: &dyn Storage, name: &str, data: &[u8]) -> Result<()> {
+    write_durably_via(st, &format!("{name}.tmp"), name, data)?;
+    st.sync_dir(RECV_DIR).map_err(|e| io(RECV_DIR, e))
 }
 
 /// Reads the state of a received volume (None for an empty directory).
@@ -389,19 +396,34 @@ fn apply_commit(st: &dyn Storage, plan: &CommitPlan) -> Result<()> {
     clear_staging(st)
 }
 
+/// Empties the staging directory; the commit plan goes last, so that an
+/// interruption leaves either a plan to finish or nothing.
 fn clear_staging(st: &dyn Storage) -> Result<()> {
+    let Ok(top) = st.list(RECV_DIR) else {
+        return Ok(());
+    };
     for n in st.list(RECV_SEG_DIR).unwrap_or_default() {
         let p = format!("{RECV_SEG_DIR}/{n}");
         st.remove(&p).map_err(|e| io(&p, e))?;
     }
-    for n in st.list(RECV_DIR).unwrap_or_default() {
+    st.sync_dir(RECV_SEG_DIR).map_err(|e| io(RECV_SEG_DIR, e))?;
+    for n in &top {
         let p = format!("{RECV_DIR}/{n}");
-        if p != RECV_SEG_DIR {
+        if p != RECV_SEG_DIR && p != RECV_COMMIT_FILE {
             st.remove(&p).map_err(|e| io(&p, e))?;
         }
     }
+    st.sync_dir(RECV_DIR).map_err(|e| io(RECV_DIR, e))?;
+    if top
+        .iter()
+        .any(|n| format!("{RECV_DIR}/{n}") == RECV_COMMIT_FILE)
+    {
+        st.remove(RECV_COMMIT_FILE)
+            .map_err(|e| io(RECV_COMMIT_FILE, e))?;
+        st.sync_dir(RECV_DIR).map_err(|e| io(RECV_DIR, e))?;
+    }
     // The (now empty) directories stay for the next receive.
-    st.sync_dir("").map_err(|e| io("volume directory", e))
+    Ok(())
 }
 
 /// Discards an interrupted receive (the target stays as it was).
@@ -471,6 +493,7 @@ pub fn receive(
     let st: &dyn Storage = &*st;
     let _lock = crate::store::lock_volume(st)?;
     // A verified receive interrupted while it was made visible: finish it.
+    let mut rolled_forward = false;
     if let Ok(b) = st.read(RECV_COMMIT_FILE) {
         let plan = CommitPlan::decode(&b).map_err(|e| {
             refuse(format!(
@@ -479,6 +502,7 @@ pub fn receive(
             ))
         })?;
         apply_commit(st, &plan)?;
+        rolled_forward = true;
         log::warn!(
             "{}: finished the receive that was interrupted while it was made visible",
             st.describe()
@@ -502,7 +526,7 @@ pub fn receive(
             st.describe()
         )));
     }
-    if pending.is_none() && opts.resume {
+    if pending.is_none() && opts.resume && !rolled_forward {
         return Err(refuse(format!(
             "{} has no interrupted receive to resume; receive without --resume",
             st.describe()
@@ -573,6 +597,12 @@ pub fn receive(
                 return Err(refuse(format!(
                     "the base snapshot in {} is not as it was received (its records changed); \
                      {UNCHANGED}. Receive a full stream into a new directory",
+                    st.describe()
+                )));
+            }
+            if s.snapshots.iter().any(|r| r.token == begin.snapshot_token) {
+                return Err(refuse(format!(
+                    "{} already holds this stream's snapshot; nothing to do",
                     st.describe()
                 )));
             }
@@ -662,6 +692,8 @@ pub fn receive(
     st.create_dir(RECV_DIR).map_err(|e| io(RECV_DIR, e))?;
     st.create_dir(RECV_SEG_DIR)
         .map_err(|e| io(RECV_SEG_DIR, e))?;
+    st.sync_dir(RECV_DIR).map_err(|e| io(RECV_DIR, e))?;
+    st.sync_dir("").map_err(|e| io("volume directory", e))?;
     let list_ids = |dir: &str, suffix: &str| -> BTreeSet<u64> {
         st.list(dir)
             .unwrap_or_default()
@@ -767,7 +799,7 @@ pub fn receive(
                     )));
                 }
                 if !st.exists(RECV_HEADER_FILE) {
-                    write_durably(st, RECV_HEADER_FILE, &f.payload)?;
+                    write_staged(st, RECV_HEADER_FILE, &f.payload)?;
                 }
                 header_bytes = Some(f.payload);
             }
@@ -954,7 +986,7 @@ pub fn receive(
             .collect(),
     };
     rx.checkpoint(true)?;
-    write_durably(st, RECV_COMMIT_FILE, &plan.encode())?;
+    write_staged(st, RECV_COMMIT_FILE, &plan.encode())?;
     apply_commit(st, &plan)?;
     stats.snapshots = chosen.lists.len();
     stats.stream_bytes = reader.bytes_read;
