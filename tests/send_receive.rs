@@ -24,8 +24,16 @@ fn fs(p: &Path) -> Arc<dyn Storage> {
 
 fn send(v: &Volume, snap: &str, base: Option<&str>) -> Vec<u8> {
     let mut out = Vec::new();
-    v.send(snap, base, None, &mut out, &|_, _| {}).unwrap();
+    v.send(snap, base, &Default::default(), &mut out, &|_, _| {})
+        .unwrap();
     out
+}
+
+fn resume(p: &kmsfs::volume::send::ResumePoint) -> kmsfs::volume::send::SendOptions {
+    kmsfs::volume::send::SendOptions {
+        resume: Some(p.clone()),
+        robust: false,
+    }
 }
 
 fn recv(
@@ -163,7 +171,8 @@ fn full_then_two_incrementals_match_their_snapshots() {
         full.len()
     );
     let st = recv(&target, &inc).unwrap();
-    assert!(st.incremental && st.refs > 0);
+    // s1 is as this volume sent it: a compact incremental, no references.
+    assert!(st.incremental && st.refs == 0, "{st:?}");
     assert_eq!(st.snapshots, 2, "the base stays listed");
     assert_eq!(snap_dump(&env, &target, "s2"), src_snap(&env, &v, "s2"));
     assert_eq!(snap_dump(&env, &target, "s1"), src_snap(&env, &v, "s1"));
@@ -377,8 +386,14 @@ fn wrong_base_and_wrong_kind_of_stream_are_refused() {
     assert!(e.to_string().contains("newer"), "{e}");
     // The base must be older than the snapshot.
     assert!(
-        v.send("s1", Some("s3"), None, &mut Vec::new(), &|_, _| {})
-            .is_err()
+        v.send(
+            "s1",
+            Some("s3"),
+            &Default::default(),
+            &mut Vec::new(),
+            &|_, _| {}
+        )
+        .is_err()
     );
 }
 
@@ -412,7 +427,7 @@ fn an_interrupted_receive_resumes() {
     assert!(point.next_index > 1000, "{}", point.next_index);
     let mut rest = Vec::new();
     let s = v
-        .send("s1", None, Some(&point), &mut rest, &|_, _| {})
+        .send("s1", None, &resume(&point), &mut rest, &|_, _| {})
         .unwrap();
     assert!(s.skipped_frames > 1000);
     assert!(rest.len() < full.len() / 2);
@@ -429,7 +444,7 @@ fn an_interrupted_receive_resumes() {
     let mut bad = point.clone();
     bad.check[0] ^= 1;
     assert!(
-        v.send("s1", None, Some(&bad), &mut Vec::new(), &|_, _| {})
+        v.send("s1", None, &resume(&bad), &mut Vec::new(), &|_, _| {})
             .is_err()
     );
 }
@@ -542,7 +557,19 @@ fn write_golden_stream() {
     v.write(f.ino, 0, b"new in s2\n").unwrap();
     v.snapshot_create("s2").unwrap();
     std::fs::write(root.join("full-s1.stream"), send(&v, "s1", None)).unwrap();
-    std::fs::write(root.join("incr-s1-s2.stream"), send(&v, "s2", Some("s1"))).unwrap();
+    let mut robust = Vec::new();
+    let opts = kmsfs::volume::send::SendOptions {
+        resume: None,
+        robust: true,
+    };
+    v.send("s2", Some("s1"), &opts, &mut robust, &|_, _| {})
+        .unwrap();
+    std::fs::write(root.join("incr-s1-s2.stream"), robust).unwrap();
+    std::fs::write(
+        root.join("incr-compact-s1-s2.stream"),
+        send(&v, "s2", Some("s1")),
+    )
+    .unwrap();
     let mut manifest = String::from(
         "# golden send streams, stream format v1; passphrase in tests/send_receive.rs\n",
     );
@@ -591,10 +618,22 @@ fn golden_stream_v1_receives_and_reads() {
     assert_eq!(types.last(), Some(&frame::END));
     assert!(types.contains(&frame::REF) && types.contains(&frame::ROOT));
 
+    let compact = std::fs::read(root.join("incr-compact-s1-s2.stream")).unwrap();
+    assert_eq!(
+        u16::from_le_bytes([compact[15], compact[16]]),
+        3,
+        "compact flag"
+    );
+    assert!(!frames(&compact).iter().any(|(t, _)| *t == frame::REF));
+    assert!(compact.len() < incr.len());
     let tmp = tempfile::tempdir().unwrap();
     let target = tmp.path().join("t");
     recv(&target, &full).unwrap();
     recv(&target, &incr).unwrap();
+    let target2 = tmp.path().join("t2");
+    recv(&target2, &full).unwrap();
+    recv(&target2, &compact).unwrap();
+    assert_eq!(files(&target2).len(), files(&target).len());
     // A copy of the keystore: opening it writes beside it (audit, lock).
     let ks = tmp.path().join("ks");
     std::fs::create_dir(&ks).unwrap();
@@ -602,9 +641,14 @@ fn golden_stream_v1_receives_and_reads() {
         std::fs::copy(root.join(n), ks.join(n)).unwrap();
     }
     let kms = golden_keystore(&ks);
-    for snap in ["s1", "s2"] {
+    for (snap, t) in [
+        ("s1", &target),
+        ("s2", &target),
+        ("s1", &target2),
+        ("s2", &target2),
+    ] {
         let v = Volume::open(
-            fs(&target),
+            fs(t),
             &kms,
             OpenOptions {
                 snapshot: Some(snap.into()),
@@ -694,4 +738,62 @@ fn a_crash_anywhere_in_a_receive_leaves_the_old_or_the_new_volume() {
         assert!(f.is_clean(), "k={k}: {:?}", f.errors);
     }
     assert!(old > 0 && new > 0, "old {old}, new {new}");
+}
+
+/// A compact incremental assumes the base as the source sent it last; a
+/// target holding it as an earlier send had it (the cleaner moved it since)
+/// refuses it, unchanged, and takes the robust one.
+#[test]
+fn a_compact_incremental_needs_the_base_as_last_sent() {
+    let env = env();
+    let (v, _) = source(&env);
+    let target = env.dir.path().join("target");
+    recv(&target, &send(&v, "s1", None)).unwrap();
+    // Churn and clean: s1's blocks move, its tree is rewritten.
+    for i in 0..6 {
+        write_file(&v, &format!("churn{i}"), 500 + i, 200_000);
+    }
+    for i in 0..6 {
+        v.unlink(ROOT_INO, format!("churn{i}").as_bytes()).unwrap();
+    }
+    v.commit().unwrap();
+    v.clean(0.99).unwrap();
+    write_file(&v, "f0", 77, 3000);
+    v.snapshot_create("s2").unwrap();
+    // Unsent since the move: the sender knows, and sends a robust stream.
+    let mut out = Vec::new();
+    let s = v
+        .send("s2", Some("s1"), &Default::default(), &mut out, &|_, _| {})
+        .unwrap();
+    assert!(!s.compact && s.refs > 0, "{s:?}");
+    // s1 sent again elsewhere (its tree now noted): the next is compact, and
+    // this target, which has s1 as it was, refuses it.
+    let _ = send(&v, "s1", None);
+    let mut compact = Vec::new();
+    let s = v
+        .send(
+            "s2",
+            Some("s1"),
+            &Default::default(),
+            &mut compact,
+            &|_, _| {},
+        )
+        .unwrap();
+    assert!(s.compact && s.refs == 0, "{s:?}");
+    assert!(compact.len() < out.len());
+    let before = files(&target);
+    let e = recv(&target, &compact).unwrap_err();
+    assert!(e.to_string().contains("--robust"), "{e}");
+    assert_eq!(files(&target), before);
+    abort_receive(&*fs(&target)).unwrap();
+    let robust = kmsfs::volume::send::SendOptions {
+        resume: None,
+        robust: true,
+    };
+    let mut out = Vec::new();
+    v.send("s2", Some("s1"), &robust, &mut out, &|_, _| {})
+        .unwrap();
+    recv(&target, &out).unwrap();
+    assert_eq!(snap_dump(&env, &target, "s2"), src_snap(&env, &v, "s2"));
+    assert_eq!(snap_dump(&env, &target, "s1"), src_snap(&env, &v, "s1"));
 }

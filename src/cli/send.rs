@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::volume::receive::{self, ReceiveOptions};
-use crate::volume::send::parse_resume_token;
+use crate::volume::send::{SendOptions, parse_resume_token};
 
 #[derive(Args, Debug)]
 pub(super) struct SendArgs {
@@ -20,6 +20,10 @@ pub(super) struct SendArgs {
     /// Continue an interrupted receive: TOKEN is what `kmsfs receive --token TARGET` prints
     #[arg(long, value_name = "TOKEN")]
     resume: Option<String>,
+    /// With --from: an incremental that fits the base however this volume's cleaner
+    /// moved it since it was sent (larger: references every block, resends the tree)
+    #[arg(long, requires = "from")]
+    robust: bool,
     /// Print a JSON summary (bytes, blocks, seconds) on standard error
     #[arg(long)]
     json: bool,
@@ -98,7 +102,10 @@ pub(super) fn cmd_send(keys: &KeyArgs, a: SendArgs) -> Result<()> {
     let r = vol.send(
         &a.snapshot,
         a.from.as_deref(),
-        resume.as_ref(),
+        &SendOptions {
+            resume,
+            robust: a.robust,
+        },
         &mut out,
         &|done, total| {
             bar.set_length(total);
@@ -122,6 +129,7 @@ pub(super) fn cmd_send(keys: &KeyArgs, a: SendArgs) -> Result<()> {
                 "refs": s.refs,
                 "frames": s.frames,
                 "skipped_frames": s.skipped_frames,
+                "compact": s.compact,
                 "seconds": secs,
             })
         );

@@ -36,6 +36,9 @@ pub mod frame {
 
 /// BEGIN flag: the stream is incremental (it needs its base in the target).
 pub const FLAG_INCREMENTAL: u16 = 1;
+/// BEGIN flag: a compact incremental: it carries only the records its base
+/// lacks, so the target must hold the base with exactly `base_tree`.
+pub const FLAG_COMPACT: u16 = 2;
 
 /// The check of a frame: SHA-256 over the magic, the previous frame's check,
 /// the frame's index in the stream, its type, length and payload. Chaining
@@ -155,6 +158,9 @@ impl Begin {
     pub fn is_incremental(&self) -> bool {
         self.flags & FLAG_INCREMENTAL != 0
     }
+    pub fn is_compact(&self) -> bool {
+        self.flags & FLAG_COMPACT != 0
+    }
     pub fn encode(&self) -> Vec<u8> {
         let mut b = self.identity();
         b.extend_from_slice(&self.stream_id());
@@ -174,7 +180,9 @@ impl Begin {
             ));
         }
         let flags = d.u16()?;
-        if flags & !FLAG_INCREMENTAL != 0 {
+        if flags & !(FLAG_INCREMENTAL | FLAG_COMPACT) != 0
+            || (flags & FLAG_COMPACT != 0 && flags & FLAG_INCREMENTAL == 0)
+        {
             return derr(format!("unknown stream flags {flags:#x}"));
         }
         let source_volume = d.array()?;

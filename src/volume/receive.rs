@@ -593,6 +593,14 @@ pub fn receive(
                     && r.offset == base.tree.offset
                     && r.tag == base.tree.tag
             });
+            if begin.is_compact() && Some(base.tree) != begin.base_tree {
+                return Err(refuse(format!(
+                    "this compact incremental assumes the base snapshot as the source has it \
+                     now, but the source's cleaner has moved it since {} received it; {UNCHANGED}. \
+                     Send again with `kmsfs send VOLUME SNAPSHOT --from BASE --robust`",
+                    st.describe()
+                )));
+            }
             if !intact {
                 return Err(refuse(format!(
                     "the base snapshot in {} is not as it was received (its records changed); \

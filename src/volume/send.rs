@@ -22,8 +22,8 @@ use std::io::Write;
 use super::{Tree, Volume, sign_header_with, value_ptr};
 use crate::error::{Error, Result};
 use crate::format::stream::{
-    Begin, BlockFrame, End, FLAG_INCREMENTAL, FrameWriter, RefFrame, RootFrame, SnapRef, TOKEN_LEN,
-    frame,
+    Begin, BlockFrame, End, FLAG_COMPACT, FLAG_INCREMENTAL, FrameWriter, RefFrame, RootFrame,
+    SnapRef, TOKEN_LEN, frame,
 };
 use crate::format::{self, BlockKind, BlockPtr, Header, RootPayload, SnapshotRecord, tag};
 
@@ -40,7 +40,25 @@ pub struct SendStats {
     pub frames: u64,
     /// Frames skipped because the receiver already has them (resume).
     pub skipped_frames: u64,
+    /// An incremental that sent only what the base lacks (see [`SendOptions`]).
+    pub compact: bool,
 }
+
+/// How to send.
+#[derive(Clone, Debug, Default)]
+pub struct SendOptions {
+    /// Leave out the frames an interrupted receive already has.
+    pub resume: Option<ResumePoint>,
+    /// Send an incremental that fits its base however the source's cleaner
+    /// moved it since it was sent (references for every block, every node).
+    /// Without it, an incremental whose base this volume sent with the tree
+    /// it has now is compact: only the records the base lacks.
+    pub robust: bool,
+}
+
+/// The file in which a volume notes what it sent (see [`Volume::send`]).
+pub const SENT_FILE: &str = "kmsfs.sent";
+const SENT_ENTRY: usize = TOKEN_LEN + format::PTR_LEN;
 
 /// Where an interrupted receive stopped (`kmsfs receive --token` prints it).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,14 +140,27 @@ impl Volume {
     /// given) to `out`. With `resume`, the frames the receiver already holds
     /// are checked (the source must be unchanged since) and left out.
     /// `progress(done, total)` counts record bytes.
+    /// The tree each snapshot had when this volume last sent it (a hint:
+    /// the receiver checks what a compact stream assumes).
+    fn sent_trees(&self) -> std::collections::HashMap<[u8; TOKEN_LEN], BlockPtr> {
+        let b = self.io.storage.read(SENT_FILE).unwrap_or_default();
+        b.chunks_exact(SENT_ENTRY)
+            .filter_map(|c| {
+                let token: [u8; TOKEN_LEN] = c[..TOKEN_LEN].try_into().ok()?;
+                Some((token, BlockPtr::from_bytes(&c[TOKEN_LEN..]).ok()?))
+            })
+            .collect()
+    }
+
     pub fn send(
         &self,
         name: &str,
         base: Option<&str>,
-        resume: Option<&ResumePoint>,
+        opts: &SendOptions,
         out: &mut dyn Write,
         progress: &dyn Fn(u64, u64),
     ) -> Result<SendStats> {
+        let resume = opts.resume.as_ref();
         if self.snapshot.is_some() {
             return Err(Error::Invalid(
                 "send needs the volume opened on its live tree, not a snapshot".into(),
@@ -147,12 +178,27 @@ impl Volume {
             )));
         }
         let mut records = self.tree_records(snap.tree)?;
+        // Compact: the base is as this volume sent it, so the target holds
+        // every record of its tree at its place; only the others go.
+        let compact = !opts.robust
+            && base
+                .as_ref()
+                .is_some_and(|b| self.sent_trees().get(&self.snapshot_token(b)) == Some(&b.tree));
         // Data and xattr blocks the base references: the target holds them.
-        // The base's tree goes along too (its nodes as they are now, its
-        // blocks as references), so that the target lists it whatever the
-        // cleaner did to it since it was sent.
+        // Robust: the base's tree goes along too (its nodes as they are now,
+        // its blocks as references), so that the target lists it whatever
+        // the cleaner did to it since it was sent.
         let held: HashSet<[u8; 16]> = match &base {
             None => HashSet::new(),
+            Some(b) if compact => {
+                let base_records = self.tree_records(b.tree)?;
+                records.retain(|place, (p, _)| {
+                    base_records
+                        .get(place)
+                        .is_none_or(|(q, _)| q.block_id != p.block_id)
+                });
+                HashSet::new()
+            }
             Some(b) => {
                 let base_records = self.tree_records(b.tree)?;
                 let held = base_records
@@ -179,7 +225,11 @@ impl Volume {
         let header_bytes = sign_header_with(&header, &self.header_mac_key);
         let roots = self.root_candidates(&snap, base.as_ref(), target_id)?;
         let begin = Begin {
-            flags: if base.is_some() { FLAG_INCREMENTAL } else { 0 },
+            flags: match (&base, compact) {
+                (None, _) => 0,
+                (Some(_), false) => FLAG_INCREMENTAL,
+                (Some(_), true) => FLAG_INCREMENTAL | FLAG_COMPACT,
+            },
             source_volume: self.header.volume_id,
             key_domain: self.header.key_domain,
             target_volume: target_id,
@@ -297,6 +347,16 @@ impl Volume {
         };
         emit(&mut w, frame::END, &end.encode(), &mut stats)?;
         out.flush().map_err(|e| Error::io("the output", e))?;
+        // Note the tree sent, so that an incremental from it can be compact.
+        let mut entry = self.snapshot_token(&snap).to_vec();
+        entry.extend_from_slice(&snap.tree.to_bytes());
+        if let Err(e) = self.io.storage.append(SENT_FILE, &entry) {
+            log::warn!(
+                "could not note the sent snapshot in {SENT_FILE} ({e}); an incremental from it \
+                 will be a robust one"
+            );
+        }
+        stats.compact = compact;
         Ok(stats)
     }
 
