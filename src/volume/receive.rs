@@ -213,7 +213,7 @@ impl Receiver<'_> {
     fn read_held(&self, r: &HeldRecord) -> Result<Vec<u8>> {
         if r.len > MAX_RECORD {
             return Err(refuse(format!(
-                "{RECEIVED_FILE} names a record of {} bytes, more than any record: it is                  damaged; receive a full stream into a new directory",
+                "{RECEIVED_FILE} names a record of {} bytes, more than any record: it is damaged; receive a full stream into a new directory",
                 r.len
             )));
         }
