@@ -8,7 +8,10 @@
 //! segment bytes with the (segment, offset) its pointer names, so the tree
 //! nodes, whose pointers name those places, stay valid in the target.
 //!
-//! An incremental stream sends the data and xattr records the base already
+//! An incremental stream is compact when the base's tree is the one this
+//! volume last sent (noted in `kmsfs.sent`): the target holds all of it at
+//! its places, so only the records the base's tree lacks go. Otherwise it is
+//! robust: it sends the data and xattr records the base already
 //! references as REF frames (block id and tag only): block ids survive the
 //! cleaner's moves, so the receiver finds them wherever it holds them and
 //! copies them locally if the source moved them. Tree nodes are always sent
