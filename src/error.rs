@@ -52,6 +52,10 @@ pub enum Error {
     Integrity { what: String, detail: String },
     #[error("{0}")]
     Format(String),
+    /// A send stream was refused (damaged, truncated, or not for this
+    /// target); the message says what and what to do.
+    #[error("{0}")]
+    Stream(String),
     #[error("the volume is locked by another process ({0}); unmount it first")]
     Locked(String),
     #[error(
@@ -125,6 +129,7 @@ impl Error {
             Error::NoSpace(_) => libc::ENOSPC,
             Error::Integrity { .. } => libc::EIO,
             Error::Format(_) => libc::EIO,
+            Error::Stream(_) => libc::EIO,
             Error::Locked(_) => libc::EBUSY,
             Error::Rollback { .. } => libc::EIO,
             Error::Internal(_) => libc::EIO,

@@ -43,6 +43,10 @@ pub trait Storage: Send + Sync {
     fn write_file(&self, name: &str, data: &[u8]) -> io::Result<()>;
     /// Appends to `name`, creating it if needed.
     fn append(&self, name: &str, data: &[u8]) -> io::Result<()>;
+    /// Writes `data` at `offset` of `name`, creating it if needed (a gap
+    /// before `offset` reads as zeros). Only `kmsfs receive` uses it, to put
+    /// records at the places their pointers name.
+    fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()>;
     fn sync(&self, name: &str) -> io::Result<()>;
     /// Atomically replaces `to` with `from`.
     fn rename(&self, from: &str, to: &str) -> io::Result<()>;
@@ -524,6 +528,13 @@ impl Storage for FsStorage {
         r
     }
 
+    fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        // Its own descriptor, without O_APPEND (which would ignore the offset).
+        self.open_file(name, Access::Lock)?
+            .write_all_at(data, offset)
+    }
+
     fn sync(&self, name: &str) -> io::Result<()> {
         let cached = self.handles.lock().get(name).cloned();
         let f = match cached {
@@ -985,6 +996,31 @@ impl Storage for MemStorage {
                 }
             };
             st.files.get_mut(&id).unwrap().data.extend_from_slice(data);
+            Ok(())
+        })
+    }
+
+    fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.mutate(Op::Append(name.into(), data.len()), |st| {
+            enospc(st, data.len())?;
+            let id = match st.names.get(name) {
+                Some(id) => *id,
+                None => {
+                    st.next_id += 1;
+                    let id = st.next_id;
+                    st.names.insert(name.into(), id);
+                    st.files.insert(id, MemFile::default());
+                    id
+                }
+            };
+            let f = &mut st.files.get_mut(&id).unwrap().data;
+            let start = usize::try_from(offset)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let end = start + data.len();
+            if f.len() < end {
+                f.resize(end, 0);
+            }
+            f[start..end].copy_from_slice(data);
             Ok(())
         })
     }

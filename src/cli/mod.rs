@@ -28,6 +28,7 @@ mod kms;
 mod migrate;
 mod mount;
 mod salvage;
+mod send;
 mod snapshot;
 mod systemd;
 mod umount;
@@ -135,7 +136,7 @@ impl CliError {
 impl From<Error> for CliError {
     fn from(e: Error) -> Self {
         let code = match &e {
-            Error::Integrity { .. } | Error::Rollback { .. } => exit::INTEGRITY,
+            Error::Integrity { .. } | Error::Rollback { .. } | Error::Stream(_) => exit::INTEGRITY,
             Error::Kms(_) => exit::KEY,
             Error::Locked(_) => exit::BUSY,
             _ => exit::ERROR,
@@ -222,6 +223,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a snapshot's sealed blocks, as stored, as a stream (to a backup host
+    /// without the key); --from BASE for an incremental
+    Send(send::SendArgs),
+    /// Make or extend a volume from a `kmsfs send` stream; needs no key
+    Receive(send::ReceiveArgs),
     /// Copy every file that still verifies out of a (damaged) volume into DEST;
     /// exit 3 if anything was damaged
     Salvage(salvage::SalvageArgs),
@@ -397,6 +403,8 @@ const SUBCOMMANDS: &[&str] = &[
     "fsck",
     "snapshot",
     "clone",
+    "send",
+    "receive",
     "clean",
     "salvage",
     "key",
@@ -494,6 +502,8 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
         Command::Snapshot(c) => cmd_snapshot(&cli.keys, c),
         Command::Clone(a) => cmd_clone(&cli.keys, a),
         Command::Clean { volume_dir, json } => cmd_clean(&cli.keys, &volume_dir, json),
+        Command::Send(a) => send::cmd_send(&cli.keys, a),
+        Command::Receive(a) => send::cmd_receive(a),
         Command::Salvage(a) => salvage::run(&cli.keys, a),
         Command::Key(c) => key::cmd_key(&cli.keys, c),
         Command::Rewrap(a) => key::cmd_rewrap(&cli.keys, a),

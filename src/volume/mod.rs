@@ -24,7 +24,9 @@ mod file_data;
 mod fragments;
 pub mod fsck;
 mod header;
+pub mod receive;
 pub mod repair;
+pub mod send;
 pub mod snapshot;
 pub mod tree;
 mod xattr;
@@ -503,6 +505,12 @@ impl Volume {
     /// authenticates the root record.
     pub fn open(storage: Arc<dyn Storage>, kms: &dyn Kms, opts: OpenOptions) -> Result<Volume> {
         let read_only = opts.read_only || opts.snapshot.is_some();
+        if !read_only && storage.exists(format::stream::RECEIVED_FILE) {
+            return Err(Error::ReadOnly(format!(
+                "{} was made by `kmsfs receive` and takes further streams, so it only opens read-only: mount it with --read-only, or make a writable volume of a snapshot with `kmsfs clone`",
+                storage.describe()
+            )));
+        }
         // Writers lock out other writers. Readers hold the readers lock
         // shared from before they read the root until their pin (the roots
         // they hold) is published, so the cleaner never misses one.

@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+pub mod stream;
+
 /// Version of the record layouts: segment header, sealed-block AAD, root record,
 /// tree nodes. Bump it on any change to them (see docs/FORMAT.md).
 pub const FORMAT_VERSION: u16 = 1;
