@@ -162,6 +162,10 @@ fn full_then_two_incrementals_match_their_snapshots() {
     write_file(&v, "f1", 1001, 4096);
     v.unlink(ROOT_INO, b"f2").unwrap();
     write_file(&v, "new", 7, 30_000);
+    // A small overwrite of a stored block: a fragment record (FORMAT.md
+    // "Fragments") that the incremental must carry like a block.
+    let f3 = v.lookup(ROOT_INO, b"f3").unwrap().ino;
+    v.write(f3, 5_000, b"a fragment").unwrap();
     v.snapshot_create("s2").unwrap();
     let inc = send(&v, "s2", Some("s1"));
     assert!(
@@ -639,6 +643,13 @@ fn golden_stream_v1_receives_and_reads() {
     std::fs::create_dir(&ks).unwrap();
     for n in ["keystore", "keystore.bak", "keystore.audit"] {
         std::fs::copy(root.join(n), ks.join(n)).unwrap();
+        // Git keeps no modes but the executable bit: a checkout is 0644, which
+        // kmsfs refuses for a keystore (as for any keystore others can read).
+        std::fs::set_permissions(
+            ks.join(n),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
     }
     let kms = golden_keystore(&ks);
     for (snap, t) in [
