@@ -224,6 +224,11 @@ fs_unmount() {
     if alive "$MNT_WRAP"; then
         log "$col: the daemon $MNT_DPID did not exit 300 s after unmount; sending TERM"
         kill -TERM "$MNT_DPID" 2>/dev/null || true
+        for ((i = 0; i < 100; i++)); do
+            alive "$MNT_WRAP" || break
+            sleep 0.1
+        done
+        alive "$MNT_DPID" && kill -KILL "$MNT_DPID" 2>/dev/null
         wait "$MNT_WRAP" 2>/dev/null || true
         MNT_WRAP="" MNT=""
         return 1
@@ -265,7 +270,13 @@ fs_cleanup() {
             sleep 0.1
         done
         if alive "$MNT_WRAP" && [ -n "$MNT_DPID" ]; then
+            log "the daemon $MNT_DPID did not exit 60 s after unmount; sending TERM"
             kill -TERM "$MNT_DPID" 2>/dev/null || true
+            for ((i = 0; i < 100; i++)); do
+                alive "$MNT_WRAP" || break
+                sleep 0.1
+            done
+            alive "$MNT_DPID" && kill -KILL "$MNT_DPID" 2>/dev/null
         fi
         wait "$MNT_WRAP" 2>/dev/null || true
         MNT_WRAP=""

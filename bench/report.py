@@ -326,6 +326,9 @@ def main():
 def chart(meta, mets, cols, values, cpu, med, cpu_med, out_png):
     """Two panels: figures and daemon CPU, each column normalized to the best peer
     (above 1 = better than the best peer), log scale."""
+    # A chart of an older run must not sit beside this report.
+    if os.path.exists(out_png):
+        os.remove(out_png)
     if not shutil.which("gnuplot"):
         print("gnuplot is missing: no chart", file=sys.stderr)
         return

@@ -18,7 +18,8 @@
 #   kmsfs only: `kmsfs snapshot create` on a mounted volume of 10 MiB and 10 GiB  s
 # "Cold": unmount, drop the page cache, remount, then fincore checks that the
 # column's backing files are out of the page cache (the fraction is reported).
-# Writes bench/results/latest.md (+ latest.png, latest.tsv). Reported, never judged.
+# Writes bench/results/latest.md (+ latest.png; latest.tsv and latest.meta.tsv, the raw
+# figures from which bench/report.py draws both). Reported, never judged.
 #
 # Usage: bench/run.sh                 (as root; about 45 minutes, see docs/BENCHMARKS.md)
 #        BENCH_QUICK=1 bench/run.sh   (small sizes, 1 run: a few minutes)
@@ -87,7 +88,7 @@ wants() { local c; for c in "${!COL_BASE[@]}"; do [ "${COL_BASE[$c]}" = "$1" ] &
 if [ -z "${BENCH_NO_INSTALL:-}" ]; then
     apt_install fuse3 fio tar coreutils util-linux perl gnuplot-nox xz-utils
     command -v python3 >/dev/null 2>&1 || apt_install python3
-    [ -n "${BENCH_REAL_SRC:-}" ] || apt_install linux-source
+    [ -n "${BENCH_REAL_SRC:-}" ] || apt_install_optional linux-source
     for fs in bindfs gocryptfs securefs cryfs; do
         wants "$fs" && apt_install_optional "$fs"
     done
@@ -111,7 +112,8 @@ for c in plain bindfs kmsfs gocryptfs securefs cryfs "${VARIANT_COLS[@]}"; do
         plain) ;;
         kmsfs)
             b="$(kmsfs_bin "$c")"
-            if ! { [ -x "$b" ] && "$b" mount --help 2>/dev/null | grep -q -- --foreground; }; then
+            h="$([ -x "$b" ] && "$b" mount --help 2>/dev/null)" || h=""
+            if [[ "$h" != *--foreground* ]]; then
                 SKIP[$c]="$b is missing or has no \`mount --foreground\`"
             fi
             ;;
@@ -535,9 +537,10 @@ META="$BASE/meta.tsv"
 
 mkdir -p "$OUT"
 cp "$RAW" "$OUT/latest.tsv"
+cp "$META" "$OUT/latest.meta.tsv"
 python3 "$BENCH_SRC/report.py" "$META" "$RAW" "$OUT/latest.md" "$OUT/latest.png" ||
     log "warning: the report failed; the raw figures are in $OUT/latest.tsv"
 echo
 cat "$OUT/latest.md"
 echo
-log "written to $OUT/latest.md, latest.png and latest.tsv (every run's raw figures)"
+log "written to $OUT/latest.md, latest.png, latest.tsv (every run's raw figures) and latest.meta.tsv"
