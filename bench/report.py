@@ -162,7 +162,7 @@ def main():
     mets = metrics(meta)
     na = {}
     for run, col, kind, why in notes:
-        kind = {"na": "n/a", "fail": "failed"}.get(kind, kind)
+        kind = {"na": "n/a", "fail": "failed", "warn": "warning"}.get(kind, kind)
         na.setdefault(col, []).append(f"{kind} (run {run}): {why}" if run != "0" else f"{kind}: {why}")
 
     def med(col, metric):
@@ -298,7 +298,7 @@ def main():
         L.append(f"- {c}: {kib:.0f} KiB, {f * 100:.2f}% (run {run}, before {step}){flag}")
     L.append("")
     if na:
-        L.append("## n/a and failures")
+        L.append("## n/a, failures and warnings")
         L.append("")
         for c, whys in na.items():
             for w in whys:
@@ -370,15 +370,17 @@ def chart(meta, mets, cols, values, cpu, med, cpu_med, out_png):
     tmp = tempfile.mkdtemp(prefix="kmsfs-chart.")
     try:
         def write(name, data):
+            """The data file of one panel, without the columns it has no figure for;
+            returns (path, the columns kept)."""
+            keep = [i for i in range(len(cols)) if any(r[i] != "?" for _, r in data)]
             p = os.path.join(tmp, name)
             with open(p, "w", encoding="utf-8") as f:
-                f.write("label " + " ".join(cols) + "\n")
+                f.write("label " + " ".join(cols[i] for i in keep) + "\n")
                 for lab, r in data:
-                    f.write('"' + lab + '" ' + " ".join(r) + "\n")
-            return p
+                    f.write('"' + lab + '" ' + " ".join(r[i] for i in keep) + "\n")
+            return p, keep
         pf = write("fig.dat", rows_f)
         pc = write("cpu.dat", rows_c) if rows_c else None
-        n = len(cols)
         palette = {"plain": "#999999", "bindfs": "#4daf4a", "kmsfs": "#e41a1c", "gocryptfs": "#ff7f00",
                    "securefs": "#377eb8", "cryfs": "#984ea3"}
         extra = ["#a50f15", "#fb6a4a", "#67000d", "#fcbba1", "#7f2704", "#fdae6b"]
@@ -389,8 +391,11 @@ def chart(meta, mets, cols, values, cpu, med, cpu_med, out_png):
             else:
                 colors.append(extra[k % len(extra)])
                 k += 1
-        plots = lambda p: ", ".join(  # noqa: E731
-            f"'{p}' using {i + 2}:xtic(1) title columnheader({i + 2}) lc rgb '{colors[i]}'" for i in range(n))
+        def plots(panel):
+            path, keep = panel
+            return ", ".join(
+                f"'{path}' using {j + 2}:xtic(1) title columnheader({j + 2}) lc rgb '{colors[i]}'"
+                for j, i in enumerate(keep))
         title = (f"kmsfs vs peers, normalized to the best peer (gocryptfs/securefs/CryFS) per workload; "
                  f"above 1 = better; {meta.get('date')}, commit {meta.get('commit')}"
                  + (" (BENCH_QUICK)" if meta.get("quick") else ""))
