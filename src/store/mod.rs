@@ -12,9 +12,11 @@ use std::io;
 
 mod fs;
 mod mem;
+pub mod object;
 
 pub use fs::FsStorage;
 pub use mem::{MemStorage, Op};
+pub use object::{ObjectConfig, ObjectStorage};
 
 pub trait Storage: Send + Sync {
     /// Reads a whole file.
@@ -86,11 +88,34 @@ pub trait Storage: Send + Sync {
     fn list_pins(&self) -> io::Result<Vec<PinFile>> {
         Ok(Vec::new())
     }
+    /// Replaces `name` with `data` durably and atomically, through the
+    /// temporary name `tmp`: after a crash either the old or the new contents
+    /// are there. The default is the file-system sequence (write `tmp`, sync
+    /// it, rename it over `name`, sync the directory); an object store puts
+    /// the object with a condition instead (the version it last saw, or "does
+    /// not exist yet"), so a writer that lost its place can never replace what
+    /// another writer committed (`ErrorKind::AlreadyExists` or
+    /// `ErrorKind::PermissionDenied` then, with the reason).
+    fn replace_durably(&self, tmp: &str, name: &str, data: &[u8]) -> Result<(), ReplaceError> {
+        self.write_file(tmp, data)
+            .map_err(|e| ReplaceError(tmp.to_string(), e))?;
+        self.sync(tmp)
+            .map_err(|e| ReplaceError(tmp.to_string(), e))?;
+        self.rename(tmp, name)
+            .map_err(|e| ReplaceError(name.to_string(), e))?;
+        self.sync_dir("")
+            .map_err(|e| ReplaceError("volume directory".to_string(), e))
+    }
     /// Removes a pin nobody holds any more.
     fn remove_pin(&self, name: &str) -> io::Result<()> {
         self.remove(name)
     }
 }
+
+/// A failed [`Storage::replace_durably`]: what failed (a name, for
+/// messages) and why.
+#[derive(Debug)]
+pub struct ReplaceError(pub String, pub io::Error);
 
 /// Names of reader pin files start with this (then 32 hex digits).
 pub const PIN_PREFIX: &str = "kmsfs.pin.";
