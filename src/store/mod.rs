@@ -106,6 +106,15 @@ pub trait Storage: Send + Sync {
         self.sync_dir("")
             .map_err(|e| ReplaceError("volume directory".to_string(), e))
     }
+    /// How many segment ids a writer that has just opened must skip past the
+    /// highest it sees: 0, except where the previous writer may still be
+    /// running unseen (an object store whose writer lease was taken over: the
+    /// fenced writer may upload the segment it had open, or a next one, until
+    /// it learns it is fenced). Never reusing an id keeps its stray writes
+    /// apart from the new writer's.
+    fn segment_id_gap(&self) -> u64 {
+        0
+    }
     /// Removes a pin nobody holds any more.
     fn remove_pin(&self, name: &str) -> io::Result<()> {
         self.remove(name)

@@ -745,6 +745,7 @@ impl Volume {
                 }
             }
         }
+        next_segment = next_segment.saturating_add(storage.segment_id_gap());
         let io = Arc::new(BlockIo::new(
             storage,
             sealer,

@@ -238,6 +238,29 @@ impl Weed {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+        // The first object of a bucket makes SeaweedFS grow its volumes,
+        // which can take seconds on a loaded machine: wait for it here.
+        let d = tempfile::tempdir().unwrap();
+        let mut c = self.config(&format!("s3://{name}/warm-up"), d.path());
+        c.request_timeout = Duration::from_secs(30);
+        c.call_timeout = Duration::from_secs(60);
+        let s = ObjectStorage::open(c).unwrap();
+        loop {
+            use kmsfs::store::Storage;
+            match s.write_file("probe", b"x") {
+                Ok(()) => {
+                    let _ = s.remove("probe");
+                    return;
+                }
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "bucket {name} takes no object: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
     }
 
     /// The configuration of a volume at `s3://BUCKET/PREFIX` on this server,
@@ -249,8 +272,8 @@ impl Weed {
         c.cache_dir = Some(cache.to_path_buf());
         c.cache_bytes = 64 << 20;
         c.lease = Duration::from_secs(4);
-        c.request_timeout = Duration::from_secs(5);
-        c.call_timeout = Duration::from_secs(15);
+        c.request_timeout = Duration::from_secs(10);
+        c.call_timeout = Duration::from_secs(20);
         c
     }
 

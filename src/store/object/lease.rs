@@ -211,6 +211,7 @@ pub fn acquire(s: &ObjectStorage) -> io::Result<Box<dyn std::any::Any + Send + S
                         l.pid
                     );
                 }
+                s.took_over.store(true, Ordering::SeqCst);
                 PutMode::Update(UpdateVersion {
                     e_tag: etag,
                     version: None,

@@ -248,6 +248,10 @@ pub struct ObjectStorage {
     pub(crate) fenced: Arc<AtomicBool>,
     /// The lease this process holds as the writer (its owner token).
     lease_owner: Mutex<Option<String>>,
+    /// Set when this writer took the lease over from another (live or expired).
+    pub(crate) took_over: AtomicBool,
+    /// Appended files this process created (it may append to them again).
+    written: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The io::Error for an object store error, naming the cause and what to do.
@@ -554,6 +558,8 @@ impl ObjectStorage {
             cache,
             fenced: Arc::new(AtomicBool::new(false)),
             lease_owner: Mutex::new(None),
+            took_over: AtomicBool::new(false),
+            written: Mutex::new(Default::default()),
         })
     }
 
@@ -758,10 +764,25 @@ impl Storage for ObjectStorage {
         Ok(())
     }
 
+    /// Appends start a new file in this process (the engine never appends
+    /// to a segment of another session): a name that already has parts in
+    /// the store was written by another writer, and is refused.
     fn append(&self, name: &str, data: &[u8]) -> io::Result<()> {
         let known = self.st.lock().pending.contains_key(name);
         if !known {
             let base = self.parts(name)?.last().map_or(0, |(s, l)| s + l);
+            let mine =
+                self.st.lock().parts.contains_key(name) && self.written.lock().contains(name);
+            if base > 0 && !mine {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{name} already exists in the object store, written by another writer; \
+                         this mount starts a new segment (if this repeats, unmount and check \
+                         `kmsfs info` for the writer lease)"
+                    ),
+                ));
+            }
             self.st
                 .lock()
                 .pending
@@ -771,6 +792,7 @@ impl Storage for ObjectStorage {
                     data: Vec::new(),
                 });
         }
+        self.written.lock().insert(name.to_string());
         let mut st = self.st.lock();
         let p = st.pending.get_mut(name).expect("inserted above");
         p.data.extend_from_slice(data);
@@ -915,6 +937,19 @@ impl Storage for ObjectStorage {
 
     fn lock_exclusive(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
         lease::acquire(self)
+    }
+
+    /// After a takeover the fenced writer may still upload a segment or two
+    /// before it learns it is fenced: start far past anything it could
+    /// reach, by a random amount (2^20 to 2^36 ids), so that two writers that
+    /// took over from the same state (each after the other) never meet.
+    fn segment_id_gap(&self) -> u64 {
+        if self.took_over.load(Ordering::SeqCst) {
+            let r = u64::from_le_bytes(crate::crypto::random_array::<8>());
+            (1 << 20) + r % (1 << 36)
+        } else {
+            0
+        }
     }
 
     fn lock_readers_shared(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
