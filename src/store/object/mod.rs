@@ -1005,6 +1005,28 @@ impl Storage for ObjectStorage {
     }
 }
 
+/// The request figures of this connection go to the log when it closes
+/// (bench/s3.sh reads them from a mount's log).
+impl Drop for ObjectStorage {
+    fn drop(&mut self) {
+        let c = &self.remote.counters;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        log::info!(
+            "{}: object store requests: {} GET, {} PUT, {} LIST, {} HEAD, {} DELETE; {} bytes \
+             fetched, {} bytes put; {} bytes read from the local cache",
+            self.cfg.url(),
+            n(&c.gets),
+            n(&c.puts),
+            n(&c.lists),
+            n(&c.heads),
+            n(&c.deletes),
+            n(&c.bytes_fetched),
+            n(&c.bytes_put),
+            self.cache.as_ref().map_or(0, |c| n(&c.hits))
+        );
+    }
+}
+
 fn owner_is_some(m: &Mutex<Option<String>>) -> bool {
     m.lock().is_some()
 }
