@@ -101,18 +101,21 @@ rm -rf "$BASE/data/tree"
 
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
 now() { date +%s.%N; }
-# new_volume KIND: prints "VOLUME MNT CACHE" of a fresh volume.
+# new_volume KIND: a fresh volume; sets VOL, MNT and CACHE ("-" for local).
 new_volume() {
     N=$((N + 1))
     local d="$BASE/$1-$N"
     mkdir -p "$d/mnt"
+    MNT="$d/mnt"
     if [ "$1" = s3 ]; then
-        "$KMSFS" init "s3://bench/v$N" "${S3OPTS[@]}" --cache-dir "$d/cache" >"$d/init.log" 2>&1 ||
+        VOL="s3://bench/v$N"
+        CACHE="$d/cache"
+        "$KMSFS" init "$VOL" "${S3OPTS[@]}" --cache-dir "$CACHE" >"$d/init.log" 2>&1 ||
             { cat "$d/init.log"; die "init failed"; }
-        echo "s3://bench/v$N $d/mnt $d/cache"
     else
-        "$KMSFS" init "$d/vol" >"$d/init.log" 2>&1 || { cat "$d/init.log"; die "init failed"; }
-        echo "$d/vol $d/mnt -"
+        VOL="$d/vol"
+        CACHE=-
+        "$KMSFS" init "$VOL" >"$d/init.log" 2>&1 || { cat "$d/init.log"; die "init failed"; }
     fi
 }
 vmount() { # VOL MNT CACHE LOG
@@ -131,7 +134,7 @@ requests() {
 declare -A R
 for kind in local s3; do
     log "$kind: streaming write and cold read"
-    read -r VOL MNT CACHE < <(new_volume "$kind")
+    new_volume "$kind"
     L="$BASE/$kind-w.log"
     vmount "$VOL" "$MNT" "$CACHE" "$L"
     t0=$(now)
@@ -163,7 +166,7 @@ for kind in local s3; do
     fi
 
     log "$kind: small files"
-    read -r VOL MNT CACHE < <(new_volume "$kind")
+    new_volume "$kind"
     vmount "$VOL" "$MNT" "$CACHE" "$BASE/$kind-t.log"
     t0=$(now)
     tar -C "$MNT" -xf "$BASE/data/src.tar"

@@ -80,6 +80,14 @@ fn volume_life_on_the_object_store() {
     let _ = v.read(moved, 0, 4096).unwrap();
     let fetched = counters.bytes_fetched.load(Ordering::Relaxed) - after_open;
     assert!(fetched < 64 << 10, "a 4 KiB read fetched {fetched} bytes");
+    // A file read in order is fetched in large ranges (read-ahead), not one
+    // request per block: 3 MiB of 4 KiB blocks is 768 records.
+    let big_ino = v.lookup(d.ino, b"big").unwrap().ino;
+    let gets = counters.gets.load(Ordering::Relaxed);
+    assert_eq!(read_all(&v, big_ino), big);
+    let used = counters.gets.load(Ordering::Relaxed) - gets;
+    assert!(used < 100, "{used} GETs for a 3 MiB sequential read");
+
     // Reread by another process on this host (same cache directory): the
     // records come from the cache, not the network.
     let st3 = w.storage(url, c2.path());

@@ -252,6 +252,7 @@ pub struct ObjectStorage {
     pub(crate) took_over: AtomicBool,
     /// Appended files this process created (it may append to them again).
     written: Mutex<std::collections::HashSet<String>>,
+    ra: Mutex<ReadAhead>,
 }
 
 /// The io::Error for an object store error, naming the cause and what to do.
@@ -458,6 +459,60 @@ impl Remote {
     }
 }
 
+/// Bytes fetched at once by a read that continues the previous one.
+const READ_AHEAD: u64 = 4 << 20;
+/// Read-ahead chunks kept in memory (per mount).
+const READ_AHEAD_CHUNKS: usize = 4;
+
+/// Sequential-read detection and the read-ahead chunks.
+#[derive(Default)]
+struct ReadAhead {
+    /// Where the last read of each recently read part ended.
+    last_end: HashMap<String, u64>,
+    /// (part key, offset, bytes), most recent last.
+    chunks: Vec<(String, u64, Vec<u8>)>,
+}
+
+impl ReadAhead {
+    /// Copies the range from a chunk that holds it; false when none does.
+    fn lookup(&mut self, key: &str, within: u64, buf: &mut [u8]) -> bool {
+        let end = within + buf.len() as u64;
+        let Some((_, off, data)) = self
+            .chunks
+            .iter()
+            .find(|(k, off, d)| k == key && within >= *off && end <= off + d.len() as u64)
+        else {
+            return false;
+        };
+        let from = (within - off) as usize;
+        buf.copy_from_slice(&data[from..from + buf.len()]);
+        self.last_end.insert(key.to_string(), end);
+        true
+    }
+
+    /// Whether a read at `within` continues the last read of `key` (within a
+    /// little slack: request threads read neighbouring blocks out of order).
+    fn sequential(&self, key: &str, within: u64) -> bool {
+        self.last_end
+            .get(key)
+            .is_some_and(|&e| within + (1 << 20) >= e && within <= e + (1 << 20))
+    }
+
+    fn note(&mut self, key: &str, end: u64) {
+        if self.last_end.len() >= 64 {
+            self.last_end.clear();
+        }
+        self.last_end.insert(key.to_string(), end);
+    }
+
+    fn keep(&mut self, key: String, off: u64, data: Vec<u8>) {
+        if self.chunks.len() >= READ_AHEAD_CHUNKS {
+            self.chunks.remove(0);
+        }
+        self.chunks.push((key, off, data));
+    }
+}
+
 /// Part key of an appended file: `NAME/OFFSET`.
 fn part_name(name: &str, start: u64) -> String {
     format!("{name}/{start:016x}")
@@ -560,6 +615,7 @@ impl ObjectStorage {
             lease_owner: Mutex::new(None),
             took_over: AtomicBool::new(false),
             written: Mutex::new(Default::default()),
+            ra: Mutex::new(ReadAhead::default()),
         })
     }
 
@@ -628,10 +684,31 @@ impl ObjectStorage {
                 return Ok(());
             }
         }
-        let data = self.remote.get_range(&key, within, len)?;
-        buf.copy_from_slice(&data);
+        // Read-ahead: a read that continues the last one of this part (a
+        // file read in order) fetches READ_AHEAD bytes at once, kept in
+        // memory for the reads that follow; a random read fetches its range.
+        let hit = self.ra.lock().lookup(&key, within, buf);
+        if hit {
+            if let Some(c) = &self.cache {
+                c.put(&key, within, buf);
+            }
+            return Ok(());
+        }
+        let sequential = self.ra.lock().sequential(&key, within);
+        let fetch = if sequential {
+            READ_AHEAD.max(len).min(plen.saturating_sub(within))
+        } else {
+            len
+        };
+        let data = self.remote.get_range(&key, within, fetch)?;
+        buf.copy_from_slice(&data[..buf.len()]);
         if let Some(c) = &self.cache {
-            c.put(&key, within, &data);
+            c.put(&key, within, &data[..buf.len()]);
+        }
+        let mut ra = self.ra.lock();
+        ra.note(&key, within + len);
+        if fetch > len {
+            ra.keep(key, within, data);
         }
         Ok(())
     }
