@@ -217,3 +217,27 @@ fn s3_two_writers_takeover_and_fencing() {
     m.kmsfs_umount(&env);
     ok(&env, &["fsck", url], &a);
 }
+
+#[test]
+fn s3_urls_and_options_refused_clearly() {
+    let env = Env::bare();
+    // Credentials in the URL: a usage error that does not echo them.
+    let out = env.fails(2, &["init", "s3://AKIAX:topsecretvalue@bucket/p"]);
+    assert!(out.contains("--credentials-file"), "{out}");
+    assert!(!out.contains("topsecretvalue"), "{out}");
+    let out = env.fails(2, &["info", "s3://Bad_Bucket/p"]);
+    assert!(out.contains("bucket name"), "{out}");
+    // The write-back journal is not implemented: refused, not ignored.
+    let out = env.fails(
+        2,
+        &[
+            "info",
+            "s3://bucket/p",
+            "--writeback",
+            env.root().to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("not implemented"), "{out}");
+    let out = env.fails(2, &["info", "s3://bucket/p", "--cache-size", "lots"]);
+    assert!(out.contains("--cache-size"), "{out}");
+}

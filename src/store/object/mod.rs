@@ -467,8 +467,9 @@ const READ_AHEAD_CHUNKS: usize = 4;
 /// Sequential-read detection and the read-ahead chunks.
 #[derive(Default)]
 struct ReadAhead {
-    /// Where the last read of each recently read part ended.
-    last_end: HashMap<String, u64>,
+    /// Where the last read of each recently read part ended, and how many
+    /// reads in a row continued the one before.
+    last_end: HashMap<String, (u64, u32)>,
     /// (part key, offset, bytes), most recent last.
     chunks: Vec<(String, u64, Vec<u8>)>,
 }
@@ -486,23 +487,28 @@ impl ReadAhead {
         };
         let from = (within - off) as usize;
         buf.copy_from_slice(&data[from..from + buf.len()]);
-        self.last_end.insert(key.to_string(), end);
+        self.note(key, within, end);
         true
     }
 
-    /// Whether a read at `within` continues the last read of `key` (within a
-    /// little slack: request threads read neighbouring blocks out of order).
+    /// Whether reads of `key` run in order: the last two each continued the
+    /// one before (a record or two apart at most). Two tree nodes that
+    /// happen to lie side by side do not start a read-ahead.
     fn sequential(&self, key: &str, within: u64) -> bool {
         self.last_end
             .get(key)
-            .is_some_and(|&e| within + (1 << 20) >= e && within <= e + (1 << 20))
+            .is_some_and(|&(e, streak)| streak >= 1 && within >= e && within <= e + (128 << 10))
     }
 
-    fn note(&mut self, key: &str, end: u64) {
+    fn note(&mut self, key: &str, within: u64, end: u64) {
         if self.last_end.len() >= 64 {
             self.last_end.clear();
         }
-        self.last_end.insert(key.to_string(), end);
+        let streak = match self.last_end.get(key) {
+            Some(&(e, s)) if within >= e && within <= e + (128 << 10) => s + 1,
+            _ => 0,
+        };
+        self.last_end.insert(key.to_string(), (end, streak));
     }
 
     fn keep(&mut self, key: String, off: u64, data: Vec<u8>) {
@@ -706,7 +712,7 @@ impl ObjectStorage {
             c.put(&key, within, &data[..buf.len()]);
         }
         let mut ra = self.ra.lock();
-        ra.note(&key, within + len);
+        ra.note(&key, within, within + len);
         if fetch > len {
             ra.keep(key, within, data);
         }
