@@ -241,3 +241,64 @@ fn s3_urls_and_options_refused_clearly() {
     let out = env.fails(2, &["info", "s3://bucket/p", "--cache-size", "lots"]);
     assert!(out.contains("--cache-size"), "{out}");
 }
+
+#[test]
+fn s3_store_stopped_mid_write_then_started_again() {
+    require_fuse!();
+    let mut w = Weed::start();
+    w.bucket("nas");
+    let env = Env::bare();
+    let unique = env
+        .root()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    let url = &format!("s3://nas/{unique}/outage");
+    let a = s3_args(&w, &env.root().join("cache-a"));
+    ok(&env, &["init", url], &a);
+    let m = mount(&env, url, &env.mnt, &a, &[]);
+    let kept = pattern(3 << 20, 7);
+    fs::write(m.p("kept"), &kept).unwrap();
+    fs::File::open(m.p("kept")).unwrap().sync_all().unwrap();
+
+    // The store goes away mid-write: the fsync fails (EIO), bounded by the
+    // retry limits, instead of hanging or reporting durable.
+    w.kill();
+    let mut f = fs::File::create(m.p("during")).unwrap();
+    f.write_all(&pattern(1 << 20, 8)).unwrap();
+    let e = f.sync_all().unwrap_err();
+    assert_eq!(errno_of(&e), libc::EIO, "{e}");
+    drop(f);
+    // Reads of what is cached still work.
+    assert_eq!(fs::read(m.p("kept")).unwrap(), kept);
+
+    // Back again: unmount the failed mount, mount again (once the old lease
+    // is released or expired), and everything fsync'ed before is there.
+    assert!(w.spawn(), "SeaweedFS did not come back:\n{}", w.log());
+    let _ = m.unmount();
+    let o = format!("log={}", env.log.display());
+    let mut args: Vec<String> = vec![
+        "mount".into(),
+        url.clone(),
+        env.mnt_str().into(),
+        "-o".into(),
+        o,
+    ];
+    args.extend(a.iter().cloned());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = env.run(&args);
+        if o.status.success() {
+            break;
+        }
+        assert_eq!(o.status.code(), Some(5), "{}", output_text(&o));
+        assert!(Instant::now() < deadline, "the old lease never went");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let m = env.guard();
+    assert_eq!(fs::read(m.p("kept")).unwrap(), kept);
+    m.kmsfs_umount(&env);
+    ok(&env, &["fsck", url], &a);
+}
