@@ -74,6 +74,31 @@ fn s3_volume_through_fuse() {
     assert!(!out.contains(common_s3::SECRET_KEY));
     let e = run(&env, &["init", url], &a);
     assert!(!e.status.success(), "init over an existing volume");
+    // Wrong credentials (403) and an empty prefix (404) are said as such.
+    let bad = env.root().join("bad-credentials");
+    fs::write(
+        &bad,
+        "[default]\naws_access_key_id = kmsfsaccess\naws_secret_access_key = wrong\n",
+    )
+    .unwrap();
+    let mut wrong = a.clone();
+    let i = wrong
+        .iter()
+        .position(|x| x == "--credentials-file")
+        .unwrap();
+    wrong[i + 1] = bad.display().to_string();
+    let o = run(&env, &["info", url], &wrong);
+    assert!(!o.status.success());
+    let text = output_text(&o);
+    assert!(
+        text.contains("credentials") && text.contains("403"),
+        "{text}"
+    );
+    assert!(!text.contains("wrong"), "the secret is echoed: {text}");
+    let o = run(&env, &["info", &format!("{url}-none")], &a);
+    assert!(!o.status.success());
+    let text = output_text(&o);
+    assert!(text.contains("kmsfs init"), "{text}");
 
     let m = mount(&env, url, &env.mnt, &a, &[]);
     let big = pattern(5 << 20, 1);

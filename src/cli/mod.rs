@@ -647,7 +647,7 @@ fn wait_for_finishing_daemon(dir: &Path) {
 
 fn open_read_only(keys: &KeyArgs, dir: &Path) -> Result<(Volume, Arc<dyn Kms>, PathBuf)> {
     if object::is_url(dir) {
-        let storage = object::storage(dir)?;
+        let storage = object::existing(dir)?;
         let kms = open_kms(keys, false)?;
         let opts = OpenOptions {
             read_only: true,
@@ -676,7 +676,7 @@ fn open_writable(
     accept_rollback: bool,
 ) -> Result<(Volume, Arc<dyn Kms>, PathBuf)> {
     if object::is_url(dir) {
-        let storage = object::storage(dir)?;
+        let storage = object::existing(dir)?;
         let kms = open_kms(keys, false)?;
         let opts = OpenOptions {
             cache_bytes: TOOL_CACHE,

@@ -580,7 +580,7 @@ pub(super) fn volume_is_mounted(volume: &Path) -> bool {
 pub(super) fn open_volume(plan: &MountPlan, kms: &dyn crate::kms::Kms) -> Result<Volume> {
     let start = Instant::now();
     loop {
-        let storage = super::object::storage(&plan.volume)?;
+        let storage = super::object::existing(&plan.volume)?;
         match Volume::open(storage, kms, plan.open.clone()) {
             Err(Error::Locked(m)) if super::object::is_url(&plan.volume) => {
                 return Err(CliError::new(

@@ -99,6 +99,29 @@ pub(super) fn storage(p: &Path) -> Result<Arc<dyn Storage>> {
     ))
 }
 
+/// The storage of an existing volume: for `s3://…`, the header must be
+/// there (a clear "not a volume" instead of a missing root record).
+pub(super) fn existing(p: &Path) -> Result<Arc<dyn Storage>> {
+    let s = storage(p)?;
+    if is_url(p) {
+        let header = s.len(crate::format::HEADER_FILE);
+        if let Err(e) = &header
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(CliError::error(format!("{}: {e}", p.display())));
+        }
+        if header.is_err() && !s.exists(crate::format::HEADER_BACKUP_FILE) {
+            return Err(CliError::error(format!(
+                "{} is not a kmsfs volume (no {}); create one with `kmsfs init {}`",
+                p.display(),
+                crate::format::HEADER_FILE,
+                p.display()
+            )));
+        }
+    }
+    Ok(s)
+}
+
 /// Where the control socket of a mount of this volume lives: the volume
 /// directory, or for `s3://…` the folder `ctl` in the volume's default cache
 /// directory on this host (found from the URL alone, so `kmsfs umount`,

@@ -45,7 +45,7 @@ pub(super) fn with_volume_or_mount(
         cache_bytes: TOOL_CACHE,
         ..Default::default()
     };
-    match Volume::open(super::object::storage(&canon)?, &*kms, opts) {
+    match Volume::open(super::object::existing(&canon)?, &*kms, opts) {
         Ok(vol) => {
             let r = direct(&vol)?;
             vol.close()?;

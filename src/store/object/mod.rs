@@ -285,18 +285,28 @@ fn to_io(what: &str, e: object_store::Error) -> io::Error {
                 text.push_str(&format!(": {e}"));
                 src = e.source();
             }
-            let kind = if text.contains("403") {
-                io::ErrorKind::PermissionDenied
-            } else {
-                io::ErrorKind::Other
-            };
-            io::Error::new(
-                kind,
-                format!(
-                    "{what}: object store request failed after retries ({text}); check that \
-                     the store is reachable, then retry (kmsfs info shows the volume)"
-                ),
-            )
+            // The first line, bounded: enough to see the cause, not the XML.
+            let short: String = text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(300)
+                .collect();
+            if text.contains("403 Forbidden") || text.contains("status code: 403") {
+                return io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{what}: access denied by the object store (403): check the credentials \
+                         (--credentials-file, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+                         ~/.aws/credentials) and the bucket policy ({short})"
+                    ),
+                );
+            }
+            io::Error::other(format!(
+                "{what}: object store request failed after retries ({short}); check that the \
+                 store is reachable, then retry (kmsfs info shows the volume)"
+            ))
         }
     }
 }
