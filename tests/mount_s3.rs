@@ -184,6 +184,11 @@ fn s3_two_writers_takeover_and_fencing() {
     let b = s3_args(&w, &env.root().join("cache-b"));
     ok(&env, &["init", url], &a);
     let m1 = mount(&env, url, &env.mnt, &a, &[]);
+    let info = ok(&env, &["info", url], &b);
+    assert!(
+        info.contains("writer:         host") && info.contains(&format!("pid {}", m1.pid)),
+        "{info}"
+    );
     fs::write(m1.p("from-a"), b"A").unwrap();
     fs::File::open(m1.p("from-a")).unwrap().sync_all().unwrap();
 

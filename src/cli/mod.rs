@@ -871,6 +871,9 @@ pub fn usage(vol: &Volume) -> Result<Usage, Error> {
 #[derive(Debug, Serialize)]
 struct InfoReport {
     volume: String,
+    /// s3:// volumes: who holds the writer lease now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    writer: Option<String>,
     id: String,
     format_version: u16,
     cipher: String,
@@ -902,6 +905,11 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
         .find(|k| k.id == h.cmk_id)
         .and_then(|k| k.alias);
     let r = InfoReport {
+        writer: if object::is_url(&dir) {
+            object::writer(&dir)
+        } else {
+            None
+        },
         volume: dir.display().to_string(),
         id: format::hex(&h.volume_id),
         format_version: h.version,
@@ -958,6 +966,9 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
         crate::time::iso_utc(u64::try_from(r.created).unwrap_or(0))
     );
     println!("generation:     {}", r.generation);
+    if let Some(w) = &r.writer {
+        println!("writer:         {w}");
+    }
     println!("snapshots:      {}", r.snapshots);
     println!(
         "contents:       {} files, {} directories, {} symlinks, {} other",

@@ -142,3 +142,18 @@ pub(super) fn control_dir(p: &Path) -> PathBuf {
         Err(_) => p.to_path_buf(),
     }
 }
+
+/// Who holds the writer lease of an `s3://…` volume now, for `kmsfs info`.
+pub(super) fn writer(p: &Path) -> Option<String> {
+    let s = ObjectStorage::open(config(p).ok()?).ok()?;
+    Some(match crate::store::object::lease::holder(&s) {
+        Ok(Some(l)) => format!("host {} pid {} (lease valid {} s more)", l.host, l.pid, {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            l.expires.saturating_sub(now)
+        }),
+        Ok(None) => "none (no live writer lease)".to_string(),
+        Err(e) => format!("unknown ({e})"),
+    })
+}

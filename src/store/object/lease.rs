@@ -276,6 +276,16 @@ pub fn acquire(s: &ObjectStorage) -> io::Result<Box<dyn std::any::Any + Send + S
     }))
 }
 
+/// The writer lease as it is now: None when no writer holds one (absent,
+/// unreadable or expired).
+pub fn holder(s: &ObjectStorage) -> io::Result<Option<Lease>> {
+    match s.remote.get_whole(LEASE_FILE) {
+        Ok((b, _)) => Ok(Lease::decode(&b).filter(|l| l.expires > now())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Checks, before a commit, that the lease is still `owner`'s and unexpired;
 /// fences the writer otherwise.
 pub fn check_held(s: &ObjectStorage, owner: &str) -> io::Result<()> {
