@@ -86,6 +86,8 @@ PASS="$BASE/passphrase"
 head -c 24 /dev/urandom | base64 >"$PASS"
 chmod 600 "$PASS"
 export KMSFS_KEYSTORE="$BASE/keystore" KMSFS_PASSPHRASE_FILE="$PASS"
+# The per-user cache (control sockets of s3:// mounts) inside the scratch directory.
+export XDG_CACHE_HOME="$BASE/xdg-cache"
 N=0
 S3OPTS=(--endpoint "http://127.0.0.1:$S3P" --credentials-file "$BASE/credentials")
 

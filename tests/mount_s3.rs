@@ -31,22 +31,62 @@ fn s3_args(w: &Weed, cache: &Path) -> Vec<String> {
     ]
 }
 
-fn ok(env: &Env, args: &[&str], s3: &[String]) -> String {
-    let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    a.extend(s3.iter().cloned());
-    env.ok(&a)
+/// kmsfs with this environment's keystore, and the per-user cache (where the
+/// control socket of an s3:// mount lives) inside the test's directory.
+fn kcmd(env: &Env) -> std::process::Command {
+    let mut c = env.cmd();
+    c.env("XDG_CACHE_HOME", env.root().join("xdg-cache"));
+    c
+}
+
+fn run_any<S: AsRef<std::ffi::OsStr>>(env: &Env, args: &[S]) -> std::process::Output {
+    kcmd(env).args(args).output().unwrap()
 }
 
 fn run(env: &Env, args: &[&str], s3: &[String]) -> std::process::Output {
     let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     a.extend(s3.iter().cloned());
-    env.run(&a)
+    run_any(env, &a)
+}
+
+fn ok(env: &Env, args: &[&str], s3: &[String]) -> String {
+    let o = run(env, args, s3);
+    assert!(o.status.success(), "kmsfs {args:?}: {}", output_text(&o));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The `kmsfs mount` arguments of an s3:// volume (log next to the mount point).
+fn mount_args(url: &str, mnt: &Path, s3: &[String], extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "mount".into(),
+        url.into(),
+        mnt.display().to_string(),
+        "-o".into(),
+        format!("log={}", mnt.with_extension("log").display()),
+    ];
+    a.extend(s3.iter().cloned());
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
 }
 
 fn mount(env: &Env, url: &str, mnt: &Path, s3: &[String], extra: &[&str]) -> Mount {
-    let mut a: Vec<&str> = s3.iter().map(String::as_str).collect();
-    a.extend_from_slice(extra);
-    env.mount_other(Path::new(url), mnt, &a)
+    fs::create_dir_all(mnt).unwrap();
+    let o = run_any(env, &mount_args(url, mnt, s3, extra));
+    assert!(
+        o.status.success(),
+        "mount of {url} failed: {}\nlog:\n{}",
+        output_text(&o),
+        fs::read_to_string(mnt.with_extension("log")).unwrap_or_default()
+    );
+    Mount::adopt(mnt, &mnt.with_extension("log"))
+}
+
+/// `kmsfs umount MNT`: returns once the daemon's final commit is done.
+fn umount(env: &Env, m: Mount) {
+    let o = run_any(env, &[std::ffi::OsStr::new("umount"), m.path.as_os_str()]);
+    assert!(o.status.success(), "kmsfs umount: {}", output_text(&o));
+    assert_eq!(wait_exit(m.pid, TIMEOUT), Some(0), "the daemon's exit");
+    drop(m);
 }
 
 #[test]
@@ -128,7 +168,7 @@ fn s3_volume_through_fuse() {
     assert!(!rmnt.join("after-s1").exists());
     assert!(fs::write(rmnt.join("x"), b"no").is_err(), "read-only");
     r.unmount();
-    m.kmsfs_umount(&env);
+    umount(&env, m);
 
     let info = ok(&env, &["info", url, "--json"], &b);
     let j: serde_json::Value = serde_json::from_str(&info).unwrap();
@@ -140,7 +180,7 @@ fn s3_volume_through_fuse() {
     // Clone the snapshot into a local directory and into another prefix.
     let local = env.root().join("clone");
     ok(&env, &["clone", url, "s1", local.to_str().unwrap()], &b);
-    env.ok(&["fsck", local.to_str().unwrap()]);
+    ok(&env, &["fsck", local.to_str().unwrap()], &[]);
     ok(&env, &["clone", url, "s1", &clone_url], &b);
     ok(&env, &["fsck", &clone_url], &b);
 
@@ -195,15 +235,8 @@ fn s3_two_writers_takeover_and_fencing() {
     // A second read-write mount on another host is refused (busy, exit 5).
     let mnt2: PathBuf = env.root().join("mnt2");
     fs::create_dir_all(&mnt2).unwrap();
-    let mut args: Vec<String> = vec![
-        "mount".into(),
-        url.into(),
-        mnt2.display().to_string(),
-        "-o".into(),
-        format!("log={}", env.root().join("m2.log").display()),
-    ];
-    args.extend(b.iter().cloned());
-    let o = env.run(&args);
+    let args = mount_args(url, &mnt2, &b, &[]);
+    let o = run_any(&env, &args);
     assert_eq!(o.status.code(), Some(5), "{}", output_text(&o));
     assert!(
         output_text(&o).contains("--force-takeover"),
@@ -215,7 +248,7 @@ fn s3_two_writers_takeover_and_fencing() {
     m1.kill9();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let o = env.run(&args);
+        let o = run_any(&env, &args);
         if o.status.success() {
             break;
         }
@@ -223,7 +256,7 @@ fn s3_two_writers_takeover_and_fencing() {
         assert!(Instant::now() < deadline, "never taken over");
         std::thread::sleep(Duration::from_millis(500));
     }
-    let m2 = Mount::adopt(&mnt2, &env.root().join("m2.log"));
+    let m2 = Mount::adopt(&mnt2, &mnt2.with_extension("log"));
     assert_eq!(fs::read(m2.p("from-a")).unwrap(), b"A");
 
     // --force-takeover from a third host: the second writer is fenced and
@@ -239,12 +272,12 @@ fn s3_two_writers_takeover_and_fencing() {
     fs::write(m3.p("from-c"), b"C").unwrap();
     fs::File::open(m3.p("from-c")).unwrap().sync_all().unwrap();
     drop(m2);
-    m3.kmsfs_umount(&env);
+    umount(&env, m3);
     let m = mount(&env, url, &env.mnt, &a, &[]);
     assert_eq!(fs::read(m.p("from-a")).unwrap(), b"A");
     assert_eq!(fs::read(m.p("from-c")).unwrap(), b"C");
     assert!(!m.p("late").exists());
-    m.kmsfs_umount(&env);
+    umount(&env, m);
     ok(&env, &["fsck", url], &a);
 }
 
@@ -308,18 +341,10 @@ fn s3_store_stopped_mid_write_then_started_again() {
     // is released or expired), and everything fsync'ed before is there.
     assert!(w.spawn(), "SeaweedFS did not come back:\n{}", w.log());
     let _ = m.unmount();
-    let o = format!("log={}", env.log.display());
-    let mut args: Vec<String> = vec![
-        "mount".into(),
-        url.clone(),
-        env.mnt_str().into(),
-        "-o".into(),
-        o,
-    ];
-    args.extend(a.iter().cloned());
+    let args = mount_args(url, &env.mnt, &a, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let o = env.run(&args);
+        let o = run_any(&env, &args);
         if o.status.success() {
             break;
         }
@@ -327,8 +352,8 @@ fn s3_store_stopped_mid_write_then_started_again() {
         assert!(Instant::now() < deadline, "the old lease never went");
         std::thread::sleep(Duration::from_millis(500));
     }
-    let m = env.guard();
+    let m = Mount::adopt(&env.mnt, &env.mnt.with_extension("log"));
     assert_eq!(fs::read(m.p("kept")).unwrap(), kept);
-    m.kmsfs_umount(&env);
+    umount(&env, m);
     ok(&env, &["fsck", url], &a);
 }
