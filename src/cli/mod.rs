@@ -27,6 +27,7 @@ mod keystore;
 mod kms;
 mod migrate;
 mod mount;
+mod object;
 mod salvage;
 mod send;
 mod snapshot;
@@ -166,6 +167,8 @@ type Result<T, E = CliError> = std::result::Result<T, E>;
 struct Cli {
     #[command(flatten)]
     keys: KeyArgs,
+    #[command(flatten)]
+    s3: object::S3Args,
     #[command(subcommand)]
     command: Command,
 }
@@ -478,6 +481,7 @@ fn run(mut args: Vec<OsString>) -> Result<()> {
         }
     }
     let cli: Cli = parse_or_exit(args)?;
+    object::set_args(cli.s3.clone())?;
     if !matches!(cli.command, Command::Mount(_)) {
         // A reader that goes away (`kmsfs info VOL | head -1`) ends the
         // command quietly, as with any Unix tool, instead of a panic in
@@ -652,6 +656,17 @@ fn wait_for_finishing_daemon(dir: &Path) {
 }
 
 fn open_read_only(keys: &KeyArgs, dir: &Path) -> Result<(Volume, Arc<dyn Kms>, PathBuf)> {
+    if object::is_url(dir) {
+        let storage = object::existing(dir)?;
+        let kms = open_kms(keys, false)?;
+        let opts = OpenOptions {
+            read_only: true,
+            cache_bytes: TOOL_CACHE,
+            ..Default::default()
+        };
+        let vol = Volume::open(storage, &*kms, opts)?;
+        return Ok((vol, kms, dir.to_path_buf()));
+    }
     let dir = check_volume(dir)?;
     wait_for_finishing_daemon(&dir);
     let kms = open_kms(keys, false)?;
@@ -670,6 +685,17 @@ fn open_writable(
     dir: &Path,
     accept_rollback: bool,
 ) -> Result<(Volume, Arc<dyn Kms>, PathBuf)> {
+    if object::is_url(dir) {
+        let storage = object::existing(dir)?;
+        let kms = open_kms(keys, false)?;
+        let opts = OpenOptions {
+            cache_bytes: TOOL_CACHE,
+            accept_rollback,
+            ..Default::default()
+        };
+        let vol = Volume::open(storage, &*kms, opts)?;
+        return Ok((vol, kms, dir.to_path_buf()));
+    }
     let dir = check_volume(dir)?;
     wait_for_finishing_daemon(&dir);
     let kms = open_kms(keys, false)?;
@@ -700,6 +726,20 @@ fn cmd_init(keys: &KeyArgs, a: InitArgs) -> Result<()> {
     // Bad sizes are usage errors (exit 2), found before anything is created.
     opts.check().map_err(|e| CliError::usage(e.to_string()))?;
     let dir = &a.volume_dir;
+    if object::is_url(dir) {
+        let storage = object::storage(dir)?;
+        let kms = open_kms(keys, true)?;
+        let id = Volume::init(storage, &*kms, &opts)?;
+        println!(
+            "created volume {} in {} ({}, {} blocks); mount it with `kmsfs mount` and the \
+             same --endpoint",
+            format::hex(&id),
+            dir.display(),
+            cipher.name(),
+            human(opts.block_size as u64),
+        );
+        return Ok(());
+    }
     let created_dir = !dir.exists();
     if created_dir {
         fs::DirBuilder::new()
@@ -841,6 +881,9 @@ pub fn usage(vol: &Volume) -> Result<Usage, Error> {
 #[derive(Debug, Serialize)]
 struct InfoReport {
     volume: String,
+    /// s3:// volumes: who holds the writer lease now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    writer: Option<String>,
     id: String,
     format_version: u16,
     cipher: String,
@@ -872,6 +915,11 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
         .find(|k| k.id == h.cmk_id)
         .and_then(|k| k.alias);
     let r = InfoReport {
+        writer: if object::is_url(&dir) {
+            object::writer(&dir)
+        } else {
+            None
+        },
         volume: dir.display().to_string(),
         id: format::hex(&h.volume_id),
         format_version: h.version,
@@ -890,7 +938,8 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
         stored_bytes: vol.stored_bytes()?,
         usage: usage(&vol)?,
         mount_cache: if volume_is_mounted(&dir) {
-            crate::control::request(&dir, &crate::control::Request::Stats).ok()
+            crate::control::request(&object::control_dir(&dir), &crate::control::Request::Stats)
+                .ok()
         } else {
             None
         },
@@ -927,6 +976,9 @@ fn cmd_info(keys: &KeyArgs, a: InfoArgs) -> Result<()> {
         crate::time::iso_utc(u64::try_from(r.created).unwrap_or(0))
     );
     println!("generation:     {}", r.generation);
+    if let Some(w) = &r.writer {
+        println!("writer:         {w}");
+    }
     println!("snapshots:      {}", r.snapshots);
     println!(
         "contents:       {} files, {} directories, {} symlinks, {} other",

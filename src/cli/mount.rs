@@ -246,10 +246,17 @@ pub(super) fn check_mountpoint(given: &Path) -> Result<PathBuf> {
 
 pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<MountPlan> {
     let opts = parse_mount_options(&a.options, sloppy)?;
-    let volume = check_volume(&a.volume_dir)?;
+    let s3 = super::object::is_url(&a.volume_dir);
+    let volume = if s3 {
+        // Checked by the daemon when it opens the store (options are parsed now).
+        super::object::config(&a.volume_dir)?;
+        a.volume_dir.clone()
+    } else {
+        check_volume(&a.volume_dir)?
+    };
     let mountpoint = check_mountpoint(&a.mountpoint)?;
     // The daemon reads the volume by path: through its own mount it would deadlock.
-    if volume.starts_with(&mountpoint) || mountpoint.starts_with(&volume) {
+    if !s3 && (volume.starts_with(&mountpoint) || mountpoint.starts_with(&volume)) {
         return Err(CliError::usage(format!(
             "the mount point {} and the volume directory {} must not contain one another",
             mountpoint.display(),
@@ -277,7 +284,11 @@ pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<M
         Some(p) => Some(absolute(p)?),
         None if a.foreground => None,
         None => {
-            let id = peek_volume_id(&volume).unwrap_or_else(|| "volume".into());
+            let id = if s3 {
+                volume.display().to_string().replace(['/', ':'], "_")
+            } else {
+                peek_volume_id(&volume).unwrap_or_else(|| "volume".into())
+            };
             Some(default_log_dir().join(format!("{id}.log")))
         }
     };
@@ -590,8 +601,17 @@ pub(super) fn volume_is_mounted(volume: &Path) -> bool {
 pub(super) fn open_volume(plan: &MountPlan, kms: &dyn crate::kms::Kms) -> Result<Volume> {
     let start = Instant::now();
     loop {
-        let storage = Arc::new(FsStorage::new(&plan.volume));
+        let storage = super::object::existing(&plan.volume)?;
         match Volume::open(storage, kms, plan.open.clone()) {
+            Err(Error::Locked(m)) if super::object::is_url(&plan.volume) => {
+                return Err(CliError::new(
+                    exit::BUSY,
+                    format!(
+                        "{} has a writer elsewhere ({m}); mount it read-only with -o ro",
+                        plan.volume.display()
+                    ),
+                ));
+            }
             Err(Error::Locked(m))
                 if !volume_is_mounted(&plan.volume) && start.elapsed() < LOCK_WAIT =>
             {
@@ -690,7 +710,7 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
         None
     } else {
         let _ = crate::control::MOUNTPOINT.set(plan.mountpoint.clone());
-        ControlServer::start(vol.clone(), &plan.volume)
+        ControlServer::start(vol.clone(), &super::object::control_dir(&plan.volume))
             .inspect_err(|e| {
                 log::warn!("no control socket ({e}); snapshot commands need an unmounted volume")
             })

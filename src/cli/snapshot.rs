@@ -26,12 +26,18 @@ pub(super) fn with_volume_or_mount(
     req: crate::control::Request,
     direct: impl FnOnce(&Volume) -> std::result::Result<serde_json::Value, Error>,
 ) -> Result<serde_json::Value> {
-    let canon = check_volume(dir)?;
+    let s3 = super::object::is_url(dir);
+    let canon = if s3 {
+        dir.to_path_buf()
+    } else {
+        check_volume(dir)?
+    };
+    let ctl = super::object::control_dir(&canon);
     // Mounted read-write: the mount does it. No key is needed for that (the mount holds
     // the volume's keys; the control socket admits only the mounting user and root), so
     // the keystore is not unlocked, which would cost an Argon2id derivation.
-    if writer_lock_held(&canon) && volume_is_mounted(&canon) {
-        return Ok(crate::control::request(&canon, &req)?);
+    if (s3 || writer_lock_held(&canon)) && volume_is_mounted(&canon) {
+        return Ok(crate::control::request(&ctl, &req)?);
     }
     wait_for_finishing_daemon(&canon);
     let kms = open_kms(keys, false)?;
@@ -39,13 +45,13 @@ pub(super) fn with_volume_or_mount(
         cache_bytes: TOOL_CACHE,
         ..Default::default()
     };
-    match Volume::open(Arc::new(FsStorage::new(&canon)), &*kms, opts) {
+    match Volume::open(super::object::existing(&canon)?, &*kms, opts) {
         Ok(vol) => {
             let r = direct(&vol)?;
             vol.close()?;
             Ok(r)
         }
-        Err(Error::Locked(_)) => Ok(crate::control::request(&canon, &req)?),
+        Err(Error::Locked(_)) if !s3 => Ok(crate::control::request(&ctl, &req)?),
         Err(e) => Err(e.into()),
     }
 }
@@ -136,26 +142,32 @@ pub(super) fn cmd_snapshot(keys: &KeyArgs, c: SnapshotCmd) -> Result<()> {
             Ok(())
         }
         SnapshotCmd::List { volume_dir, json } => {
-            let canon = check_volume(&volume_dir)?;
-            let list: Vec<SnapshotJson> = if writer_lock_held(&canon) && volume_is_mounted(&canon) {
-                // Through the mount, without unlocking the keystore.
-                let v = crate::control::request(&canon, &Request::SnapshotList)?;
-                serde_json::from_value(v).map_err(|e| {
-                    CliError::error(format!("bad snapshot list from the mount: {e}"))
-                })?
+            let s3 = super::object::is_url(&volume_dir);
+            let canon = if s3 {
+                volume_dir.clone()
             } else {
-                let (vol, _kms, _dir) = open_read_only(keys, &volume_dir)?;
-                vol.snapshot_list()?
-                    .into_iter()
-                    .map(|s| SnapshotJson {
-                        name: s.name,
-                        created: s.created,
-                        generation: s.generation,
-                        exclusive_bytes: s.exclusive_bytes,
-                        shared_bytes: s.shared_bytes,
-                    })
-                    .collect()
+                check_volume(&volume_dir)?
             };
+            let list: Vec<SnapshotJson> =
+                if !s3 && writer_lock_held(&canon) && volume_is_mounted(&canon) {
+                    // Through the mount, without unlocking the keystore.
+                    let v = crate::control::request(&canon, &Request::SnapshotList)?;
+                    serde_json::from_value(v).map_err(|e| {
+                        CliError::error(format!("bad snapshot list from the mount: {e}"))
+                    })?
+                } else {
+                    let (vol, _kms, _dir) = open_read_only(keys, &volume_dir)?;
+                    vol.snapshot_list()?
+                        .into_iter()
+                        .map(|s| SnapshotJson {
+                            name: s.name,
+                            created: s.created,
+                            generation: s.generation,
+                            exclusive_bytes: s.exclusive_bytes,
+                            shared_bytes: s.shared_bytes,
+                        })
+                        .collect()
+                };
             if json {
                 println!(
                     "{}",
@@ -213,6 +225,9 @@ pub(super) fn cmd_snapshot(keys: &KeyArgs, c: SnapshotCmd) -> Result<()> {
 pub(super) fn cmd_clone(keys: &KeyArgs, a: CloneArgs) -> Result<()> {
     let (vol, kms, src) = open_read_only(keys, &a.volume_dir)?;
     let dst = &a.new_volume_dir;
+    if super::object::is_url(&src) || super::object::is_url(dst) {
+        return clone_through_storage(&vol, &*kms, &src, dst, &a.snapshot);
+    }
     if dst.exists() {
         let empty = fs::read_dir(dst)
             .map_err(|e| CliError::error(format!("{}: {e}", dst.display())))?
@@ -388,4 +403,56 @@ pub(super) fn bring_file(
     nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
     std::io::copy(&mut File::from(file), &mut File::from(out))?;
     Ok(false)
+}
+
+/// Clones to or from an object store: segments are copied through the
+/// storage interface (ciphertext as it is; nothing is re-encrypted).
+fn clone_through_storage(
+    vol: &Volume,
+    kms: &dyn crate::kms::Kms,
+    src: &Path,
+    dst: &Path,
+    snapshot: &str,
+) -> Result<()> {
+    if !super::object::is_url(dst) {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dst)
+            .map_err(|e| CliError::error(format!("{}: {e}", dst.display())))?;
+        if fs::read_dir(dst)
+            .map_err(|e| CliError::error(format!("{}: {e}", dst.display())))?
+            .next()
+            .is_some()
+        {
+            return Err(CliError::error(format!(
+                "{} is not empty; clone into a new or empty directory",
+                dst.display()
+            )));
+        }
+    }
+    let from = vol.storage().clone();
+    let to = super::object::storage(dst)?;
+    let copied = std::sync::atomic::AtomicU64::new(0);
+    let t = to.clone();
+    let bring = |name: &str| -> std::io::Result<()> {
+        let data = from.read(name)?;
+        t.append(name, &data)?;
+        t.sync(name)?;
+        copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    };
+    let id = vol.clone_snapshot(snapshot, to, &bring)?;
+    if let Err(e) = kms.note_volume(&id, &vol.header().cmk_id, &dst.display().to_string()) {
+        log::warn!("the keystore could not record the clone under its key: {e}");
+    }
+    println!(
+        "{}: new volume {} from snapshot {snapshot} of {} ({} segment files copied, nothing \
+         re-encrypted)",
+        dst.display(),
+        format::hex(&id),
+        src.display(),
+        copied.into_inner()
+    );
+    Ok(())
 }

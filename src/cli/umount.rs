@@ -26,28 +26,30 @@ pub fn unmount(target: &Path, lazy: bool, verbose: bool) -> Result<(), CliError>
     // The daemon of this mount, found through the volume named as the mount
     // source. A dead daemon (no answer) leaves nothing to wait for.
     let want = std::path::absolute(target).ok();
-    let pid = mount_source(target).and_then(|vol| match control::request(&vol, &Request::Commit) {
-        // The control socket belongs to the volume's read-write mount; a read-only or
-        // snapshot mount of the same volume beside it has no final commit to wait for.
-        Ok(v) if v["mountpoint"].as_str().map(PathBuf::from) != want => {
-            if verbose {
-                eprintln!(
-                    "kmsfs umount: {} is not the read-write mount of {}; nothing to wait for",
-                    target.display(),
-                    vol.display()
-                );
+    let pid = mount_source(target).and_then(|vol| {
+        match control::request(&super::object::control_dir(&vol), &Request::Commit) {
+            // The control socket belongs to the volume's read-write mount; a read-only or
+            // snapshot mount of the same volume beside it has no final commit to wait for.
+            Ok(v) if v["mountpoint"].as_str().map(PathBuf::from) != want => {
+                if verbose {
+                    eprintln!(
+                        "kmsfs umount: {} is not the read-write mount of {}; nothing to wait for",
+                        target.display(),
+                        vol.display()
+                    );
+                }
+                None
             }
-            None
-        }
-        Ok(v) => v["pid"].as_i64().and_then(|p| i32::try_from(p).ok()),
-        Err(e) => {
-            if verbose {
-                eprintln!(
-                    "kmsfs umount: no answer from the daemon of {}: {e}",
-                    vol.display()
-                );
+            Ok(v) => v["pid"].as_i64().and_then(|p| i32::try_from(p).ok()),
+            Err(e) => {
+                if verbose {
+                    eprintln!(
+                        "kmsfs umount: no answer from the daemon of {}: {e}",
+                        vol.display()
+                    );
+                }
+                None
             }
-            None
         }
     });
     // Hold the daemon by a pidfd before unmounting: waiting on it cannot

@@ -433,15 +433,9 @@ fn write_durably(storage: &dyn Storage, name: &str, data: &[u8]) -> Result<()> {
 
 /// As [`write_durably`], through the temporary file `tmp`.
 fn write_durably_via(storage: &dyn Storage, tmp: &str, name: &str, data: &[u8]) -> Result<()> {
-    let tmp = tmp.to_string();
     storage
-        .write_file(&tmp, data)
-        .map_err(|e| Error::io(&tmp, e))?;
-    storage.sync(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    storage.rename(&tmp, name).map_err(|e| Error::io(name, e))?;
-    storage
-        .sync_dir("")
-        .map_err(|e| Error::io("volume directory", e))
+        .replace_durably(tmp, name, data)
+        .map_err(|crate::store::ReplaceError(what, e)| Error::io(what, e))
 }
 
 impl Volume {
@@ -760,6 +754,7 @@ impl Volume {
                 }
             }
         }
+        next_segment = next_segment.saturating_add(storage.segment_id_gap());
         let io = Arc::new(BlockIo::new(
             storage,
             sealer,

@@ -433,6 +433,17 @@ pub struct Mount {
 }
 
 impl Mount {
+    /// The guard of a live mount at `mnt` (its daemon found by its arguments).
+    pub fn adopt(mnt: &Path, log: &Path) -> Mount {
+        assert!(is_mounted(mnt), "{} is not mounted", mnt.display());
+        Mount {
+            path: mnt.to_path_buf(),
+            pid: daemon_pid(mnt),
+            log: log.to_path_buf(),
+            done: false,
+        }
+    }
+
     pub fn p(&self, rel: &str) -> PathBuf {
         self.path.join(rel)
     }
