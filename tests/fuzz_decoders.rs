@@ -696,6 +696,19 @@ fn check_xattr(b: &[u8]) {
     }
 }
 
+fn check_frag(b: &[u8]) {
+    // Checked decode: what it accepts lies inside a 64 KiB block and re-encodes
+    // to the same bytes; the unchecked decode accepts a superset.
+    if let Ok(f) = format::FragValue::from_bytes(b, 65536) {
+        assert!(f.len > 0 && f.offset as u64 + f.len as u64 <= 65536);
+        assert_eq!(f.to_bytes(), b);
+        assert!(format::FragValue::from_bytes_unchecked(b).is_ok());
+    }
+    if let Ok(f) = format::FragValue::from_bytes_unchecked(b) {
+        assert_eq!(f.to_bytes(), b);
+    }
+}
+
 fn check_key(b: &[u8]) {
     if let Some((ino, tag, suffix)) = format::split_key(b) {
         assert_eq!(format::key(ino, tag, suffix), b);
@@ -909,6 +922,31 @@ fn tree_values_and_keys() {
     );
     sweep(&XattrValue::Block(sample_ptr(5)).encode(), check_xattr);
     sweep(&XattrValue::Inline(b"value".to_vec()).encode(), check_xattr);
+
+    fuzz(
+        "fragment arbitrary",
+        1,
+        arbitrary_bytes(format::FRAG_VALUE_LEN),
+        ok(check_frag),
+    );
+    fuzz(
+        "fragment mutated",
+        1,
+        mutated(
+            (ptr_strategy(), 0u32..70_000, 0u32..70_000)
+                .prop_map(|(ptr, offset, len)| format::FragValue { ptr, offset, len }.to_bytes()),
+        ),
+        ok(check_frag),
+    );
+    sweep(
+        &format::FragValue {
+            ptr: sample_ptr(6),
+            offset: 4096,
+            len: 300,
+        }
+        .to_bytes(),
+        check_frag,
+    );
 
     fuzz("tree key arbitrary", 1, arbitrary_bytes(17), ok(check_key));
     sweep(
