@@ -21,7 +21,7 @@
 # Writes bench/results/latest.md (+ latest.png; latest.tsv and latest.meta.tsv, the raw
 # figures from which bench/report.py draws both). Reported, never judged.
 #
-# Usage: bench/run.sh                 (as root; about 45 minutes, see docs/BENCHMARKS.md)
+# Usage: bench/run.sh                 (as root; about an hour, see docs/BENCHMARKS.md)
 #        BENCH_QUICK=1 bench/run.sh   (small sizes, 1 run, no CryFS unless in BENCH_FS: a few minutes)
 # Environment:
 #   BENCH_RUNS=3  BENCH_SIZE_MB=1024  BENCH_REAL_FILES=20000  BENCH_FILES=5000
