@@ -231,6 +231,14 @@ pub(super) fn check_mountpoint(given: &Path) -> Result<PathBuf> {
         _ => CliError::error(format!("mount point {}: {e}", abs.display())),
     })?;
     if let Some((fstype, source)) = umount::mounted_at(&mountpoint) {
+        // The kernel answers stat from attributes it cached while the daemon
+        // lived (for up to the attribute timeout): statfs always asks the
+        // daemon, so a dead FUSE mount shows here as ENOTCONN.
+        if fstype.starts_with("fuse")
+            && nix::sys::statfs::statfs(&mountpoint).err() == Some(nix::errno::Errno::ENOTCONN)
+        {
+            return Err(dead(&mountpoint));
+        }
         return Err(CliError::new(
             exit::BUSY,
             format!(
