@@ -815,20 +815,20 @@ pub fn receive(
                 if !roots.is_empty() || (idx < 2) {
                     return Err(order_err("a record"));
                 }
-                let (segment, offset, len) = if f.ftype == frame::BLOCK {
-                    let (b, _) = BlockFrame::decode(&f.payload).map_err(|e| {
-                        refuse(format!(
-                            "frame {idx}: {e}: the stream is damaged; {UNCHANGED}"
-                        ))
-                    })?;
-                    (b.segment, b.offset, b.record.len() as u64)
+                let damaged = |e| {
+                    refuse(format!(
+                        "frame {idx}: {e}: the stream is damaged; {UNCHANGED}"
+                    ))
+                };
+                // Decoded once: the checks below and the apply use the same value.
+                let placed = if f.ftype == frame::BLOCK {
+                    Placed::Block(BlockFrame::decode(&f.payload).map_err(damaged)?)
                 } else {
-                    let r = RefFrame::decode(&f.payload).map_err(|e| {
-                        refuse(format!(
-                            "frame {idx}: {e}: the stream is damaged; {UNCHANGED}"
-                        ))
-                    })?;
-                    (r.segment, r.offset, r.len as u64)
+                    Placed::Ref(RefFrame::decode(&f.payload).map_err(damaged)?)
+                };
+                let (segment, offset, len) = match &placed {
+                    Placed::Block((b, _)) => (b.segment, b.offset, b.record.len() as u64),
+                    Placed::Ref(r) => (r.segment, r.offset, r.len as u64),
                 };
                 // Records come in place order, never overlapping.
                 if let Some((s, e)) = last_place
@@ -839,8 +839,7 @@ pub fn receive(
                 last_place = Some((segment, offset as u64 + len));
                 if idx < skip_below {
                     // Applied before the interruption.
-                } else if f.ftype == frame::BLOCK {
-                    let (b, facts) = BlockFrame::decode(&f.payload).expect("decoded above");
+                } else if let Placed::Block((b, facts)) = placed {
                     let r = HeldRecord {
                         segment: b.segment,
                         offset: b.offset,
@@ -856,8 +855,7 @@ pub fn receive(
                     stats.block_bytes += b.record.len() as u64;
                     done += b.record.len() as u64;
                     progress(done, begin.total_bytes);
-                } else {
-                    let r = RefFrame::decode(&f.payload).expect("decoded above");
+                } else if let Placed::Ref(r) = placed {
                     let have = rx.held.by_id.get(&r.block_id).copied();
                     let Some(have) =
                         have.filter(|h| h.tag == r.tag && h.len == r.len && h.kind == r.kind)
@@ -999,4 +997,10 @@ pub fn receive(
     stats.snapshots = chosen.lists.len();
     stats.stream_bytes = reader.bytes_read;
     Ok(stats)
+}
+
+/// A record frame of a stream, decoded once.
+enum Placed<'a> {
+    Block((BlockFrame<'a>, crate::format::stream::RecordFacts)),
+    Ref(RefFrame),
 }
