@@ -13,16 +13,17 @@
 //! Nonces are never counters: a restored snapshot or a cloned volume would repeat them.
 //!
 //! Secret hygiene: the key copies this module owns ([`SecretKey`], [`Passphrase`], the Argon2
-//! working memory) are zeroized. The internal state of the cipher crates (the AES key
-//! schedule, the `XChaCha20` key, the HKDF/HMAC state) is zeroized only if their optional
-//! `zeroize` features are enabled in `Cargo.toml`.
+//! working memory) are zeroized. AES-256-GCM-SIV runs in AWS-LC (`aws-lc-rs`), which
+//! cleanses its key schedule when the context is freed; the state of the Rust cipher crates
+//! (the `XChaCha20` key, the HKDF/HMAC state) is zeroized only if their optional `zeroize`
+//! features are enabled in `Cargo.toml`.
 
 use core::fmt;
 
-use aes_gcm_siv::Aes256GcmSiv;
-use aes_gcm_siv::aead::inout::InOutBuf;
-use aes_gcm_siv::aead::{AeadInOut, KeyInit};
+use aws_lc_rs::aead::{AES_256_GCM_SIV, Aad, LessSafeKey, Nonce, UnboundKey};
 use chacha20poly1305::XChaCha20Poly1305;
+use chacha20poly1305::aead::inout::InOutBuf;
+use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -199,7 +200,11 @@ fn hkdf_sha256(ikm: &[u8], salt: Option<&[u8]>, info: &[u8]) -> SecretKey {
 pub struct IntegrityError;
 
 enum Cipher {
-    Aes(Box<Aes256GcmSiv>),
+    /// AES-256-GCM-SIV from AWS-LC: its assembly seals 1.4x and opens 1.7x as fast as the
+    /// pure-Rust `aes-gcm-siv` crate on this machine's AES-NI/VAES cores (64 KiB blocks,
+    /// docs/PERFORMANCE.md "Cipher implementation"); the bytes are the same (RFC 8452).
+    /// AWS-LC cleanses the key schedule when the context is freed.
+    Aes(Box<LessSafeKey>),
     XChaCha(Box<XChaCha20Poly1305>),
 }
 
@@ -229,7 +234,11 @@ impl Sealer {
     pub fn new(kind: CipherKind, key: &SecretKey) -> Self {
         let cipher = match kind {
             CipherKind::Aes256GcmSiv => {
-                Cipher::Aes(Box::new(Aes256GcmSiv::new(&(*key.expose()).into())))
+                let unbound = match UnboundKey::new(&AES_256_GCM_SIV, &key.expose()[..]) {
+                    Ok(k) => k,
+                    Err(_) => unreachable!("a SecretKey is 32 bytes, the AES-256 key length"),
+                };
+                Cipher::Aes(Box::new(LessSafeKey::new(unbound)))
             }
             CipherKind::XChaCha20Poly1305 => {
                 Cipher::XChaCha(Box::new(XChaCha20Poly1305::new(&(*key.expose()).into())))
@@ -271,16 +280,23 @@ impl Sealer {
         out.extend_from_slice(nonce);
         let start = out.len();
         out.extend_from_slice(plaintext);
-        let buf: InOutBuf<'_, '_, u8> = (&mut out[start..]).into();
         let tag: [u8; TAG_LEN] = match &self.cipher {
-            Cipher::Aes(c) => c
-                .encrypt_inout_detached(nonce_ref(nonce), aad, buf)
-                .expect("AES-256-GCM-SIV input within limits")
-                .into(),
-            Cipher::XChaCha(c) => c
-                .encrypt_inout_detached(nonce_ref(nonce), aad, buf)
-                .expect("XChaCha20-Poly1305 input within limits")
-                .into(),
+            Cipher::Aes(c) => {
+                let tag = c
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(*nonce_ref::<[u8; 12]>(nonce)),
+                        Aad::from(aad),
+                        &mut out[start..],
+                    )
+                    .expect("AES-256-GCM-SIV input within limits");
+                *nonce_ref::<[u8; TAG_LEN]>(tag.as_ref())
+            }
+            Cipher::XChaCha(c) => {
+                let buf: InOutBuf<'_, '_, u8> = (&mut out[start..]).into();
+                c.encrypt_inout_detached(nonce_ref(nonce), aad, buf)
+                    .expect("XChaCha20-Poly1305 input within limits")
+                    .into()
+            }
         };
         out.extend_from_slice(&tag);
     }
@@ -326,11 +342,20 @@ impl Sealer {
         }
         let (nonce, rest) = sealed.split_at(nonce_len);
         let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let buf = InOutBuf::new(ct, out).map_err(|_| IntegrityError)?;
         let res = match &self.cipher {
-            Cipher::Aes(c) => c.decrypt_inout_detached(nonce_ref(nonce), aad, buf, tag_ref(tag)),
+            Cipher::Aes(c) => c
+                .open_separate_gather(
+                    Nonce::assume_unique_for_key(*nonce_ref::<[u8; 12]>(nonce)),
+                    Aad::from(aad),
+                    ct,
+                    tag,
+                    out,
+                )
+                .map_err(|_| ()),
             Cipher::XChaCha(c) => {
+                let buf = InOutBuf::new(ct, out).map_err(|_| IntegrityError)?;
                 c.decrypt_inout_detached(nonce_ref(nonce), aad, buf, tag_ref(tag))
+                    .map_err(|_| ())
             }
         };
         if res.is_err() {
