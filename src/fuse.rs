@@ -72,6 +72,10 @@ pub struct MountSettings {
     pub flags: Vec<MountOption>,
     /// Request-handling threads (at least 2).
     pub threads: usize,
+    /// Each request thread reads its own clone of the /dev/fuse descriptor
+    /// (FUSE_DEV_IOC_CLONE), so replies are matched on per-descriptor lists
+    /// instead of one shared one. Linux only.
+    pub clone_fd: bool,
 }
 
 impl MountSettings {
@@ -123,6 +127,10 @@ impl MountSettings {
             SessionACL::Owner
         };
         c.n_threads = Some(self.threads.max(2));
+        #[cfg(target_os = "linux")]
+        {
+            c.clone_fd = self.clone_fd;
+        }
         c
     }
 }
@@ -1427,9 +1435,12 @@ mod tests {
             default_permissions: true,
             flags: vec![MountOption::NoExec],
             threads: 1,
+            clone_fd: true,
         };
         let c = s.config();
         assert_eq!(c.n_threads, Some(2));
+        #[cfg(target_os = "linux")]
+        assert!(c.clone_fd);
         assert_eq!(c.acl, SessionACL::All);
         assert!(c.mount_options.contains(&MountOption::RO));
         assert!(c.mount_options.contains(&MountOption::DefaultPermissions));

@@ -416,3 +416,50 @@ fn the_mount_raises_its_readahead_window() {
     let log = env.log_text();
     assert!(log.contains("readahead window"), "log: {log}");
 }
+
+/// `clone_fd`: every request thread reads its own clone of /dev/fuse; the
+/// mount works as usual under concurrent writers and readers. Without it the
+/// daemon holds one /dev/fuse descriptor.
+#[test]
+fn clone_fd_gives_each_request_thread_its_own_fuse_descriptor() {
+    require_fuse!();
+    let fuse_fds = |pid: i32| -> usize {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+            .filter(|t| t == Path::new("/dev/fuse"))
+            .count()
+    };
+    let env = Env::new();
+    let m = env.mount();
+    assert_eq!(fuse_fds(m.pid), 1, "one shared descriptor by default");
+    m.kmsfs_umount(&env);
+    let m = env.mount_with("clone_fd", &[]);
+    assert!(
+        fuse_fds(m.pid) >= 4,
+        "clone_fd: one descriptor per request thread, got {}",
+        fuse_fds(m.pid)
+    );
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let p = m.p(&format!("f{t}"));
+            std::thread::spawn(move || {
+                let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i * 7 + t) as u8).collect();
+                fs::write(&p, &data).unwrap();
+                data
+            })
+        })
+        .collect();
+    let want: Vec<Vec<u8>> = writers.into_iter().map(|h| h.join().unwrap()).collect();
+    let readers: Vec<_> = (0..4)
+        .map(|t| {
+            let p = m.p(&format!("f{t}"));
+            std::thread::spawn(move || fs::read(&p).unwrap())
+        })
+        .collect();
+    for (t, h) in readers.into_iter().enumerate() {
+        assert!(h.join().unwrap() == want[t], "f{t} read back differs");
+    }
+    m.kmsfs_umount(&env);
+    env.assert_fsck_clean();
+}

@@ -313,7 +313,7 @@ struct MountArgs {
     /// Where to mount it
     mountpoint: PathBuf,
     /// Comma-separated options: ro, rw, allow_other, default_permissions, cache_size=SIZE,
-    /// readahead=KIB (kernel readahead window, default 1024; 0 keeps the kernel's), keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
+    /// readahead=KIB (kernel readahead window, default 1024; 0 keeps the kernel's), clone_fd (a /dev/fuse clone per request thread, Linux), keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
     /// generic options mount(8) passes (accepted; kernel flags such as nodev are applied)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -1063,6 +1063,19 @@ mod tests {
             assert_eq!(e.code, exit::USAGE, "{bad}");
             assert!(e.msg.contains("readahead"), "{bad}: {}", e.msg);
         }
+        // clone_fd: off unless asked for; the last of clone_fd/noclone_fd wins.
+        assert!(!parse_mount_options(&["rw".into()], false).unwrap().clone_fd);
+        #[cfg(target_os = "linux")]
+        {
+            assert!(
+                parse_mount_options(&["clone_fd".into()], false)
+                    .unwrap()
+                    .clone_fd
+            );
+            let o = parse_mount_options(&["clone_fd,noclone_fd".into()], false).unwrap();
+            assert!(!o.clone_fd);
+        }
+        assert!(parse_mount_options(&["clone_fd=1".into()], false).is_err());
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub(super) struct MountOpts {
     pub(super) cache_size: Option<u64>,
     /// Kernel readahead window in KiB (`readahead=`); None: [`DEFAULT_READAHEAD_KB`].
     pub(super) readahead_kb: Option<u32>,
+    /// One cloned /dev/fuse descriptor per request thread (`clone_fd`, Linux).
+    pub(super) clone_fd: bool,
     pub(super) keystore: Option<PathBuf>,
     pub(super) passphrase_file: Option<PathBuf>,
     pub(super) keyfile: Option<PathBuf>,
@@ -137,6 +139,15 @@ pub(super) fn parse_mount_options(groups: &[String], sloppy: bool) -> Result<Mou
                         })?,
                 );
             }
+            ("clone_fd", None) => {
+                if !cfg!(target_os = "linux") {
+                    return Err(CliError::usage(
+                        "clone_fd needs Linux's FUSE_DEV_IOC_CLONE; mount without it",
+                    ));
+                }
+                o.clone_fd = true;
+            }
+            ("noclone_fd", None) => o.clone_fd = false,
             ("keystore", v) => o.keystore = Some(need(v)?.into()),
             ("passphrase_file", v) => o.passphrase_file = Some(need(v)?.into()),
             ("keyfile", v) => o.keyfile = Some(need(v)?.into()),
@@ -287,6 +298,7 @@ pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<M
         default_permissions: opts.default_permissions || opts.allow_other,
         flags: opts.flags.clone(),
         threads: (threads * 2).clamp(4, 16),
+        clone_fd: opts.clone_fd,
     };
     let log = match &opts.log {
         Some(p) => Some(absolute(p)?),
