@@ -55,6 +55,10 @@ pub const IDLE_COMMIT: Duration = Duration::from_millis(500);
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the committer looks at the volume.
 const COMMITTER_TICK: Duration = Duration::from_millis(100);
+/// How long a mount must see no reads or writes before fragmented blocks are
+/// merged, and how many blocks a committer tick merges.
+const IDLE_MERGE: Duration = Duration::from_secs(2);
+const MERGE_BATCH: usize = 256;
 /// How often the committer runs the segment cleaner.
 pub const CLEAN_INTERVAL: Duration = Duration::from_secs(300);
 /// Segments whose live share is below this are compacted by the cleaner.
@@ -1160,6 +1164,19 @@ impl Committer {
                         });
                     }
                 }
+            }
+            // A quiet mount folds fragmented blocks into whole ones, a batch
+            // per tick, so later cold reads cost one record per block.
+            if vol.idle_for().is_none() && vol.quiet_for() >= IDLE_MERGE {
+                Self::contained(vol, "fragment merge", || {
+                    match vol.merge_idle_fragments(MERGE_BATCH) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            log::info!("idle merge: {n} fragmented blocks merged into whole blocks")
+                        }
+                        Err(e) => log::warn!("merging fragmented blocks failed (will retry): {e}"),
+                    }
+                });
             }
             // A full store with space freed since: clean now (at most once
             // per COMMITTER_TICK * 10), so writes work again within seconds.

@@ -306,3 +306,102 @@ fn a_damaged_fragment_is_an_integrity_error() {
         r.errors
     );
 }
+
+/// The idle merge (what a quiet mount runs) folds fragmented blocks into whole
+/// ones: the data, the file's times and block count, and a snapshot taken
+/// before stay as they were; a second pass finds nothing; a reopened volume
+/// learns of fragmented blocks when it reads them.
+#[test]
+fn the_idle_merge_folds_fragments_into_blocks_and_changes_nothing_else() {
+    let env = env();
+    let s = MemStorage::new();
+    let storage: Arc<dyn Storage> = Arc::new(s.clone());
+    let v = init(&env, storage.clone(), &default_opts());
+    // The last block is short: the merge must keep the file's size.
+    let (ino, mut model) = new_file(&v, b"f", 6 * BS + 5000, 21);
+    for b in 0..7 {
+        for k in 0..3 {
+            overwrite(
+                &v,
+                &mut model,
+                ino,
+                b * BS + k * 1500,
+                &pattern(200 + (b * 3 + k) as u64, 1000),
+            );
+            v.commit().unwrap();
+        }
+    }
+    assert_eq!(v.fragmented_blocks(ino).unwrap(), 7);
+    v.snapshot_create("before").unwrap();
+    let attr = v.getattr(ino).unwrap();
+    assert_eq!(v.merge_idle_fragments(3).unwrap(), 3, "a batch is bounded");
+    assert_eq!(v.fragmented_blocks(ino).unwrap(), 4);
+    assert_eq!(v.merge_idle_fragments(100).unwrap(), 4);
+    assert_eq!(v.fragmented_blocks(ino).unwrap(), 0);
+    assert_eq!(v.merge_idle_fragments(100).unwrap(), 0, "nothing left");
+    let after = v.getattr(ino).unwrap();
+    assert_eq!(after.inode.size, attr.inode.size);
+    assert_eq!(after.inode.mtime, attr.inode.mtime, "mtime kept");
+    assert_eq!(after.inode.ctime, attr.inode.ctime, "ctime kept");
+    assert_eq!(after.inode.blocks, attr.inode.blocks);
+    assert_eq!(read_all(&v, ino, model.len()), model);
+    let r = v.fsck().unwrap();
+    assert!(r.is_clean(), "{:?}", r.errors);
+    drop(v);
+    // Durable: the merge committed.
+    let v = open(&env, storage.clone());
+    assert_eq!(read_all(&v, ino, model.len()), model, "after reopen");
+    assert_eq!(v.fragmented_blocks(ino).unwrap(), 0);
+    drop(v);
+    let snap = Volume::open(
+        storage.clone(),
+        &env.kms,
+        OpenOptions {
+            read_only: true,
+            snapshot: Some("before".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(read_all(&snap, ino, model.len()), model, "snapshot view");
+    assert_eq!(
+        snap.fragmented_blocks(ino).unwrap(),
+        7,
+        "snapshot unchanged"
+    );
+    assert_eq!(snap.merge_idle_fragments(100).unwrap(), 0, "read-only");
+    drop(snap);
+
+    // A reopened volume knows of no fragmented block until it reads one.
+    let v = open(&env, storage.clone());
+    overwrite(&v, &mut model, ino, 2 * BS + 100, &pattern(300, 2000));
+    v.commit().unwrap();
+    drop(v);
+    let v = open(&env, storage);
+    assert_eq!(v.fragmented_blocks(ino).unwrap(), 1);
+    assert_eq!(v.merge_idle_fragments(100).unwrap(), 0, "not seen yet");
+    assert_eq!(read_all(&v, ino, model.len()), model);
+    assert_eq!(v.merge_idle_fragments(100).unwrap(), 1, "seen by the read");
+    assert_eq!(v.fragmented_blocks(ino).unwrap(), 0);
+    assert_eq!(read_all(&v, ino, model.len()), model);
+}
+
+/// A block with buffered writes is left to its own write-back: the merge
+/// never loses or reorders what was written after the fragments.
+#[test]
+fn the_idle_merge_leaves_buffered_writes_to_their_write_back() {
+    let env = env();
+    let s = MemStorage::new();
+    let v = init(&env, Arc::new(s.clone()), &default_opts());
+    let (ino, mut model) = new_file(&v, b"f", 2 * BS, 31);
+    overwrite(&v, &mut model, ino, 100, &pattern(1, 500));
+    overwrite(&v, &mut model, ino, BS + 100, &pattern(2, 500));
+    v.commit().unwrap();
+    assert_eq!(v.fragmented_blocks(ino).unwrap(), 2);
+    // Block 0 gets a new buffered write over its fragment, not yet flushed.
+    overwrite(&v, &mut model, ino, 300, &pattern(3, 100));
+    assert_eq!(v.merge_idle_fragments(100).unwrap(), 1, "block 1 only");
+    assert_eq!(read_all(&v, ino, model.len()), model);
+    let r = v.fsck().unwrap();
+    assert!(r.is_clean(), "{:?}", r.errors);
+}

@@ -463,3 +463,40 @@ fn clone_fd_gives_each_request_thread_its_own_fuse_descriptor() {
     m.kmsfs_umount(&env);
     env.assert_fsck_clean();
 }
+
+/// Small overwrites leave fragments; once the mount is quiet, the daemon folds
+/// them into whole blocks (the log says so), and the data is what was written.
+#[test]
+fn a_quiet_mount_merges_fragmented_blocks() {
+    require_fuse!();
+    use std::os::unix::fs::FileExt;
+    let env = Env::new();
+    let m = env.mount();
+    let mut model = pattern(8 * 65536, 7);
+    fs::write(m.p("f"), &model).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(m.p("f")).unwrap();
+    f.sync_all().unwrap();
+    for b in 0..8usize {
+        let off = b * 65536 + 4096;
+        let bytes = pattern(4096, 100 + b as u64);
+        f.write_all_at(&bytes, off as u64).unwrap();
+        model[off..off + 4096].copy_from_slice(&bytes);
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    wait_until("the idle merge", Duration::from_secs(60), || {
+        env.log_text().contains("idle merge: 8 fragmented blocks")
+    });
+    assert!(
+        fs::read(m.p("f")).unwrap() == model,
+        "content after the merge"
+    );
+    m.kmsfs_umount(&env);
+    env.assert_fsck_clean();
+    let m = env.mount();
+    assert!(
+        fs::read(m.p("f")).unwrap() == model,
+        "content after remount"
+    );
+    m.kmsfs_umount(&env);
+}

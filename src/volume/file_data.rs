@@ -89,6 +89,7 @@ impl Volume {
     }
 
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        self.note_access();
         let st = self.st.read();
         let i = self.get_inode(&st, ino)?;
         if i.kind == FileKind::Dir {
@@ -176,6 +177,10 @@ impl Volume {
         }
         if let (Some(first), Some(last)) = (pieces.first(), pieces.last()) {
             let frags = self.fragments(&st, ino, first.0, last.0 + 1)?;
+            if !frags.is_empty() && !self.read_only {
+                let mut s = self.frag_blocks.lock();
+                s.extend(frags.iter().map(|f| (ino, f.blk)));
+            }
             for f in &frags {
                 // Pieces are in block order, one per block.
                 let Some(&(blk, from, n, o)) = pieces.get((f.blk - first.0) as usize) else {
@@ -685,7 +690,7 @@ impl Volume {
                     match recorded {
                         // Not cached: a fragment is read back only by a read
                         // of its block before the next merge.
-                        Ok(_) => {}
+                        Ok(_) => self.note_fragmented(ino, blk),
                         Err(e) => return Err((e, Some(d))),
                     }
                 }

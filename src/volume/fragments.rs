@@ -12,6 +12,13 @@
 //! into a new whole block and drops them, so a read costs at most a bounded
 //! number of records and the space they take stays bounded.
 //!
+//! A fragmented block costs a cold read one record per fragment it overlaps, so
+//! once the mount has been quiet for a while (no reads or writes), the idle merge
+//! ([`Volume::merge_idle_fragments`], run by the daemon's committer) folds the
+//! blocks it has seen with fragments into whole blocks, a batch at a time, through
+//! the ordinary write-back and commit: the content does not change, so neither
+//! does any time stamp, and a crash in between leaves the fragments as they were.
+//!
 //! Invariants: a fragment exists only over a stored block (dropping a block drops
 //! its fragments, a whole-block write replaces both); a dirty block with written
 //! ranges is never the full content of the block, only what was written since.
@@ -20,6 +27,118 @@ use super::*;
 
 /// Most fragments over one block before the next write-back merges them.
 pub const MAX_FRAGMENTS: usize = 8;
+
+impl Volume {
+    /// Remembers that block `blk` of `ino` carries fragments (for the idle merge).
+    pub(super) fn note_fragmented(&self, ino: u64, blk: u64) {
+        self.frag_blocks.lock().insert((ino, blk));
+    }
+
+    /// Notes a data read, for [`Volume::quiet_for`].
+    pub(super) fn note_access(&self) {
+        self.last_access_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long since the last read or change started.
+    pub fn quiet_for(&self) -> Duration {
+        let last = self
+            .last_access_ms
+            .load(Ordering::Relaxed)
+            .max(self.last_change_ms.load(Ordering::Relaxed));
+        let now = self.opened.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(last))
+    }
+
+    /// Merges up to `max` of the blocks seen carrying fragments into whole
+    /// blocks and commits; returns how many were merged. Meant for a quiet
+    /// mount: it holds the volume lock while it reads those blocks.
+    ///
+    /// Each block's current content (stored block with its fragments laid
+    /// over it) is handed to the write-back as a whole dirty block, which seals
+    /// it as one record and drops the fragments. Blocks with buffered writes are
+    /// left to their own write-back. Nothing else changes: not the data, not the
+    /// file's times. On an error nothing buffered is lost; the blocks not yet
+    /// handled are dropped from the list until a read or write names them again.
+    ///
+    /// # Errors
+    /// A read-only or degraded volume, a full store, or a failing read or commit.
+    pub fn merge_idle_fragments(&self, max: usize) -> Result<usize> {
+        if self.read_only || !self.fragments_on() {
+            return Ok(0);
+        }
+        let todo: Vec<(u64, u64)> = {
+            let mut s = self.frag_blocks.lock();
+            std::iter::from_fn(|| s.pop_first()).take(max).collect()
+        };
+        if todo.is_empty() {
+            return Ok(0);
+        }
+        let bs = self.header.block_size as u64;
+        let mut merged = 0;
+        let mut st = self.st.write();
+        let res = (|| -> Result<()> {
+            // Not `writable()`: a merge is no change of the user's, and must not
+            // hold off the next quiet period.
+            if let Some(why) = &*self.degraded.lock() {
+                return Err(Error::ReadOnly(why.clone()));
+            }
+            if self.poisoned.load(Ordering::Relaxed) {
+                return Err(Error::Io {
+                    what: "volume".into(),
+                    source: std::io::Error::other(
+                        "an earlier write to the backing store failed; unmount and mount again",
+                    ),
+                });
+            }
+            for &(ino, blk) in &todo {
+                if st.dirty.contains_key(&(ino, blk)) {
+                    continue;
+                }
+                let i = match self.get_inode(&st, ino) {
+                    Ok(i) => i,
+                    Err(Error::NotFound) => continue,
+                    Err(e) => return Err(e),
+                };
+                if i.kind != FileKind::File || blk.saturating_mul(bs) >= i.size {
+                    continue;
+                }
+                if self.fragments(&st, ino, blk, blk + 1)?.is_empty() {
+                    continue;
+                }
+                self.check_space(st.dirty_bytes as u64 + bs)?;
+                let d = DirtyBlock::full(self.load_block_full(&st, ino, blk)?);
+                st.dirty_bytes += d.mem();
+                st.dirty.insert((ino, blk), d);
+                merged += 1;
+            }
+            Ok(())
+        })();
+        drop(st);
+        // On an error the blocks not handled are forgotten, not retried at once
+        // (a full store would fail every tick): reads and writes name them again.
+        res?;
+        if merged > 0 {
+            self.commit()?;
+        }
+        Ok(merged)
+    }
+
+    /// How many blocks of `ino` carry fragments (diagnostics and tests).
+    ///
+    /// # Errors
+    /// A damaged fragment map.
+    pub fn fragmented_blocks(&self, ino: u64) -> Result<usize> {
+        let st = self.st.read();
+        let mut blocks: Vec<u64> = self
+            .fragments(&st, ino, 0, u64::MAX)?
+            .iter()
+            .map(|f| f.blk)
+            .collect();
+        blocks.dedup();
+        Ok(blocks.len())
+    }
+}
 
 /// A block waiting to be sealed (its buffers are wiped on drop).
 pub enum DirtyBlock {

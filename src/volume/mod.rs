@@ -289,6 +289,12 @@ pub struct Volume {
     opened: Instant,
     /// A write was refused for lack of space since the last clean.
     space_pressure: AtomicBool,
+    /// When the last data read started (ms since `opened`): with
+    /// `last_change_ms`, how long the volume has been quiet (the idle merge).
+    last_access_ms: AtomicU64,
+    /// Blocks seen carrying fragments (written this session or read), for the
+    /// idle merge ([`Volume::merge_idle_fragments`]).
+    frag_blocks: parking_lot::Mutex<std::collections::BTreeSet<(u64, u64)>>,
     /// Blocks were dropped (deletes, truncates, punches) since the last clean.
     freed_since_clean: AtomicBool,
     /// Held shared by a write from appending its whole blocks until they are
@@ -827,6 +833,8 @@ impl Volume {
             last_change_ms: AtomicU64::new(0),
             opened: Instant::now(),
             space_pressure: AtomicBool::new(false),
+            last_access_ms: AtomicU64::new(0),
+            frag_blocks: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             freed_since_clean: AtomicBool::new(false),
             append_gate: parking_lot::RwLock::new(()),
             write_hook: parking_lot::Mutex::new(None),
