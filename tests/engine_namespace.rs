@@ -10,7 +10,7 @@ use std::sync::Arc;
 use engine_common::*;
 use kmsfs::error::Error;
 use kmsfs::store::{MemStorage, Storage};
-use kmsfs::volume::{RenameFlags, ROOT_INO, SetAttr, Volume};
+use kmsfs::volume::{ROOT_INO, RenameFlags, SetAttr, Volume};
 
 /// The whole listing of `dir` through `readdir_plus` in batches of `batch`,
 /// checking every attribute against `getattr`.
@@ -124,10 +124,7 @@ fn lookup_tells_missing_names_from_parents_that_are_not_directories() {
     assert!(matches!(v.lookup(d, b"g"), Err(Error::NotFound)));
     assert!(matches!(v.lookup(f, b"g"), Err(Error::NotDir)));
     assert!(matches!(v.lookup(999_999, b"g"), Err(Error::NotFound)));
-    assert!(matches!(
-        v.lookup(d, &[b'x'; 256]),
-        Err(Error::NameTooLong)
-    ));
+    assert!(matches!(v.lookup(d, &[b'x'; 256]), Err(Error::NameTooLong)));
     // A removed directory's names are gone with it.
     v.unlink(d, b"f").unwrap();
     v.rmdir(ROOT_INO, b"d").unwrap();
