@@ -467,6 +467,42 @@ fn extended_attributes() {
     m.unmount();
 }
 
+/// A node without an SELinux label answers EOPNOTSUPP for it (what a FUSE
+/// mount answers under SELinux; `ls -l` then stops asking for every entry),
+/// other missing names ENODATA; a label that is set is kept and read back.
+#[test]
+fn selinux_label_absent_is_unsupported_and_a_set_one_is_kept() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    let p = m.p("x");
+    fs::write(&p, b"").unwrap();
+    fs::create_dir(m.p("dir")).unwrap();
+    for f in [&p, &m.p("dir"), &m.path] {
+        assert_eq!(
+            xattr_get(f, "security.selinux").unwrap_err(),
+            libc::EOPNOTSUPP
+        );
+        assert_eq!(xattr_get(f, "security.other").unwrap_err(), libc::ENODATA);
+        assert_eq!(xattr_get(f, "user.missing").unwrap_err(), libc::ENODATA);
+    }
+    // Other xattrs keep working (the kernel did not give up on xattrs).
+    xattr_set(&p, "user.a", b"1", 0).unwrap();
+    assert_eq!(xattr_get(&p, "user.a").unwrap(), b"1");
+    let label = b"system_u:object_r:user_home_t:s0\0";
+    xattr_set(&p, "security.selinux", label, 0).unwrap();
+    assert_eq!(xattr_get(&p, "security.selinux").unwrap(), label);
+    assert!(xattr_list(&p).contains(&"security.selinux".to_string()));
+    m.unmount();
+    let m = env.mount();
+    assert_eq!(xattr_get(&m.p("x"), "security.selinux").unwrap(), label);
+    assert_eq!(
+        xattr_get(&m.p("dir"), "security.selinux").unwrap_err(),
+        libc::EOPNOTSUPP
+    );
+    m.unmount();
+}
+
 #[test]
 fn statfs_fsync_names_fifos_locks() {
     require_fuse!();

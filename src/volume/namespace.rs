@@ -18,9 +18,16 @@ impl Volume {
             return Err(Error::NameTooLong);
         }
         let st = self.st.read();
-        self.dir_inode(&st, parent)?;
-        let e = self.get_entry(&st, parent, name)?.ok_or(Error::NotFound)?;
-        Ok(self.attr(e.ino, self.get_inode(&st, e.ino)?))
+        // Only a directory has entries: the parent's inode is read only when
+        // the name is missing, to tell "no such entry" from "not a directory"
+        // (a lookup is one tree search fewer this way).
+        match self.get_entry(&st, parent, name)? {
+            Some(e) => Ok(self.attr(e.ino, self.get_inode(&st, e.ino)?)),
+            None => {
+                self.dir_inode(&st, parent)?;
+                Err(Error::NotFound)
+            }
+        }
     }
 
     /// Creates a file, directory, device node, fifo, socket or symlink.
@@ -394,7 +401,37 @@ impl Volume {
     /// Directory entries after `offset` ("." and ".." first), up to `max`.
     pub fn readdir(&self, ino: u64, offset: u64, max: usize) -> Result<Vec<DirItem>> {
         let st = self.st.read();
-        let i = self.dir_inode(&st, ino)?;
+        self.readdir_locked(&st, ino, offset, max)
+    }
+
+    /// [`Volume::readdir`] with each entry's attributes, read under the same
+    /// lock (one consistent listing, and no lock round trip per entry). An
+    /// entry whose inode cannot be read is left out, as a concurrent unlink
+    /// would have removed it.
+    pub fn readdir_plus(&self, ino: u64, offset: u64, max: usize) -> Result<Vec<(DirItem, Attr)>> {
+        let st = self.st.read();
+        let items = self.readdir_locked(&st, ino, offset, max)?;
+        let mut out = Vec::with_capacity(items.len());
+        for it in items {
+            match self.get_inode(&st, it.ino) {
+                Ok(i) => {
+                    let a = self.attr(it.ino, i);
+                    out.push((it, a));
+                }
+                Err(e) => log::debug!("readdir of directory {ino}: entry {}: {e}", it.ino),
+            }
+        }
+        Ok(out)
+    }
+
+    fn readdir_locked(
+        &self,
+        st: &State,
+        ino: u64,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<DirItem>> {
+        let i = self.dir_inode(st, ino)?;
         let mut out = Vec::new();
         if offset < 1 {
             out.push(DirItem {
@@ -428,7 +465,7 @@ impl Volume {
             },
         )?;
         for (cookie, name) in names {
-            let e = self.get_entry(&st, ino, &name)?.ok_or_else(|| {
+            let e = self.get_entry(st, ino, &name)?.ok_or_else(|| {
                 Error::integrity(format!("directory {ino}"), "cookie without entry")
             })?;
             out.push(DirItem {
