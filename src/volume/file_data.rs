@@ -297,14 +297,19 @@ impl Volume {
                     let d = if n == bs as usize {
                         // A whole block: no need to read or zero what is replaced.
                         DirtyBlock::full(src.to_vec())
-                    } else if self.fragments_on() && self.block_ptr(&st, ino, blk)?.is_some() {
-                        // A small overwrite of a stored block: keep only what
-                        // was written (no decryption now; see fragments.rs).
-                        DirtyBlock::piece(from, src)
                     } else {
-                        let mut b = self.load_block_full(&st, ino, blk)?;
-                        b[from..from + n].copy_from_slice(src);
-                        DirtyBlock::full(b)
+                        let stored = self.block_ptr(&st, ino, blk)?.is_some();
+                        if !stored || self.fragments_on() {
+                            // A hole (a new small file): the rest is zeros. A small
+                            // overwrite of a stored block: keep only what was
+                            // written (no decryption now; see fragments.rs).
+                            // Either way no block-sized buffer to zero and wipe.
+                            DirtyBlock::piece(from, src)
+                        } else {
+                            let mut b = self.load_block_full(&st, ino, blk)?;
+                            b[from..from + n].copy_from_slice(src);
+                            DirtyBlock::full(b)
+                        }
                     };
                     st.dirty_bytes += d.mem();
                     st.dirty.insert((ino, blk), d);
@@ -513,8 +518,9 @@ impl Volume {
                 let kind = if d.whole().is_some() {
                     JobKind::Whole { stored }
                 } else if d.covers(len) {
-                    // Written up to the end of the file: nothing to merge.
-                    let mut b = vec![0u8; bs];
+                    // Written up to the end of the file: nothing to merge, and
+                    // only the stored length to fill.
+                    let mut b = vec![0u8; stored];
                     d.overlay(0, &mut b);
                     JobKind::Merged {
                         plain: Plain(b),

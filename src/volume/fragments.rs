@@ -144,9 +144,10 @@ impl Volume {
 pub enum DirtyBlock {
     /// The block's whole content, full block size.
     Whole(Plain),
-    /// A small overwrite of a stored block: only the bytes written since, as
-    /// pieces `(offset, bytes)`, sorted, disjoint and not touching; the rest
-    /// comes from the stored block and its fragments.
+    /// A small write into a stored block or a hole: only the bytes written
+    /// since, as pieces `(offset, bytes)`, sorted, disjoint and not touching;
+    /// the rest comes from the stored block and its fragments (zeros for a
+    /// hole). Only pieces over a stored block may become fragments.
     Pieces(Vec<(u32, Plain)>),
 }
 
