@@ -205,7 +205,7 @@ fn run(c: &dyn Cache, w: Workload, threads: u64, p: &Params) -> (f64, f64, u64) 
                     let (mut ops, mut hits) = (0u64, 0u64);
                     let mut fresh = 1u64 << 40 | t << 36;
                     let check = |ops: u64| {
-                        if ops % 4096 == 0 {
+                        if ops.is_multiple_of(4096) {
                             over.fetch_max(
                                 c.bytes().saturating_sub(p.capacity as u64),
                                 Ordering::Relaxed,

@@ -80,8 +80,9 @@ type Inner =
     quick_cache::sync::Cache<u128, Arc<Plain>, Bytes, quick_cache::DefaultHashBuilder, Evict>;
 
 /// The expected size of an entry, for the cache's item-count estimate (its
-/// hash table and the ghost list that gives scan resistance): the default
-/// block size. Smaller blocks only make the table grow.
+/// initial hash table and the length of the ghost list that gives scan
+/// resistance): the default block size. With smaller blocks the table grows
+/// as needed and the ghost list remembers fewer evicted keys than entries.
 const TYPICAL_ENTRY: usize = 64 * 1024;
 
 /// Decrypted blocks, bounded by their plaintext bytes.
