@@ -1,16 +1,14 @@
 //! The decrypted-block cache.
 //!
-//! Bounded in bytes, split into shards each behind its own short mutex, so
-//! concurrent readers of different blocks never wait on one global lock. Keys are
+//! Bounded in bytes, split into shards each behind its own read-write lock, so
+//! concurrent readers never wait on one global lock and hits share their shard's
+//! lock (see [`BlockCache`]). Keys are
 //! the random ids of sealed blocks (unique per sealing), so an entry can never be
 //! stale: a rewritten block gets a new id. Plaintext is zeroized when the last
 //! reference to an evicted entry goes away.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use lru::LruCache;
-use parking_lot::Mutex;
 
 /// Plaintext of one block; wiped on drop.
 pub struct Plain(pub Vec<u8>);
@@ -52,47 +50,75 @@ pub struct CacheStats {
     pub capacity: u64,
 }
 
-struct Shard {
-    lru: LruCache<u128, Arc<Plain>>,
-    bytes: usize,
+/// An entry weighs its plaintext bytes (at least 1, so no entry is exempt
+/// from eviction).
+#[derive(Clone)]
+struct Bytes;
+
+impl quick_cache::Weighter<u128, Arc<Plain>> for Bytes {
+    fn weight(&self, _: &u128, v: &Arc<Plain>) -> u64 {
+        (v.0.len() as u64).max(1)
+    }
 }
 
+/// Counts evictions and hands evicted entries to the caller's request state,
+/// so their plaintext is wiped (a memset of a whole block) after the shard
+/// lock is released, not while other threads wait on it.
+#[derive(Clone)]
+struct Evict(Arc<AtomicU64>);
+
+impl quick_cache::Lifecycle<u128, Arc<Plain>> for Evict {
+    type RequestState = Vec<Arc<Plain>>;
+
+    fn on_evict(&self, state: &mut Self::RequestState, _: u128, v: Arc<Plain>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        state.push(v);
+    }
+}
+
+type Inner =
+    quick_cache::sync::Cache<u128, Arc<Plain>, Bytes, quick_cache::DefaultHashBuilder, Evict>;
+
+/// The expected size of an entry, for the cache's item-count estimate (its
+/// initial hash table and the length of the ghost list that gives scan
+/// resistance): the default block size. With smaller blocks the table grows
+/// as needed and the ghost list remembers fewer evicted keys than entries.
+const TYPICAL_ENTRY: usize = 64 * 1024;
+
+/// Decrypted blocks, bounded by their plaintext bytes.
+///
+/// A `quick_cache` (S3-FIFO: a small probation queue, a main queue and a
+/// ghost list of recently evicted keys, in shards behind read-write locks).
+/// Against the sharded LRU it replaced it keeps a hot set through a one-pass
+/// scan larger than the cache, and a hit takes only a read lock (see
+/// docs/PERFORMANCE.md, "Cache and concurrent readers", and
+/// `examples/cache_bench.rs`).
 pub struct BlockCache {
-    shards: Vec<Mutex<Shard>>,
-    shard_cap: usize,
+    inner: Inner,
     hits: AtomicU64,
     misses: AtomicU64,
-    evictions: AtomicU64,
+    evictions: Arc<AtomicU64>,
 }
-
-const SHARDS: usize = 16;
 
 impl BlockCache {
     pub fn new(capacity_bytes: usize) -> Self {
-        let shard_cap = capacity_bytes / SHARDS;
+        let evictions = Arc::new(AtomicU64::new(0));
         BlockCache {
-            shards: (0..SHARDS)
-                .map(|_| {
-                    Mutex::new(Shard {
-                        lru: LruCache::unbounded(),
-                        bytes: 0,
-                    })
-                })
-                .collect(),
-            shard_cap,
+            inner: Inner::with(
+                (capacity_bytes / TYPICAL_ENTRY).max(1),
+                capacity_bytes as u64,
+                Bytes,
+                quick_cache::DefaultHashBuilder::default(),
+                Evict(evictions.clone()),
+            ),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
+            evictions,
         }
     }
 
-    fn shard(&self, id: u128) -> &Mutex<Shard> {
-        // Block ids are random: any bits spread evenly.
-        &self.shards[(id as usize) % SHARDS]
-    }
-
     pub fn get(&self, id: u128) -> Option<Arc<Plain>> {
-        let r = self.shard(id).lock().lru.get(&id).cloned();
+        let r = self.inner.get(&id);
         match &r {
             Some(_) => self.hits.fetch_add(1, Ordering::Relaxed),
             None => self.misses.fetch_add(1, Ordering::Relaxed),
@@ -100,40 +126,21 @@ impl BlockCache {
         r
     }
 
+    /// Inserts (or replaces) an entry. An entry larger than a shard's share of
+    /// the capacity is not kept (and counts as evicted).
     pub fn insert(&self, id: u128, value: Arc<Plain>) {
-        let len = value.0.len();
-        if len > self.shard_cap {
-            return;
-        }
-        let mut s = self.shard(id).lock();
-        if let Some(old) = s.lru.put(id, value) {
-            s.bytes -= old.0.len();
-        }
-        s.bytes += len;
-        while s.bytes > self.shard_cap {
-            match s.lru.pop_lru() {
-                Some((_, v)) => {
-                    s.bytes -= v.0.len();
-                    self.evictions.fetch_add(1, Ordering::Relaxed);
-                }
-                None => break,
-            }
-        }
+        let mut evicted = Vec::new();
+        self.inner.insert_with_lifecycle(id, value, &mut evicted);
+        // `evicted` drops here, outside the shard lock.
     }
 
     pub fn remove(&self, id: u128) {
-        let mut s = self.shard(id).lock();
-        if let Some(v) = s.lru.pop(&id) {
-            s.bytes -= v.0.len();
-        }
+        // The removed entry drops after the shard lock is released.
+        let _ = self.inner.remove(&id);
     }
 
     pub fn clear(&self) {
-        for sh in &self.shards {
-            let mut s = sh.lock();
-            s.lru.clear();
-            s.bytes = 0;
-        }
+        self.inner.clear();
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -141,8 +148,8 @@ impl BlockCache {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
-            bytes: self.shards.iter().map(|s| s.lock().bytes as u64).sum(),
-            capacity: (self.shard_cap * SHARDS) as u64,
+            bytes: self.inner.weight(),
+            capacity: self.inner.capacity(),
         }
     }
 }
@@ -161,7 +168,9 @@ mod tests {
         assert!(s.bytes <= 16 * 4096, "{s:?}");
         assert!(s.evictions >= 84, "{s:?}");
         assert!(c.get(99 * 16).is_some());
-        assert!(c.get(0).is_none());
+        // Never inserted. (Which old entries went is the eviction policy's
+        // choice: S3-FIFO keeps the first ones, admitted while the cache filled.)
+        assert!(c.get(5).is_none());
         let s = c.stats();
         assert_eq!((s.hits, s.misses), (1, 1));
     }
@@ -197,5 +206,108 @@ mod tests {
             }
         });
         assert_eq!(c.stats().hits, 40_000);
+    }
+
+    #[test]
+    fn bounded_in_bytes_under_concurrent_inserts() {
+        // Entries of mixed sizes from two threads; the bound holds throughout.
+        let cap = 64 * 4096;
+        let c = BlockCache::new(cap);
+        std::thread::scope(|s| {
+            for t in 0..2u128 {
+                let c = &c;
+                s.spawn(move || {
+                    for i in 0..2_000u128 {
+                        let len = 512 + ((i * 7 + t) % 8) as usize * 1024;
+                        c.insert((t << 64) | i, Arc::new(Plain(vec![1; len])));
+                        assert!(c.stats().bytes <= cap as u64, "{:?}", c.stats());
+                    }
+                });
+            }
+        });
+        let s = c.stats();
+        assert!(s.bytes <= cap as u64 && s.bytes > 0, "{s:?}");
+        assert!(s.evictions > 0, "{s:?}");
+        assert_eq!(s.capacity, cap as u64);
+    }
+
+    #[test]
+    fn stats_count_hits_misses_and_evictions() {
+        let c = BlockCache::new(8 * 1024);
+        assert_eq!(
+            c.stats(),
+            CacheStats {
+                capacity: 8 * 1024,
+                ..Default::default()
+            }
+        );
+        c.insert(1, Arc::new(Plain(vec![1; 1024])));
+        assert!(c.get(1).is_some());
+        assert!(c.get(2).is_none());
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses, s.evictions, s.bytes), (1, 1, 0, 1024));
+        c.remove(1);
+        assert!(c.get(1).is_none());
+        assert_eq!(c.stats().bytes, 0);
+        // An entry larger than the cache is not kept.
+        c.insert(3, Arc::new(Plain(vec![1; 16 * 1024])));
+        assert!(c.get(3).is_none());
+        assert_eq!(c.stats().bytes, 0);
+        for i in 0..4 {
+            c.insert(10 + i, Arc::new(Plain(vec![1; 1024])));
+        }
+        c.clear();
+        assert_eq!(c.stats().bytes, 0);
+        assert!(c.get(10).is_none());
+    }
+
+    #[test]
+    fn a_hot_set_survives_a_one_pass_scan() {
+        // 64 entries of capacity; 16 hot ones read twice, then 256 new ones once.
+        let c = BlockCache::new(64 * 1024);
+        for _ in 0..2 {
+            for i in 0..16u128 {
+                if c.get(i).is_none() {
+                    c.insert(i, Arc::new(Plain(vec![1; 1024])));
+                }
+            }
+        }
+        for i in 1000..1256u128 {
+            if c.get(i).is_none() {
+                c.insert(i, Arc::new(Plain(vec![1; 1024])));
+            }
+        }
+        let kept = (0..16u128).filter(|&i| c.get(i).is_some()).count();
+        assert_eq!(kept, 16, "{:?}", c.stats());
+    }
+
+    #[test]
+    fn evicted_plaintext_is_dropped_by_the_cache() {
+        // The cache holds the only references: an evicted entry is dropped
+        // (and its Drop wipes it, see `wipe_clears_the_whole_allocation`), so
+        // exactly the entries still cached are alive.
+        let c = BlockCache::new(4 * 1024);
+        let watch: Vec<_> = (0..64u128)
+            .map(|i| {
+                let v = Arc::new(Plain(vec![9; 1024]));
+                let w = Arc::downgrade(&v);
+                c.insert(i, v);
+                w
+            })
+            .collect();
+        let s = c.stats();
+        assert!(s.evictions >= 60, "{s:?}");
+        let alive: Vec<u128> = (0..64u128)
+            .filter(|&i| watch[i as usize].upgrade().is_some())
+            .collect();
+        assert!(alive.len() <= 4, "{alive:?} alive, {s:?}");
+        for i in 0..64u128 {
+            assert_eq!(c.get(i).is_some(), alive.contains(&i), "entry {i}");
+        }
+        c.clear();
+        assert!(
+            watch.iter().all(|w| w.upgrade().is_none()),
+            "clear kept an entry alive"
+        );
     }
 }
