@@ -242,11 +242,15 @@ impl Volume {
                     return Err(not_file(i.kind));
                 }
             }
-            for blk in full_from..full_to {
-                let at = (blk * bs - offset) as usize;
-                let (rec, id, tag) = self.io.seal(BlockKind::Data, &data[at..at + bs as usize]);
-                direct.push((blk, self.io.append(&rec, id, tag)?));
-            }
+            let chunks: Vec<&[u8]> = (full_from..full_to)
+                .map(|blk| {
+                    let at = (blk * bs - offset) as usize;
+                    &data[at..at + bs as usize]
+                })
+                .collect();
+            let run = self.io.seal_data_run(&chunks);
+            let ptrs = self.io.append_run(&run)?;
+            direct.extend((full_from..full_to).zip(ptrs));
             let hook = self.write_hook.lock().clone();
             if let Some(h) = hook {
                 h();
