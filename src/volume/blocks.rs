@@ -741,3 +741,59 @@ impl NodeStore for BlockIo {
         self.cache_node(p.id_u128(), Arc::new(node));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{CipherKind, SecretKey};
+    use crate::store::MemStorage;
+
+    fn io(segment_size: u32) -> BlockIo {
+        let sealer = Sealer::new(CipherKind::Aes256GcmSiv, &SecretKey::random());
+        BlockIo::new(
+            Arc::new(MemStorage::new()),
+            sealer,
+            [7u8; 16],
+            segment_size,
+            1,
+            1 << 20,
+        )
+    }
+
+    fn chunk(i: usize) -> Vec<u8> {
+        (0..4096).map(|k| (k * 31 + i * 7) as u8).collect()
+    }
+
+    #[test]
+    fn a_run_lies_back_to_back_and_reads_back() {
+        let io = io(1 << 20);
+        // Something in the segment first, so the run goes into a current one.
+        io.write_block(BlockKind::Data, &chunk(99)).unwrap();
+        let data: Vec<Vec<u8>> = (0..8).map(chunk).collect();
+        let chunks: Vec<&[u8]> = data.iter().map(|c| &c[..]).collect();
+        let ptrs = io.append_run(&io.seal_data_run(&chunks)).unwrap();
+        assert_eq!(ptrs.len(), 8);
+        for w in ptrs.windows(2) {
+            assert_eq!(w[0].segment, w[1].segment);
+            assert_eq!(w[0].offset + w[0].len, w[1].offset, "back to back");
+        }
+        for (p, c) in ptrs.iter().zip(&data) {
+            assert_eq!(&io.read_data(p).unwrap().0, c);
+        }
+    }
+
+    #[test]
+    fn a_run_past_the_segment_end_continues_in_the_next() {
+        // Room for about three records per segment.
+        let io = io(3 * 4200 + SEGMENT_HEADER_LEN as u32);
+        io.write_block(BlockKind::Data, &chunk(0)).unwrap();
+        let data: Vec<Vec<u8>> = (1..8).map(chunk).collect();
+        let chunks: Vec<&[u8]> = data.iter().map(|c| &c[..]).collect();
+        let ptrs = io.append_run(&io.seal_data_run(&chunks)).unwrap();
+        let segments: BTreeSet<u64> = ptrs.iter().map(|p| p.segment).collect();
+        assert!(segments.len() >= 2, "{segments:?}");
+        for (p, c) in ptrs.iter().zip(&data) {
+            assert_eq!(&io.read_data(p).unwrap().0, c);
+        }
+    }
+}
