@@ -151,6 +151,9 @@ pub fn lock_volume(s: &dyn Storage) -> crate::error::Result<Box<dyn std::any::An
     s.lock_exclusive().map_err(|e| {
         if e.kind() == io::ErrorKind::WouldBlock {
             crate::error::Error::Locked(format!("{}: {e}", s.describe()))
+        } else if e.kind() == io::ErrorKind::InvalidData {
+            // A damaged write-back journal (object stores).
+            crate::error::Error::integrity(s.describe(), e)
         } else {
             crate::error::Error::io(crate::format::LOCK_FILE, e)
         }
