@@ -684,7 +684,19 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
     // Rollback protection: the keystore keeps the newest generation this
     // volume reached; every commit raises it before it returns.
     if !plan.open.read_only {
-        vol.set_generation_sink(Some(kms.clone()));
+        // With a write-back journal, commits reach the store later: the mark
+        // follows the store (raised as each root record is uploaded).
+        let (k, vid) = (kms.clone(), vol.volume_id());
+        let deferred = vol
+            .storage()
+            .set_commit_listener(Box::new(move |generation| {
+                if let Err(e) = k.record_generation(&vid, generation) {
+                    log::warn!("could not record generation {generation} in the keystore: {e}");
+                }
+            }));
+        if !deferred {
+            vol.set_generation_sink(Some(kms.clone()));
+        }
         if let Err(e) = vol.record_generation(&*kms) {
             log::warn!("could not record the volume generation in the keystore: {e}");
         }

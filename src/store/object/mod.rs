@@ -1195,6 +1195,16 @@ impl Storage for ObjectStorage {
         self.remote.delete(name)
     }
 
+    fn set_commit_listener(&self, f: super::CommitListener) -> bool {
+        match self.wb.get() {
+            Some(wb) => {
+                *wb.listener.lock() = Some(f);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A conditional PUT of the whole object: If-Match the ETag this process
     /// last saw, or If-None-Match for a name it saw absent (or never read).
     /// A writer first checks that it still holds the lease.

@@ -77,6 +77,8 @@ struct Ctx {
     owner: Arc<Mutex<Option<String>>>,
     url: String,
     dir: PathBuf,
+    /// Told the generation of each root record the store took.
+    listener: Arc<Mutex<Option<crate::store::CommitListener>>>,
 }
 
 /// Why an upload did not happen.
@@ -232,7 +234,11 @@ impl Ctx {
                 Ok(())
             }
             Kind::Root { expect } => {
+                let generation = crate::format::split_root(&data).ok().map(|r| r.1);
                 self.put_root(&e.name, *expect, data)?;
+                if let (Some(g), Some(f)) = (generation, self.listener.lock().as_ref()) {
+                    f(g);
+                }
                 let mut st = self.st.lock();
                 if st.local_whole.get(&e.name).is_some_and(|x| x.0 == e.seq) {
                     st.local_whole.remove(&e.name);
@@ -246,6 +252,7 @@ impl Ctx {
 /// A live write-back journal and its uploader.
 pub(crate) struct Writeback {
     pub journal: Arc<Journal>,
+    pub listener: Arc<Mutex<Option<crate::store::CommitListener>>>,
     ctx: Ctx,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -650,6 +657,7 @@ pub(crate) fn start(s: &ObjectStorage, dir: &Path, lock: std::fs::File) -> io::R
         owner: s.lease_owner.clone(),
         url: s.cfg.url(),
         dir: dir.to_path_buf(),
+        listener: Arc::new(Mutex::new(None)),
     };
     replay(&ctx, &scan, &vid, s.cfg.call_timeout)?;
     let marker = Marker {
@@ -674,6 +682,7 @@ pub(crate) fn start(s: &ObjectStorage, dir: &Path, lock: std::fs::File) -> io::R
         .spawn(move || uploader(j2, c2, s2))?;
     Ok(Writeback {
         journal: j,
+        listener: ctx.listener.clone(),
         ctx,
         stop,
         thread: Mutex::new(Some(thread)),
