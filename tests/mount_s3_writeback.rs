@@ -158,6 +158,18 @@ fn restore(dir: &Path, files: &[(PathBuf, Vec<u8>)]) {
     }
 }
 
+/// Starts the store again and waits until it serves this volume (right
+/// after a restart SeaweedFS answers 500 for a moment).
+fn restart(w: &mut Weed, url: &str, env: &Env) {
+    assert!(w.spawn(), "SeaweedFS did not come back:\n{}", w.log());
+    let raw = w.storage(url, &env.root().join("raw"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = raw.read("kmsfs.header") {
+        assert!(Instant::now() < deadline, "the store never came back: {e}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// The root slots as the store holds them.
 fn roots(w: &Weed, url: &str, env: &Env) -> Vec<Vec<u8>> {
     let raw = w.storage(url, &env.root().join("raw"));
@@ -194,7 +206,7 @@ fn writeback_kill9_with_the_store_down_then_replay_tamper_and_torn_tail() {
     assert!(pending > 0, "nothing pending in the journal");
     let saved = journal_files(&jdir);
     assert!(!saved.is_empty());
-    assert!(w.spawn(), "SeaweedFS did not come back:\n{}", w.log());
+    restart(&mut w, url, &env);
     let roots_before = roots(&w, url, &env);
 
     // A writer without the journal is refused, naming it.
@@ -258,7 +270,7 @@ fn writeback_kill9_with_the_store_down_then_replay_tamper_and_torn_tail() {
     let n = last.1.len();
     last.1.truncate(n - 7);
     restore(&jdir, &torn);
-    assert!(w.spawn(), "SeaweedFS did not come back:\n{}", w.log());
+    restart(&mut w, url, &env);
     let m = mount(&env, url, &env.mnt, &a, &["--writeback", jarg]);
     assert_eq!(fs::read(m.p("g0")).unwrap(), b"first after the replay");
     assert_eq!(fs::read(m.p("g1")).unwrap(), b"with the store down");
@@ -303,7 +315,7 @@ fn writeback_fsync_returns_while_the_store_is_down_and_umount_drains() {
 
     // The store comes back: the uploader's retries get everything there,
     // while the mount goes on (another host sees it without an unmount).
-    assert!(w.spawn(), "SeaweedFS did not come back:\n{}", w.log());
+    restart(&mut w, url, &env);
     write_synced(&m, "after", b"store back");
     let rmnt = env.root().join("reader");
     let deadline = Instant::now() + Duration::from_secs(120);
