@@ -294,8 +294,9 @@ fn s3_urls_and_options_refused_clearly() {
     let out = env.fails(
         2,
         &[
-            "info",
+            "mount",
             env.root().to_str().unwrap(),
+            env.mnt_str(),
             "--writeback",
             env.root().to_str().unwrap(),
         ],

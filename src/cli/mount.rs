@@ -255,6 +255,13 @@ pub(super) fn check_mountpoint(given: &Path) -> Result<PathBuf> {
 pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<MountPlan> {
     let opts = parse_mount_options(&a.options, sloppy)?;
     let s3 = super::object::is_url(&a.volume_dir);
+    if !s3 && super::object::writeback_given() {
+        return Err(CliError::usage(format!(
+            "--writeback is for s3:// volumes; {} is a directory, where fsync is local already: \
+             leave the option out",
+            a.volume_dir.display()
+        )));
+    }
     let volume = if s3 {
         // Checked by the daemon when it opens the store (options are parsed now).
         super::object::config(&a.volume_dir)?;

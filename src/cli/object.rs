@@ -59,6 +59,11 @@ pub(super) fn set_args(a: S3Args) -> Result<()> {
     Ok(())
 }
 
+/// Whether `--writeback` was given.
+pub(super) fn writeback_given() -> bool {
+    ARGS.get().is_some_and(|a| a.writeback.is_some())
+}
+
 /// Whether a volume argument is an object store URL.
 pub(super) fn is_url(p: &Path) -> bool {
     p.to_str().is_some_and(ObjectConfig::is_url)
