@@ -214,6 +214,11 @@ fn writeback_kill9_with_the_store_down_then_replay_tamper_and_torn_tail() {
         .map(drop)
         .unwrap_err();
     assert!(e.contains("--writeback") && e.contains(jarg), "{e}");
+    let info = ok(&env, &["info", url], &a);
+    assert!(
+        info.contains("write-back journal of host") && info.contains(jarg),
+        "{info}"
+    );
 
     // A journal entry damaged in the middle: an integrity error, nothing
     // uploaded, the journal left as it is.

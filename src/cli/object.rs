@@ -173,7 +173,17 @@ pub(super) fn control_dir(p: &Path) -> PathBuf {
 /// Who holds the writer lease of an `s3://…` volume now, for `kmsfs info`.
 pub(super) fn writer(p: &Path) -> Option<String> {
     let s = ObjectStorage::open(config(p).ok()?).ok()?;
-    Some(match crate::store::object::lease::holder(&s) {
+    let journal = crate::store::object::writeback::marker(&s)
+        .ok()
+        .flatten()
+        .map(|m| {
+            format!(
+                "; write-back journal of host {} in {} (may hold data not in the store yet)",
+                m.host, m.dir
+            )
+        })
+        .unwrap_or_default();
+    let lease = match crate::store::object::lease::holder(&s) {
         Ok(Some(l)) => format!("host {} pid {} (lease valid {} s more)", l.host, l.pid, {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -182,5 +192,6 @@ pub(super) fn writer(p: &Path) -> Option<String> {
         }),
         Ok(None) => "none (no live writer lease)".to_string(),
         Err(e) => format!("unknown ({e})"),
-    })
+    };
+    Some(lease + &journal)
 }

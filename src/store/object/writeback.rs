@@ -456,16 +456,23 @@ fn volume_id(s: &ObjectStorage) -> io::Result<[u8; 16]> {
     }))
 }
 
+/// The marker in the store, if any (for `kmsfs info`).
+pub fn marker(s: &ObjectStorage) -> io::Result<Option<Marker>> {
+    match s.remote.get_whole(MARKER_FILE) {
+        Ok((b, _)) => Ok(Some(Marker::decode(&b).unwrap_or(Marker {
+            host: "(unreadable marker)".into(),
+            dir: "?".into(),
+        }))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The marker check of every writer (with or without a journal): a marker
 /// of another journal refuses the open unless `--force-takeover`.
 pub(crate) fn check_marker(s: &ObjectStorage, dir: Option<&Path>) -> io::Result<()> {
-    let m = match s.remote.get_whole(MARKER_FILE) {
-        Ok((b, _)) => Marker::decode(&b).unwrap_or(Marker {
-            host: "(unreadable marker)".into(),
-            dir: "?".into(),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+    let Some(m) = marker(s)? else {
+        return Ok(());
     };
     let here = lease::hostname();
     let ours = dir.is_some_and(|d| m.host == here && m.dir == d.display().to_string());
