@@ -113,6 +113,21 @@ fn umount(env: &Env, m: Mount) {
     drop(m);
 }
 
+/// `kill -9` of the daemon once its start-up `readahead` thread has ended:
+/// that thread's statfs of the mount, if in flight when the daemon dies,
+/// waits uninterruptibly for an answer that never comes, and the dead daemon
+/// cannot exit until the mount is aborted (a short-lived mount meets this).
+fn kill9(m: Mount) {
+    let tasks = format!("/proc/{}/task", m.pid);
+    wait_until("the daemon's readahead thread to end", TIMEOUT, || {
+        !fs::read_dir(&tasks).unwrap().any(|t| {
+            fs::read_to_string(t.unwrap().path().join("comm"))
+                .is_ok_and(|c| c.trim() == "readahead")
+        })
+    });
+    m.kill9();
+}
+
 fn write_synced(m: &Mount, name: &str, data: &[u8]) {
     let mut f = fs::File::create(m.p(name)).unwrap();
     f.write_all(data).unwrap();
@@ -201,7 +216,7 @@ fn writeback_kill9_with_the_store_down_then_replay_tamper_and_torn_tail() {
     }
     // Reads see what is only in the journal.
     assert_eq!(fs::read(m.p("f1")).unwrap(), files[1]);
-    m.kill9();
+    kill9(m);
     let pending = writeback::pending_entries(&jdir).unwrap().unwrap();
     assert!(pending > 0, "nothing pending in the journal");
     let saved = journal_files(&jdir);
@@ -269,7 +284,7 @@ fn writeback_kill9_with_the_store_down_then_replay_tamper_and_torn_tail() {
     w.kill();
     write_synced(&m, "g1", b"with the store down");
     write_synced(&m, "g2", b"the last one");
-    m.kill9();
+    kill9(m);
     let mut torn = journal_files(&jdir);
     let last = torn.last_mut().unwrap();
     let n = last.1.len();
@@ -374,7 +389,7 @@ fn writeback_replay_refused_after_a_takeover_and_the_journal_kept() {
     )
     .unwrap();
     write_synced(&m, "journalled", b"only in the journal");
-    m.kill9();
+    kill9(m);
     let saved = journal_files(&jdir);
     assert!(!saved.is_empty());
 

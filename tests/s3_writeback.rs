@@ -62,8 +62,14 @@ fn writeback_journal_bounded_backpressure_and_drain() {
     let (_, _, peak) = st.writeback_pending().unwrap();
     assert!(peak <= bound + (64 << 10), "journal peak {peak}");
 
-    // The store goes away: a small commit goes into the journal; one that
-    // does not fit waits for the uploader, then fails (a bounded wait).
+    // The store goes away (once it has everything): a small commit goes into
+    // the journal; one that does not fit waits for the uploader, then fails
+    // (a bounded wait).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while st.writeback_pending().unwrap().0 > 0 {
+        assert!(std::time::Instant::now() < deadline, "never uploaded");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     w.kill();
     let kept = pattern(99, 100_000);
     let k = write_file(&v, "kept", &kept);

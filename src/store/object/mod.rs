@@ -924,7 +924,18 @@ impl Storage for ObjectStorage {
     fn append(&self, name: &str, data: &[u8]) -> io::Result<()> {
         let known = self.st.lock().pending.contains_key(name);
         if !known {
-            let base = self.parts(name)?.last().map_or(0, |(s, l)| s + l);
+            let base = match self.parts(name) {
+                Ok(p) => p.last().map_or(0, |(s, l)| s + l),
+                // Write-back mode goes on while the store is unreachable: a
+                // new segment starts at 0 (were the name taken in the store
+                // after all, its first part's conditional upload would find
+                // it: a conflict that stops the uploader, never a mix).
+                Err(e) if self.wb.get().is_some() && e.kind() != io::ErrorKind::NotFound => {
+                    log::debug!("{name}: store not reachable ({e}); a new file in the journal");
+                    0
+                }
+                Err(e) => return Err(e),
+            };
             let mine =
                 self.st.lock().parts.contains_key(name) && self.written.lock().contains(name);
             if base > 0 && !mine {
