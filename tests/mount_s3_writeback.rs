@@ -4,7 +4,8 @@
 //! entries pending and the journal replayed by the next mount; a damaged
 //! journal entry, a torn last entry and a journal of another volume; a
 //! mount without the journal refused; fencing (another writer took over:
-//! the replay refuses and keeps the journal); a clean unmount drains.
+//! the replay refuses and keeps the journal); a clean unmount drains, and
+//! one with the store away keeps the journal for the next mount.
 
 mod common;
 mod common_s3;
@@ -414,4 +415,37 @@ fn writeback_replay_refused_after_a_takeover_and_the_journal_kept() {
     assert!(!m.p("journalled").exists());
     umount(&env, m);
     ok(&env, &["fsck", url], &a);
+}
+
+#[test]
+fn writeback_umount_with_the_store_down_keeps_the_journal_for_the_next_mount() {
+    require_fuse!();
+    let mut w = Weed::start();
+    w.bucket("nas");
+    let env = Env::bare();
+    let url = &format!("s3://nas/{}/away", unique(&env));
+    let a = s3_args(&w, &env.root().join("cache-a"));
+    let jdir = env.root().join("journal");
+    let jarg = jdir.to_str().unwrap();
+    ok(&env, &["init", url], &a);
+    let m = mount(&env, url, &env.mnt, &a, &["--writeback", jarg]);
+    w.kill();
+    write_synced(&m, "away", b"fsync'ed while the store was away");
+    // The unmount cannot upload: it gives up (after the stated stall time),
+    // says so, and leaves the journal.
+    umount(&env, m);
+    let log = fs::read_to_string(env.mnt.with_extension("log")).unwrap();
+    assert!(
+        log.contains("are not in the object store") && log.contains("next `kmsfs mount"),
+        "{log}"
+    );
+    assert!(!journal_files(&jdir).is_empty(), "the journal is gone");
+    restart(&mut w, url, &env);
+    let m = mount(&env, url, &env.mnt, &a, &["--writeback", jarg]);
+    assert_eq!(
+        fs::read(m.p("away")).unwrap(),
+        b"fsync'ed while the store was away"
+    );
+    umount(&env, m);
+    assert!(journal_files(&jdir).is_empty());
 }
