@@ -43,7 +43,8 @@ pub(super) struct S3Args {
     /// Write-back mode of an s3:// mount: fsync returns once the data is durable in a
     /// local journal in DIR (ciphertext only), uploaded to the store in the background
     /// and replayed by the next mount with the same DIR after a crash. Without it
-    /// (the default) fsync returns once the data is in the object store
+    /// (the default: a journal on one host is lost with that host) fsync returns once
+    /// the data is in the object store
     #[arg(long, global = true, value_name = "DIR")]
     writeback: Option<PathBuf>,
     /// Bound of the write-back journal's data not yet uploaded; writes wait for the
