@@ -14,9 +14,14 @@
 #   4k read  bytes fetched from the store for one cold 4 KiB pread at a random
 #            offset with POSIX_FADV_RANDOM (no kernel read-ahead), minus what a
 #            mount that reads nothing fetches
+# and on s3 without and with --writeback (a journal in BENCH_DIR):
+#   fsync    latency of 200 x (4 KiB pwrite + fsync) in one file: median, p90, max (ms)
+#   untar    the small-file tar: until tar returns, and until the unmount returned
+#            (with --writeback the unmount uploads what the journal holds)
 # Prints a table and writes bench/results/s3-latest.md. Reported, never judged.
 #
 # Usage: bench/s3.sh   (as root)   BENCH_SIZE_MB=1024 BENCH_FILES=2000 BENCH_DIR=/var/tmp
+#        BENCH_PARTS="main writeback" (either or both; default both)
 set -euo pipefail
 export LC_ALL=C
 # shellcheck source=scripts/lib.sh
@@ -134,8 +139,11 @@ requests() {
         sed -E 's/.*requests: ([0-9]+) GET, ([0-9]+) PUT, ([0-9]+) LIST, ([0-9]+) HEAD, ([0-9]+) DELETE; ([0-9]+) bytes fetched.*/\1 \2 \3 \4 \5 \6/'
 }
 
+PARTS="${BENCH_PARTS:-main writeback}"
 declare -A R
-for kind in local s3; do
+KINDS=(local s3)
+[[ " $PARTS " == *" main "* ]] || KINDS=()
+for kind in "${KINDS[@]}"; do
     log "$kind: streaming write and cold read"
     new_volume "$kind"
     L="$BASE/$kind-w.log"
@@ -188,16 +196,67 @@ for kind in local s3; do
     R[$kind.ls]=$(echo "$t1 - $t0" | bc -l)
 done
 
+# fsync_lat FILE: "median p90 max" in ms of 200 x (4 KiB pwrite + fsync).
+fsync_lat() {
+    python3 - "$1" <<'PY'
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+buf = os.urandom(4096)
+t = []
+for i in range(200):
+    os.pwrite(fd, buf, i * 4096)
+    t0 = time.perf_counter(); os.fsync(fd); t.append((time.perf_counter() - t0) * 1e3)
+os.close(fd)
+t.sort()
+print(f"{t[100]:.2f} {t[180]:.2f} {t[-1]:.2f}")
+PY
+}
+WB_MODES=(store writeback)
+[[ " $PARTS " == *" writeback "* ]] || WB_MODES=()
+for mode in "${WB_MODES[@]}"; do
+    log "s3 ($mode): fsync latency and small files"
+    extra=()
+    new_volume s3
+    [ "$mode" = writeback ] && extra=(--writeback "$BASE/journal-$N")
+    "$KMSFS" mount "$VOL" "$MNT" -o "log=$BASE/wb-$mode-f.log" "${S3OPTS[@]}" --cache-dir "$CACHE" "${extra[@]}" ||
+        { cat "$BASE/wb-$mode-f.log"; die "mount failed"; }
+    MOUNTS+=("$MNT")
+    R[$mode.fsync]="$(fsync_lat "$MNT/f")"
+    vunmount "$MNT"
+    new_volume s3
+    [ "$mode" = writeback ] && extra=(--writeback "$BASE/journal-$N")
+    "$KMSFS" mount "$VOL" "$MNT" -o "log=$BASE/wb-$mode-t.log" "${S3OPTS[@]}" --cache-dir "$CACHE" "${extra[@]}" ||
+        { cat "$BASE/wb-$mode-t.log"; die "mount failed"; }
+    MOUNTS+=("$MNT")
+    t0=$(now)
+    tar -C "$MNT" -xf "$BASE/data/src.tar"
+    t1=$(now)
+    vunmount "$MNT"
+    t2=$(now)
+    R[$mode.tar]=$(echo "$t1 - $t0" | bc -l)
+    R[$mode.tarU]=$(echo "$t2 - $t0" | bc -l)
+done
+
 per_gib() { # "get put list head delete fetched" -> requests per GiB of SIZE_MB
     awk -v mb="$SIZE_MB" '{printf "%.0f GET, %.0f PUT, %.0f LIST, %.0f HEAD, %.0f DELETE", $1*1024/mb, $2*1024/mb, $3*1024/mb, $4*1024/mb, $5*1024/mb}' <<<"$1"
 }
 OUT="$RESULTS/s3-latest.md"
 mkdir -p "$RESULTS"
+[[ " $PARTS " == *" main "* ]] || OUT="$RESULTS/s3-writeback-latest.md"
 {
     echo "# kmsfs: object store (SeaweedFS on loopback) beside local disk"
     echo
     echo "$(date -u +%Y-%m-%dT%H:%MZ), commit $(git_commit), $(nproc) CPUs, ${SIZE_MB} MiB stream, ${NFILES} small files"
     echo
+    if [ ${#WB_MODES[@]} -gt 0 ]; then
+        echo "| s3 workload | fsync to the store (default) | --writeback |"
+        echo "| --- | ---: | ---: |"
+        echo "| fsync of 4 KiB, median / p90 / max (ms) | ${R[store.fsync]// / \/ } | ${R[writeback.fsync]// / \/ } |"
+        printf '| untar %s files, until tar returns (s) | %.2f | %.2f |\n' "$NFILES" "${R[store.tar]}" "${R[writeback.tar]}"
+        printf '| untar %s files + unmount (s) | %.2f | %.2f |\n' "$NFILES" "${R[store.tarU]}" "${R[writeback.tarU]}"
+        echo
+    fi
+    [ ${#KINDS[@]} -gt 0 ] || exit 0
     echo "| workload | local | s3 |"
     echo "| --- | ---: | ---: |"
     printf '| write, dd bs=1M conv=fsync (MB/s) | %.0f | %.0f |\n' "${R[local.write]}" "${R[s3.write]}"

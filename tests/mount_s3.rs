@@ -290,7 +290,18 @@ fn s3_urls_and_options_refused_clearly() {
     assert!(!out.contains("topsecretvalue"), "{out}");
     let out = env.fails(2, &["info", "s3://Bad_Bucket/p"]);
     assert!(out.contains("bucket name"), "{out}");
-    // The write-back journal is not implemented: refused, not ignored.
+    // The write-back journal is for s3:// volumes, with a bound above 0.
+    let out = env.fails(
+        2,
+        &[
+            "mount",
+            env.root().to_str().unwrap(),
+            env.mnt_str(),
+            "--writeback",
+            env.root().to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("--writeback is for s3://"), "{out}");
     let out = env.fails(
         2,
         &[
@@ -298,9 +309,11 @@ fn s3_urls_and_options_refused_clearly() {
             "s3://bucket/p",
             "--writeback",
             env.root().to_str().unwrap(),
+            "--writeback-size",
+            "0",
         ],
     );
-    assert!(out.contains("not implemented"), "{out}");
+    assert!(out.contains("--writeback-size"), "{out}");
     let out = env.fails(2, &["info", "s3://bucket/p", "--cache-size", "lots"]);
     assert!(out.contains("--cache-size"), "{out}");
 }

@@ -266,6 +266,13 @@ pub(super) fn check_mountpoint(given: &Path) -> Result<PathBuf> {
 pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<MountPlan> {
     let opts = parse_mount_options(&a.options, sloppy)?;
     let s3 = super::object::is_url(&a.volume_dir);
+    if !s3 && super::object::writeback_given() {
+        return Err(CliError::usage(format!(
+            "--writeback is for s3:// volumes; {} is a directory, where fsync is local already: \
+             leave the option out",
+            a.volume_dir.display()
+        )));
+    }
     let volume = if s3 {
         // Checked by the daemon when it opens the store (options are parsed now).
         super::object::config(&a.volume_dir)?;
@@ -696,7 +703,19 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
     // Rollback protection: the keystore keeps the newest generation this
     // volume reached; every commit raises it before it returns.
     if !plan.open.read_only {
-        vol.set_generation_sink(Some(kms.clone()));
+        // With a write-back journal, commits reach the store later: the mark
+        // follows the store (raised as each root record is uploaded).
+        let (k, vid) = (kms.clone(), vol.volume_id());
+        let deferred = vol
+            .storage()
+            .set_commit_listener(Box::new(move |generation| {
+                if let Err(e) = k.record_generation(&vid, generation) {
+                    log::warn!("could not record generation {generation} in the keystore: {e}");
+                }
+            }));
+        if !deferred {
+            vol.set_generation_sink(Some(kms.clone()));
+        }
         if let Err(e) = vol.record_generation(&*kms) {
             log::warn!("could not record the volume generation in the keystore: {e}");
         }

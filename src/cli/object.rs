@@ -40,23 +40,29 @@ pub(super) struct S3Args {
     /// third of it; a writer that dies is taken over after it [default: 30]
     #[arg(long, global = true, value_name = "SECS")]
     lease_time: Option<u64>,
-    /// fsync durable in a local journal in DIR, uploaded in the background (not
-    /// implemented yet: fsync returns when the data is in the object store)
+    /// Write-back mode of an s3:// mount: fsync returns once the data is durable in a
+    /// local journal in DIR (ciphertext only), uploaded to the store in the background
+    /// and replayed by the next mount with the same DIR after a crash. Without it
+    /// (the default: a journal on one host is lost with that host) fsync returns once
+    /// the data is in the object store
     #[arg(long, global = true, value_name = "DIR")]
     writeback: Option<PathBuf>,
+    /// Bound of the write-back journal's data not yet uploaded; writes wait for the
+    /// uploader beyond it [default: 1G]
+    #[arg(long, global = true, value_name = "SIZE")]
+    writeback_size: Option<String>,
 }
 
 static ARGS: OnceLock<S3Args> = OnceLock::new();
 
 pub(super) fn set_args(a: S3Args) -> Result<()> {
-    if a.writeback.is_some() {
-        return Err(CliError::usage(
-            "--writeback is not implemented yet: fsync on an s3:// volume returns when the data \
-             is in the object store; run without --writeback",
-        ));
-    }
     let _ = ARGS.set(a);
     Ok(())
+}
+
+/// Whether `--writeback` was given.
+pub(super) fn writeback_given() -> bool {
+    ARGS.get().is_some_and(|a| a.writeback.is_some())
 }
 
 /// Whether a volume argument is an object store URL.
@@ -77,6 +83,21 @@ pub(super) fn config(p: &Path) -> Result<ObjectConfig> {
         c.cache_bytes = parse_size(s).map_err(|e| CliError::usage(format!("--cache-size: {e}")))?;
     }
     c.force_takeover = a.force_takeover;
+    if let Some(d) = &a.writeback {
+        let abs = std::path::absolute(d)
+            .map_err(|e| CliError::usage(format!("--writeback {}: {e}", d.display())))?;
+        // One spelling of the directory (the store's marker names it).
+        c.writeback = Some(abs.canonicalize().unwrap_or(abs));
+    }
+    if let Some(s) = &a.writeback_size {
+        c.writeback_bytes =
+            parse_size(s).map_err(|e| CliError::usage(format!("--writeback-size: {e}")))?;
+        if c.writeback_bytes == 0 {
+            return Err(CliError::usage(
+                "--writeback-size must be more than 0 (leave --writeback out for no journal)",
+            ));
+        }
+    }
     if let Some(t) = a.lease_time {
         if t == 0 {
             return Err(CliError::usage("--lease-time must be at least 1 second"));
@@ -90,6 +111,13 @@ pub(super) fn config(p: &Path) -> Result<ObjectConfig> {
 /// the directory.
 pub(super) fn storage(p: &Path) -> Result<Arc<dyn Storage>> {
     if !is_url(p) {
+        if ARGS.get().is_some_and(|a| a.writeback.is_some()) {
+            return Err(CliError::usage(format!(
+                "--writeback is for s3:// volumes; {} is a directory, where fsync is local \
+                 already: leave the option out",
+                p.display()
+            )));
+        }
         return Ok(Arc::new(FsStorage::new(p)));
     }
     let c = config(p)?;
@@ -146,7 +174,17 @@ pub(super) fn control_dir(p: &Path) -> PathBuf {
 /// Who holds the writer lease of an `s3://…` volume now, for `kmsfs info`.
 pub(super) fn writer(p: &Path) -> Option<String> {
     let s = ObjectStorage::open(config(p).ok()?).ok()?;
-    Some(match crate::store::object::lease::holder(&s) {
+    let journal = crate::store::object::writeback::marker(&s)
+        .ok()
+        .flatten()
+        .map(|m| {
+            format!(
+                "; write-back journal of host {} in {} (may hold data not in the store yet)",
+                m.host, m.dir
+            )
+        })
+        .unwrap_or_default();
+    let lease = match crate::store::object::lease::holder(&s) {
         Ok(Some(l)) => format!("host {} pid {} (lease valid {} s more)", l.host, l.pid, {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -155,5 +193,6 @@ pub(super) fn writer(p: &Path) -> Option<String> {
         }),
         Ok(None) => "none (no live writer lease)".to_string(),
         Err(e) => format!("unknown ({e})"),
-    })
+    };
+    Some(lease + &journal)
 }

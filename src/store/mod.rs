@@ -119,11 +119,25 @@ pub trait Storage: Send + Sync {
     fn segment_id_gap(&self) -> u64 {
         0
     }
+    /// For a storage whose commits reach the backing store after
+    /// [`Storage::replace_durably`] returns (an object store with a
+    /// write-back journal): calls `f` with the generation of each root record
+    /// once the store holds it, and returns true. The caller then raises the
+    /// volume's rollback mark from `f` rather than after each commit, so the
+    /// mark never runs ahead of what the store holds. False (the default):
+    /// commits are in the backing store when they return.
+    fn set_commit_listener(&self, _f: CommitListener) -> bool {
+        false
+    }
     /// Removes a pin nobody holds any more.
     fn remove_pin(&self, name: &str) -> io::Result<()> {
         self.remove(name)
     }
 }
+
+/// Called with the generation of each root record the store took
+/// ([`Storage::set_commit_listener`]).
+pub type CommitListener = Box<dyn Fn(u64) + Send + Sync>;
 
 /// A failed [`Storage::replace_durably`]: what failed (a name, for
 /// messages) and why.
@@ -151,6 +165,9 @@ pub fn lock_volume(s: &dyn Storage) -> crate::error::Result<Box<dyn std::any::An
     s.lock_exclusive().map_err(|e| {
         if e.kind() == io::ErrorKind::WouldBlock {
             crate::error::Error::Locked(format!("{}: {e}", s.describe()))
+        } else if e.kind() == io::ErrorKind::InvalidData {
+            // A damaged write-back journal (object stores).
+            crate::error::Error::integrity(s.describe(), e)
         } else {
             crate::error::Error::io(crate::format::LOCK_FILE, e)
         }

@@ -82,7 +82,7 @@ impl Lease {
     }
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into buf.
     let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
@@ -289,11 +289,22 @@ pub fn holder(s: &ObjectStorage) -> io::Result<Option<Lease>> {
 /// Checks, before a commit, that the lease is still `owner`'s and unexpired;
 /// fences the writer otherwise.
 pub fn check_held(s: &ObjectStorage, owner: &str) -> io::Result<()> {
-    let (b, _) = s.remote.get_whole(LEASE_FILE).map_err(|e| {
+    check_held_with(&s.remote, &s.describe(), &s.fenced, owner)
+}
+
+/// [`check_held`] with the parts of the storage it needs (for the
+/// write-back uploader's thread).
+pub(crate) fn check_held_with(
+    remote: &Remote,
+    url: &str,
+    fenced: &AtomicBool,
+    owner: &str,
+) -> io::Result<()> {
+    let (b, _) = remote.get_whole(LEASE_FILE).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                format!("{}: the writer lease object is gone", s.describe()),
+                format!("{url}: the writer lease object is gone"),
             )
         } else {
             e
@@ -304,19 +315,17 @@ pub fn check_held(s: &ObjectStorage, owner: &str) -> io::Result<()> {
         Some(l) if l.owner == owner => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
-                "{}: this writer's lease expired (it could not be renewed in time), so another \
-                 mount may write now: nothing is committed; check the store, then remount",
-                s.describe()
+                "{url}: this writer's lease expired (it could not be renewed in time), so another \
+                 mount may write now: nothing is committed; check the store, then remount"
             ),
         )),
         other => {
-            s.fenced.store(true, Ordering::SeqCst);
+            fenced.store(true, Ordering::SeqCst);
             Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!(
-                    "{}: the writer lease was taken over{}: this mount is fenced and commits \
+                    "{url}: the writer lease was taken over{}: this mount is fenced and commits \
                      nothing more (what it reported durable before is kept); unmount it",
-                    s.describe(),
                     other
                         .map(|l| format!(" by host {} pid {}", l.host, l.pid))
                         .unwrap_or_default()

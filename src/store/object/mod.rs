@@ -24,13 +24,15 @@
 //! fails with an I/O error and the request that needed it gets EIO.
 
 pub mod cache;
+pub mod journal;
 pub mod lease;
+pub mod writeback;
 
 use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use object_store::aws::{AmazonS3, AmazonS3Builder};
@@ -65,7 +67,14 @@ pub struct ObjectConfig {
     pub retries: usize,
     /// The longest any one storage call may take, retries included.
     pub call_timeout: Duration,
+    /// `--writeback DIR`: fsync durable in a journal there (an absolute path).
+    pub writeback: Option<PathBuf>,
+    /// Bound of the journal's entries not yet uploaded (writes wait beyond it).
+    pub writeback_bytes: u64,
 }
+
+/// Default bound of the write-back journal.
+pub const DEFAULT_WRITEBACK_BYTES: u64 = 1 << 30;
 
 /// Default size of the local segment cache.
 pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
@@ -130,6 +139,8 @@ impl ObjectConfig {
             request_timeout: env_secs("KMSFS_S3_TIMEOUT_SECS").unwrap_or(Duration::from_secs(20)),
             retries: 3,
             call_timeout: Duration::from_secs(60),
+            writeback: None,
+            writeback_bytes: DEFAULT_WRITEBACK_BYTES,
         })
     }
 
@@ -216,6 +227,16 @@ struct State {
     pending: HashMap<String, Pending>,
     /// Objects replaced whole: the ETag last seen (None: seen absent).
     etags: HashMap<String, Option<String>>,
+    /// ... and the SHA-256 of their contents then (write-back mode).
+    hashes: HashMap<String, Option<[u8; 32]>>,
+    /// Write-back mode: the SHA-256 of what each root slot holds once the
+    /// journal is uploaded (the condition of the next commit to it).
+    view: HashMap<String, Option<[u8; 32]>>,
+    /// Write-back mode: parts in the journal, not uploaded yet (by part key).
+    local: HashMap<String, journal::Entry>,
+    /// Write-back mode: the newest root record of a slot while it is in the
+    /// journal only (its entry's sequence number and bytes).
+    local_whole: HashMap<String, (u64, Arc<Vec<u8>>)>,
 }
 
 /// Request counters, for figures and tests.
@@ -242,17 +263,19 @@ pub(crate) struct Remote {
 pub struct ObjectStorage {
     cfg: ObjectConfig,
     pub(crate) remote: Arc<Remote>,
-    st: Mutex<State>,
-    cache: Option<cache::DiskCache>,
+    st: Arc<Mutex<State>>,
+    cache: Option<Arc<cache::DiskCache>>,
     /// Set when this writer's lease was lost: nothing more may be committed.
     pub(crate) fenced: Arc<AtomicBool>,
     /// The lease this process holds as the writer (its owner token).
-    lease_owner: Mutex<Option<String>>,
+    lease_owner: Arc<Mutex<Option<String>>>,
     /// Set when this writer took the lease over from another (live or expired).
     pub(crate) took_over: AtomicBool,
     /// Appended files this process created (it may append to them again).
     written: Mutex<std::collections::HashSet<String>>,
     ra: Mutex<ReadAhead>,
+    /// The write-back journal, once this process is the writer (`--writeback`).
+    wb: OnceLock<Arc<writeback::Writeback>>,
 }
 
 /// The io::Error for an object store error, naming the cause and what to do.
@@ -604,15 +627,17 @@ impl ObjectStorage {
                 .cache_dir
                 .clone()
                 .unwrap_or_else(|| cfg.default_cache_dir());
-            Some(cache::DiskCache::open(&dir, cfg.cache_bytes).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "segment cache {}: {e}; choose another with --cache-dir",
-                        dir.display()
-                    ),
-                )
-            })?)
+            Some(Arc::new(
+                cache::DiskCache::open(&dir, cfg.cache_bytes).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "segment cache {}: {e}; choose another with --cache-dir",
+                            dir.display()
+                        ),
+                    )
+                })?,
+            ))
         } else {
             None
         };
@@ -625,13 +650,14 @@ impl ObjectStorage {
                 counters: Arc::new(Counters::default()),
             }),
             cfg,
-            st: Mutex::new(State::default()),
+            st: Arc::new(Mutex::new(State::default())),
             cache,
             fenced: Arc::new(AtomicBool::new(false)),
-            lease_owner: Mutex::new(None),
+            lease_owner: Arc::new(Mutex::new(None)),
             took_over: AtomicBool::new(false),
             written: Mutex::new(Default::default()),
             ra: Mutex::new(ReadAhead::default()),
+            wb: OnceLock::new(),
         })
     }
 
@@ -645,7 +671,15 @@ impl ObjectStorage {
     }
 
     pub fn cache(&self) -> Option<&cache::DiskCache> {
-        self.cache.as_ref()
+        self.cache.as_deref()
+    }
+
+    /// The write-back journal's entries not uploaded yet, and the most
+    /// there have been at once (bytes); None without `--writeback`.
+    pub fn writeback_pending(&self) -> Option<(usize, u64, u64)> {
+        let wb = self.wb.get()?;
+        let q = wb.journal.queue();
+        Some((q.entries.len(), q.pending, q.peak))
     }
 
     /// The uploaded parts of an appended file (listed once, then tracked).
@@ -692,6 +726,16 @@ impl ObjectStorage {
     ) -> io::Result<()> {
         let key = part_name(name, start);
         let len = buf.len() as u64;
+        // A part still in the write-back journal (if it was uploaded and
+        // its journal file deleted meanwhile, the store has it).
+        let local = self.st.lock().local.get(&key).cloned();
+        if let (Some(e), Some(wb)) = (local, self.wb.get()) {
+            match wb.journal.read(&e, within, buf) {
+                Ok(()) => return Ok(()),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
         if let Some(c) = &self.cache {
             if c.get(&key, within, len, 0, buf) {
                 return Ok(());
@@ -751,15 +795,26 @@ impl ObjectStorage {
 
 impl Storage for ObjectStorage {
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
+        // A root record still in the write-back journal.
+        if let Some((_, b)) = self.st.lock().local_whole.get(name) {
+            return Ok(b.to_vec());
+        }
         match self.remote.get_whole(name) {
             Ok((b, etag)) => {
-                self.st.lock().etags.insert(name.to_string(), etag);
+                let h = journal::sha256(&b);
+                let mut st = self.st.lock();
+                st.etags.insert(name.to_string(), etag);
+                st.hashes.insert(name.to_string(), Some(h));
+                st.view.insert(name.to_string(), Some(h));
                 Ok(b)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let parts = self.parts(name)?;
                 if parts.is_empty() {
-                    self.st.lock().etags.insert(name.to_string(), None);
+                    let mut st = self.st.lock();
+                    st.etags.insert(name.to_string(), None);
+                    st.hashes.insert(name.to_string(), None);
+                    st.view.insert(name.to_string(), None);
                     return Err(e);
                 }
                 let len = self.len(name)?;
@@ -835,8 +890,14 @@ impl Storage for ObjectStorage {
     }
 
     fn len(&self, name: &str) -> io::Result<u64> {
-        if let Some(p) = self.st.lock().pending.get(name) {
-            return Ok(p.base + p.data.len() as u64);
+        {
+            let st = self.st.lock();
+            if let Some(p) = st.pending.get(name) {
+                return Ok(p.base + p.data.len() as u64);
+            }
+            if let Some((_, b)) = st.local_whole.get(name) {
+                return Ok(b.len() as u64);
+            }
         }
         let parts = self.parts(name)?;
         if let Some((s, l)) = parts.last() {
@@ -863,7 +924,18 @@ impl Storage for ObjectStorage {
     fn append(&self, name: &str, data: &[u8]) -> io::Result<()> {
         let known = self.st.lock().pending.contains_key(name);
         if !known {
-            let base = self.parts(name)?.last().map_or(0, |(s, l)| s + l);
+            let base = match self.parts(name) {
+                Ok(p) => p.last().map_or(0, |(s, l)| s + l),
+                // Write-back mode goes on while the store is unreachable: a
+                // new segment starts at 0 (were the name taken in the store
+                // after all, its first part's conditional upload would find
+                // it: a conflict that stops the uploader, never a mix).
+                Err(e) if self.wb.get().is_some() && e.kind() != io::ErrorKind::NotFound => {
+                    log::debug!("{name}: store not reachable ({e}); a new file in the journal");
+                    0
+                }
+                Err(e) => return Err(e),
+            };
             let mine =
                 self.st.lock().parts.contains_key(name) && self.written.lock().contains(name);
             if base > 0 && !mine {
@@ -916,6 +988,23 @@ impl Storage for ObjectStorage {
         self.check_not_fenced()?;
         let key = part_name(name, base);
         let n = data.len() as u64;
+        if let Some(wb) = self.wb.get() {
+            // Durable in the journal; the uploader puts it in the store.
+            let e = wb
+                .journal
+                .append(journal::Kind::Part { offset: base }, name, &data)?;
+            let mut st = self.st.lock();
+            st.local.insert(key, e);
+            st.parts
+                .entry(name.to_string())
+                .or_default()
+                .push((base, n));
+            if let Some(p) = st.pending.get_mut(name) {
+                p.data.drain(..n as usize);
+                p.base = base + n;
+            }
+            return Ok(());
+        }
         let cached = data.clone();
         self.remote.put(&key, data, PutMode::Create)?;
         if let Some(c) = &self.cache {
@@ -941,6 +1030,10 @@ impl Storage for ObjectStorage {
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
+        // What the journal holds for it goes to the store first (in order).
+        if let Some(wb) = self.wb.get() {
+            wb.settle(name)?;
+        }
         self.st.lock().pending.remove(name);
         let parts = self.parts(name)?;
         if parts.is_empty() {
@@ -1014,7 +1107,13 @@ impl Storage for ObjectStorage {
                 v.push(file);
             }
         }
-        for n in self.st.lock().pending.keys() {
+        let st = self.st.lock();
+        let journalled = st
+            .local
+            .values()
+            .map(|e| &e.name)
+            .chain(st.local_whole.keys());
+        for n in st.pending.keys().chain(journalled) {
             if let Some(leaf) = n.strip_prefix(dir).and_then(|r| {
                 if dir.is_empty() {
                     Some(r)
@@ -1026,6 +1125,7 @@ impl Storage for ObjectStorage {
                 v.push(leaf.to_string());
             }
         }
+        drop(st);
         v.sort();
         v.dedup();
         Ok(v)
@@ -1040,8 +1140,37 @@ impl Storage for ObjectStorage {
         self.cfg.url()
     }
 
+    /// The writer lease; with `--writeback DIR`, also the journal there
+    /// (locked first, replayed with the lease held, then live until the
+    /// guard drops, which drains it before the lease goes).
     fn lock_exclusive(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
-        lease::acquire(self)
+        let dir = self.cfg.writeback.clone();
+        let dir_lock = dir.as_deref().map(journal::lock_dir).transpose()?;
+        let lease = lease::acquire(self)?;
+        writeback::check_marker(self, dir.as_deref())?;
+        let (Some(dir), Some(dir_lock)) = (dir, dir_lock) else {
+            return Ok(lease);
+        };
+        let wb = Arc::new(writeback::start(self, &dir, dir_lock)?);
+        let _ = self.wb.set(wb.clone());
+        Ok(Box::new(writeback::WritebackGuard {
+            wb,
+            lease: Some(lease),
+        }))
+    }
+
+    /// In write-back mode the cleaner may delete segments only once the
+    /// store holds the commits the engine made (a reader on another host
+    /// opens what the store holds): the journal must be empty first. While
+    /// it is not (within a few seconds), report readers present, so the
+    /// cleaner defers its deletions.
+    fn try_lock_readers_exclusive(
+        &self,
+    ) -> io::Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
+        match self.wb.get() {
+            Some(wb) if !wb.drained_within(Duration::from_secs(5)) => Ok(None),
+            _ => Ok(Some(Box::new(()))),
+        }
     }
 
     /// After a takeover the fenced writer may still upload a segment or two
@@ -1077,12 +1206,39 @@ impl Storage for ObjectStorage {
         self.remote.delete(name)
     }
 
+    fn set_commit_listener(&self, f: super::CommitListener) -> bool {
+        match self.wb.get() {
+            Some(wb) => {
+                *wb.listener.lock() = Some(f);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A conditional PUT of the whole object: If-Match the ETag this process
     /// last saw, or If-None-Match for a name it saw absent (or never read).
     /// A writer first checks that it still holds the lease.
     fn replace_durably(&self, _tmp: &str, name: &str, data: &[u8]) -> Result<(), ReplaceError> {
         let err = |e| ReplaceError(name.to_string(), e);
         self.check_not_fenced().map_err(err)?;
+        if let Some(wb) = self.wb.get()
+            && writeback::is_root_slot(name)
+        {
+            // A commit: durable in the journal, conditional on what the slot
+            // holds once everything before it is uploaded.
+            let expect = self.st.lock().view.get(name).copied().flatten();
+            let e = wb
+                .journal
+                .append(journal::Kind::Root { expect }, name, data)
+                .map_err(err)?;
+            let mut st = self.st.lock();
+            st.view
+                .insert(name.to_string(), Some(journal::sha256(data)));
+            st.local_whole
+                .insert(name.to_string(), (e.seq, Arc::new(data.to_vec())));
+            return Ok(());
+        }
         let owner = self.lease_owner.lock().clone();
         if let Some(owner) = owner {
             lease::check_held(self, &owner).map_err(err)?;
