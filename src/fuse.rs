@@ -139,6 +139,9 @@ impl MountSettings {
     }
 }
 
+/// A job for the first request after INIT ([`KmsFs::after_init_slot`]).
+pub type AfterInit = Box<dyn FnOnce() + Send>;
+
 /// The outcome of the final commit in `destroy`, for the daemon's exit status.
 pub type Outcome = Arc<Mutex<Option<Result<(), String>>>>;
 
@@ -159,6 +162,9 @@ pub struct KmsFs {
     outcome: Outcome,
     /// Set once the session exists (see [`KmsFs::notifier_slot`]).
     notifier: Arc<OnceLock<Notifier>>,
+    /// Run once by the first request after INIT (see [`KmsFs::after_init_slot`]).
+    after_init: Arc<Mutex<Option<AfterInit>>>,
+    after_init_done: std::sync::atomic::AtomicBool,
 }
 
 impl KmsFs {
@@ -171,7 +177,18 @@ impl KmsFs {
             committer: None,
             outcome: Arc::new(Mutex::new(None)),
             notifier: Arc::new(OnceLock::new()),
+            after_init: Arc::new(Mutex::new(None)),
+            after_init_done: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Where the caller puts a job to run once the kernel has applied FUSE
+    /// INIT's reply: the kernel sends no other request before, so the first
+    /// request runs it (before its own handler). Work that must follow INIT
+    /// without asking the mount itself (a request from inside the daemon to
+    /// its own mount cannot end if the daemon is killed meanwhile).
+    pub fn after_init_slot(&self) -> Arc<Mutex<Option<AfterInit>>> {
+        self.after_init.clone()
     }
 
     /// Where the caller puts the session's notifier once the session exists.
@@ -208,6 +225,22 @@ impl KmsFs {
     /// [`Volume::contain_panic`]). Without this, the panic would end the
     /// session thread and with it the mount.
     fn contain(&self, op: &'static str, mutating: bool, handler: impl FnOnce()) {
+        if !self
+            .after_init_done
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && !self
+                .after_init_done
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let job = self
+                .after_init
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(job) = job {
+                job();
+            }
+        }
         if mutating {
             CHANGING.with(|c| *c.borrow_mut() = Some((self.vol.clone(), op)));
         }

@@ -498,20 +498,24 @@ fn entry(s: &libc::statfs) -> MountEntry {
 
 /// Raises the kernel's readahead window of the FUSE mount at `mountpoint` to
 /// `kb` KiB (the bdi's `read_ahead_kb`; needs root), and returns the window it
-/// had. FUSE caps the window at the kernel's default (128 KiB) when the
-/// connection starts, whatever the daemon asks for, so cold sequential reads
-/// would reach the daemon as 128 KiB requests. Call it once the mount answers
-/// (after FUSE INIT): `statfs` first waits for that.
+/// had. FUSE caps the window at the kernel's default (128 KiB) when it applies
+/// INIT's reply, whatever the daemon asks for, so cold sequential reads would
+/// reach the daemon as 128 KiB requests. Call it after INIT (the daemon's first
+/// request). It asks nothing of the mount itself: the device number comes from
+/// `/proc/self/mountinfo`.
 #[cfg(target_os = "linux")]
 pub fn raise_readahead(mountpoint: &std::path::Path, kb: u32) -> io::Result<u32> {
-    use std::os::unix::fs::MetadataExt;
-    nix::sys::statfs::statfs(mountpoint).map_err(io::Error::from)?;
-    let dev = std::fs::metadata(mountpoint)?.dev();
-    let path = format!(
-        "/sys/class/bdi/{}:{}/read_ahead_kb",
-        libc::major(dev),
-        libc::minor(dev)
-    );
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let (major, minor) = fuse_mount_dev(&info, mountpoint).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "no FUSE mount on {} in /proc/self/mountinfo",
+                mountpoint.display()
+            ),
+        )
+    })?;
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     let old: u32 = std::fs::read_to_string(&path)?
         .trim()
         .parse()
@@ -520,6 +524,56 @@ pub fn raise_readahead(mountpoint: &std::path::Path, kb: u32) -> io::Result<u32>
         std::fs::write(&path, kb.to_string())?;
     }
     Ok(old)
+}
+
+/// The device number (major, minor) of the newest FUSE mount on `mountpoint`
+/// in a `/proc/PID/mountinfo` text (mount points there escape space, tab,
+/// newline and backslash as `\ooo`).
+pub fn fuse_mount_dev(mountinfo: &str, mountpoint: &std::path::Path) -> Option<(u32, u32)> {
+    use std::os::unix::ffi::OsStrExt;
+    let want = mountpoint.as_os_str().as_bytes();
+    let mut found = None;
+    for line in mountinfo.lines() {
+        let Some((fields, rest)) = line.split_once(" - ") else {
+            continue;
+        };
+        let f: Vec<&str> = fields.split(' ').collect();
+        let (Some(dev), Some(mp)) = (f.get(2), f.get(4)) else {
+            continue;
+        };
+        let fstype = rest.split(' ').next().unwrap_or("");
+        if !(fstype == "fuse" || fstype.starts_with("fuse.")) {
+            continue;
+        }
+        if unescape_mountinfo(mp) != want {
+            continue;
+        }
+        if let Some((Ok(ma), Ok(mi))) = dev.split_once(':').map(|(a, b)| (a.parse(), b.parse())) {
+            found = Some((ma, mi));
+        }
+    }
+    found
+}
+
+/// Undoes mountinfo's `\ooo` octal escapes.
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && let Some(oct) = b.get(i + 1..i + 4)
+            && (b'0'..=b'3').contains(&oct[0])
+            && oct[1..].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push(((oct[0] - b'0') << 6) | ((oct[1] - b'0') << 3) | (oct[2] - b'0'));
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -538,6 +592,39 @@ mod tests {
         assert_eq!(S_IFIFO, libc::S_IFIFO);
         assert_eq!(S_ISUID, libc::S_ISUID);
         assert_eq!(S_ISGID, libc::S_ISGID);
+    }
+
+    #[test]
+    fn the_fuse_mount_is_found_in_mountinfo() {
+        use std::path::Path;
+        let info = "22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+                    40 22 0:41 / /mnt/a\\040b rw,nosuid shared:20 - fuse.kmsfs /srv/v rw,user_id=0\n\
+                    41 22 0:42 / /mnt/plain rw shared:21 - ext4 /dev/vdb rw\n\
+                    42 40 0:43 / /mnt/a\\040b rw shared:22 - fuse.kmsfs /srv/w rw\n\
+                    43 22 0:44 / /mnt/x rw - fuse /srv/x rw\n";
+        // The newest of two mounts on the same point, with an escaped space.
+        assert_eq!(
+            super::fuse_mount_dev(info, Path::new("/mnt/a b")),
+            Some((0, 43))
+        );
+        assert_eq!(
+            super::fuse_mount_dev(info, Path::new("/mnt/x")),
+            Some((0, 44))
+        );
+        // Not FUSE, or not mounted.
+        assert_eq!(super::fuse_mount_dev(info, Path::new("/mnt/plain")), None);
+        assert_eq!(super::fuse_mount_dev(info, Path::new("/mnt/none")), None);
+        // Malformed lines never panic.
+        assert_eq!(super::unescape_mountinfo("a\\777b\\04"), b"a\\777b\\04");
+        for bad in [
+            "",
+            "x",
+            "1 2 3 - ",
+            "1 2 0:x / /mnt/x - fuse a b",
+            "1 2 0:1 / /mnt/x\\ - fuse",
+        ] {
+            let _ = super::fuse_mount_dev(bad, Path::new("/mnt/x"));
+        }
     }
 
     #[test]

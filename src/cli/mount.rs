@@ -727,6 +727,7 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
     let fs = KmsFs::new(vol.clone(), plan.settings.clone());
     let outcome = fs.outcome();
     let notifier = fs.notifier_slot();
+    let after_init = fs.after_init_slot();
     let mut session = Session::new(fs, &plan.mountpoint, &plan.settings.config()).map_err(|e| {
         CliError::error(format!(
             "cannot mount on {}: {e}",
@@ -736,12 +737,13 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
     let _ = notifier.set(session.notifier());
     let ra = plan.opts.readahead_kb.unwrap_or(DEFAULT_READAHEAD_KB);
     if ra > 0 {
-        // After FUSE INIT, which the session below answers (statfs waits for it).
+        // After FUSE INIT (the kernel resets the window when it applies INIT's
+        // reply): the first request runs it. The mount's device number comes
+        // from /proc/self/mountinfo now, not from a stat of the mount, which
+        // the daemon would have to answer itself.
         let mp = plan.mountpoint.clone();
-        std::thread::Builder::new()
-            .name("readahead".into())
-            .spawn(move || raise_readahead(&mp, ra))
-            .map_err(|e| CliError::error(format!("cannot start a thread: {e}")))?;
+        *after_init.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Box::new(move || raise_readahead(&mp, ra)));
     }
     *phase.lock().unwrap_or_else(|e| e.into_inner()) = Phase::Mounted(session.unmount_callable());
     // Read-write mounts take snapshot/clean commands over the control socket.
