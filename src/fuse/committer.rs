@@ -1,0 +1,127 @@
+//! The daemon's background thread (commits, the idle merge, the cleaner);
+//! its lifetime is the session's: started in `init`, stopped in `destroy`.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::volume::{self, Volume};
+
+/// Pending changes are committed once no changing request has started for
+/// this long: `sync` and `syncfs` send the daemon nothing but the dirty pages,
+/// so this bounds how long after them data stays volatile.
+pub const IDLE_COMMIT: Duration = Duration::from_millis(500);
+/// Under a steady stream of changes, a commit at least this often (ext4's
+/// default journal commit interval).
+pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the committer looks at the volume.
+const COMMITTER_TICK: Duration = Duration::from_millis(100);
+/// How long a mount must see no reads or writes before fragmented blocks are
+/// merged, and how many blocks a committer tick merges.
+const IDLE_MERGE: Duration = Duration::from_secs(2);
+const MERGE_BATCH: usize = 256;
+/// How often the committer runs the segment cleaner.
+pub const CLEAN_INTERVAL: Duration = Duration::from_secs(300);
+/// Segments whose live share is below this are compacted by the cleaner.
+const CLEAN_MAX_LIVE: f64 = 0.5;
+
+/// The daemon's background thread: commits pending changes once they have
+/// been idle for [`IDLE_COMMIT`] (or after [`COMMIT_INTERVAL`] of steady
+/// changes), and runs the cleaner every [`CLEAN_INTERVAL`].
+pub(super) struct Committer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    handle: JoinHandle<()>,
+}
+
+impl Committer {
+    pub(super) fn start(vol: Arc<Volume>) -> Self {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let s = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("kmsfs-commit".into())
+            .spawn(move || Self::run(&vol, &s))
+            .expect("spawning the commit thread");
+        Committer { stop, handle }
+    }
+
+    fn run(vol: &Volume, stop: &(Mutex<bool>, Condvar)) {
+        let mut last_clean = Instant::now();
+        // When the committer first saw the changes now pending.
+        let mut pending_since: Option<Instant> = None;
+        let mut stopped = stop.0.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if !*stopped {
+                stopped = stop
+                    .1
+                    .wait_timeout(stopped, COMMITTER_TICK)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            if *stopped {
+                return;
+            }
+            drop(stopped);
+            match vol.idle_for() {
+                None => pending_since = None,
+                Some(idle) => {
+                    let since = *pending_since.get_or_insert_with(Instant::now);
+                    if idle >= IDLE_COMMIT || since.elapsed() >= COMMIT_INTERVAL {
+                        pending_since = None;
+                        Self::contained(vol, "periodic commit", || match vol.commit() {
+                            Ok(()) => {}
+                            Err(e) => log::warn!("periodic commit failed (will retry): {e}"),
+                        });
+                    }
+                }
+            }
+            // A quiet mount folds fragmented blocks into whole ones, a batch
+            // per tick, so later cold reads cost one record per block.
+            if vol.idle_for().is_none() && vol.quiet_for() >= IDLE_MERGE {
+                Self::contained(vol, "fragment merge", || {
+                    match vol.merge_idle_fragments(MERGE_BATCH) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            log::info!("idle merge: {n} fragmented blocks merged into whole blocks")
+                        }
+                        Err(e) => log::warn!("merging fragmented blocks failed (will retry): {e}"),
+                    }
+                });
+            }
+            // A full store with space freed since: clean now (at most once
+            // per COMMITTER_TICK * 10), so writes work again within seconds.
+            let pressed = vol.wants_clean() && last_clean.elapsed() >= COMMITTER_TICK * 10;
+            if pressed || last_clean.elapsed() >= CLEAN_INTERVAL {
+                last_clean = Instant::now();
+                Self::contained(vol, "cleaner", || match vol.clean(CLEAN_MAX_LIVE) {
+                    Ok(s) if s.segments_removed > 0 => log::info!(
+                        "cleaner: removed {} segments, moved {} blocks ({} bytes), freed {} bytes",
+                        s.segments_removed,
+                        s.blocks_moved,
+                        s.bytes_moved,
+                        s.bytes_freed
+                    ),
+                    Ok(_) => {}
+                    Err(e) => log::warn!("cleaner failed (will retry): {e}"),
+                });
+            }
+            stopped = stop.0.lock().unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Runs background work so that a panic in it is contained like a
+    /// request's (see [`KmsFs::contain`]) instead of ending the committer.
+    fn contained(vol: &Volume, what: &str, f: impl FnOnce()) {
+        if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(f)) {
+            vol.contain_panic(what, true, &volume::panic_message(&*p));
+        }
+    }
+
+    pub(super) fn stop(self) {
+        *self.stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.stop.1.notify_all();
+        if self.handle.join().is_err() {
+            log::error!("the commit thread panicked");
+        }
+    }
+}
