@@ -7,6 +7,7 @@
 
 mod common;
 mod common_s3;
+mod common_s3_mount;
 
 use std::fs;
 use std::io::Write;
@@ -15,33 +16,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use common_s3::Weed;
+use common_s3_mount::{run_any, s3_args};
 use kmsfs::store::Storage;
-
-/// The object store options of one "host" (its own cache directory).
-fn s3_args(w: &Weed, cache: &Path) -> Vec<String> {
-    vec![
-        "--endpoint".into(),
-        w.endpoint(),
-        "--credentials-file".into(),
-        w.credentials_file().display().to_string(),
-        "--cache-dir".into(),
-        cache.display().to_string(),
-        "--lease-time".into(),
-        "3".into(),
-    ]
-}
-
-/// kmsfs with this environment's keystore, and the per-user cache (where the
-/// control socket of an s3:// mount lives) inside the test's directory.
-fn kcmd(env: &Env) -> std::process::Command {
-    let mut c = env.cmd();
-    c.env("XDG_CACHE_HOME", env.root().join("xdg-cache"));
-    c
-}
-
-fn run_any<S: AsRef<std::ffi::OsStr>>(env: &Env, args: &[S]) -> std::process::Output {
-    kcmd(env).args(args).output().unwrap()
-}
 
 fn run(env: &Env, args: &[&str], s3: &[String]) -> std::process::Output {
     let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();

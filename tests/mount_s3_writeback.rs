@@ -9,6 +9,7 @@
 
 mod common;
 mod common_s3;
+mod common_s3_mount;
 
 use std::fs;
 use std::io::Write;
@@ -17,31 +18,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use common_s3::Weed;
+use common_s3_mount::{kcmd, run_any, s3_args};
 use kmsfs::store::Storage;
 use kmsfs::store::object::{journal, writeback};
-
-fn s3_args(w: &Weed, cache: &Path) -> Vec<String> {
-    vec![
-        "--endpoint".into(),
-        w.endpoint(),
-        "--credentials-file".into(),
-        w.credentials_file().display().to_string(),
-        "--cache-dir".into(),
-        cache.display().to_string(),
-        "--lease-time".into(),
-        "3".into(),
-    ]
-}
-
-fn kcmd(env: &Env) -> std::process::Command {
-    let mut c = env.cmd();
-    c.env("XDG_CACHE_HOME", env.root().join("xdg-cache"));
-    c
-}
-
-fn run_any<S: AsRef<std::ffi::OsStr>>(env: &Env, args: &[S]) -> std::process::Output {
-    kcmd(env).args(args).output().unwrap()
-}
 
 fn ok(env: &Env, args: &[&str], s3: &[String]) -> String {
     let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();

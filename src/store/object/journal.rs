@@ -505,7 +505,9 @@ impl Journal {
             q.files.insert(n, reader);
             self.gc(&mut q);
         }
-        let (n, f, len) = w.as_mut().expect("set above");
+        let Some((n, f, len)) = w.as_mut() else {
+            return Err(io::Error::other("write-back journal: no open journal file"));
+        };
         let at = *len;
         if let Err(e) = f.write_all_at(&bytes, at).and_then(|_| f.sync_data()) {
             // Never leave half an entry before the next one.
