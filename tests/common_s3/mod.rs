@@ -122,10 +122,18 @@ impl Weed {
                 dir,
                 args,
             };
+            // Ready means serving: a bucket is created and takes an object. A
+            // server that lost a port to another process (its ports were free
+            // when picked, not when bound) exits during start-up, possibly
+            // after the first ports answered: then try again on fresh ports.
             if w.spawn() {
-                return w;
+                match w.try_bucket("kmsfs-ready") {
+                    Ok(()) => return w,
+                    Err(e) => last = format!("{e}\n{}", w.log()),
+                }
+            } else {
+                last = w.log();
             }
-            last = w.log();
             w.stop();
         }
         panic!("SeaweedFS did not start:\n{last}");
@@ -216,6 +224,22 @@ impl Weed {
     /// Creates a bucket (a folder under /buckets in the filer), retrying
     /// while the cluster settles, and waits until it takes an object.
     pub fn bucket(&self, name: &str) {
+        if let Err(e) = self.create_bucket(name, &mut || true) {
+            panic!("{e}\n{}", self.log());
+        }
+    }
+
+    /// As [`Weed::bucket`], but an error (also: the server exited) instead
+    /// of a panic.
+    fn try_bucket(&mut self, name: &str) -> Result<(), String> {
+        let mut child = self.child.take();
+        let mut alive = || matches!(child.as_mut().map(Child::try_wait), Some(Ok(None)));
+        let r = self.create_bucket(name, &mut alive);
+        self.child = child;
+        r
+    }
+
+    fn create_bucket(&self, name: &str, alive: &mut dyn FnMut() -> bool) -> Result<(), String> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(10)))
@@ -232,10 +256,14 @@ impl Weed {
             if matches!(&r, Ok(r) if r.status().is_success()) {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "cannot create bucket {name}: {r:?}"
-            );
+            if !alive() {
+                return Err(format!(
+                    "SeaweedFS exited while bucket {name} was created: {r:?}"
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("cannot create bucket {name}: {r:?}"));
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
         // The first object of a bucket makes SeaweedFS grow its volumes,
@@ -244,19 +272,23 @@ impl Weed {
         let mut c = self.config(&format!("s3://{name}/warm-up"), d.path());
         c.request_timeout = Duration::from_secs(30);
         c.call_timeout = Duration::from_secs(60);
-        let s = ObjectStorage::open(c).unwrap();
+        let s = ObjectStorage::open(c).map_err(|e| format!("S3 client: {e}"))?;
         loop {
             use kmsfs::store::Storage;
             match s.write_file("probe", b"x") {
                 Ok(()) => {
                     let _ = s.remove("probe");
-                    return;
+                    return Ok(());
                 }
                 Err(e) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "bucket {name} takes no object: {e}"
-                    );
+                    if !alive() {
+                        return Err(format!(
+                            "SeaweedFS exited while bucket {name} took an object: {e}"
+                        ));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(format!("bucket {name} takes no object: {e}"));
+                    }
                     std::thread::sleep(Duration::from_millis(500));
                 }
             }
