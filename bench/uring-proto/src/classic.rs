@@ -2,9 +2,9 @@
 //! (one shared fd, as fuser does by default). In io_uring mode one such thread still runs:
 //! it answers INIT (which always comes over /dev/fuse) and takes FORGET/INTERRUPT.
 
+use crate::Gate;
 use crate::abi::{self, InHeader};
 use crate::fs::{Fs, Reply};
-use crate::Gate;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,7 +46,10 @@ pub fn serve(fs: &Fs, fd: RawFd, gate: &Gate) -> io::Result<()> {
             return Err(io::Error::other(format!("short FUSE request ({n} bytes)")));
         };
         if h.len as usize != req.len() {
-            return Err(io::Error::other(format!("FUSE request len {} != read {n}", h.len)));
+            return Err(io::Error::other(format!(
+                "FUSE request len {} != read {n}",
+                h.len
+            )));
         }
         let arg = &req[abi::IN_HEADER_LEN..];
         DEV_REQUESTS.fetch_add(1, Ordering::Relaxed);
@@ -67,8 +70,11 @@ pub fn serve(fs: &Fs, fd: RawFd, gate: &Gate) -> io::Result<()> {
             }
             continue;
         }
-        let (op_in, payload): (&[u8], &[u8]) =
-            if h.opcode == abi::LOOKUP { (&[], arg) } else { (arg, &[]) };
+        let (op_in, payload): (&[u8], &[u8]) = if h.opcode == abi::LOOKUP {
+            (&[], arg)
+        } else {
+            (arg, &[])
+        };
         let total = match fs.handle(&h, op_in, payload, &mut out[abi::OUT_HEADER_LEN..]) {
             Reply::None => continue,
             Reply::Ok(len) => {

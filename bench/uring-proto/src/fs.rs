@@ -1,9 +1,50 @@
 //! The trivial read-only file system both transports serve: a root directory holding one
 //! file, `file`, whose bytes are copied from a 1 MiB pattern (byte o = PATTERN[o % 1 MiB]),
 //! so a READ costs what a real file system's "copy the plaintext into the reply" costs.
+//! With `--aead` every 64 KiB block a READ touches is first decrypted and verified
+//! (AES-256-GCM-SIV via aws-lc-rs, as kmsfs does) into a scratch buffer and copied from
+//! there, which mimics kmsfs's cold read path.
 
 use crate::abi::{self, InHeader, put, u32_at, u64_at};
+use aws_lc_rs::aead::{AES_256_GCM_SIV, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+pub const BLOCK: usize = 64 << 10;
+const TAG: usize = 16;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; BLOCK + TAG]);
+}
+
+/// The sealed blocks of the pattern (block b of the file is sealed[b % 16]).
+pub struct Sealed {
+    key: LessSafeKey,
+    blocks: Vec<Vec<u8>>,
+}
+
+impl Sealed {
+    fn new(pattern: &[u8]) -> Sealed {
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM_SIV, &[7u8; 32]).expect("key"));
+        let blocks = pattern
+            .chunks(BLOCK)
+            .enumerate()
+            .map(|(i, p)| {
+                let mut b = p.to_vec();
+                key.seal_in_place_append_tag(nonce(i), Aad::empty(), &mut b)
+                    .expect("seal");
+                b
+            })
+            .collect();
+        Sealed { key, blocks }
+    }
+}
+
+fn nonce(i: usize) -> Nonce {
+    let mut n = [0u8; NONCE_LEN];
+    n[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    Nonce::assume_unique_for_key(n)
+}
 
 pub const PATTERN_LEN: usize = 1 << 20;
 const ROOT: u64 = 1;
@@ -27,6 +68,7 @@ pub struct Fs {
     pub pattern: Vec<u8>,
     pub max_pages: u16,
     pub want_uring: bool,
+    pub sealed: Option<Sealed>,
     /// Requests seen per opcode (0..64), printed at exit as evidence of what ran where.
     pub counts: Vec<AtomicU64>,
 }
@@ -40,10 +82,12 @@ pub fn pattern() -> Vec<u8> {
 }
 
 impl Fs {
-    pub fn new(size: u64, max_pages: u16, want_uring: bool) -> Fs {
+    pub fn new(size: u64, max_pages: u16, want_uring: bool, aead: bool) -> Fs {
+        let pattern = pattern();
         Fs {
             size,
-            pattern: pattern(),
+            sealed: aead.then(|| Sealed::new(&pattern)),
+            pattern,
             max_pages,
             want_uring,
             counts: (0..64).map(|_| AtomicU64::new(0)).collect(),
@@ -88,7 +132,14 @@ impl Fs {
                 }
                 let n = (size as u64).min(self.size.saturating_sub(off)) as usize;
                 let n = n.min(out.len());
-                self.fill(&mut out[..n], off);
+                match &self.sealed {
+                    None => self.fill(&mut out[..n], off),
+                    Some(s) => {
+                        if let Err(e) = self.fill_aead(s, &mut out[..n], off) {
+                            return Reply::Err(e);
+                        }
+                    }
+                }
                 Reply::Ok(n)
             }
             abi::READDIR => Reply::Ok(0),
@@ -140,7 +191,11 @@ impl Fs {
         );
         let mut o = [0u8; 64];
         put(&mut o, 0, &abi::FUSE_KERNEL_VERSION.to_le_bytes());
-        put(&mut o, 4, &minor.min(abi::FUSE_KERNEL_MINOR_VERSION).to_le_bytes());
+        put(
+            &mut o,
+            4,
+            &minor.min(abi::FUSE_KERNEL_MINOR_VERSION).to_le_bytes(),
+        );
         put(&mut o, 8, &max_readahead.to_le_bytes());
         put(&mut o, 12, &(got as u32).to_le_bytes());
         put(&mut o, 16, &64u16.to_le_bytes()); // max_background
@@ -188,6 +243,28 @@ impl Fs {
             dst[done..done + n].copy_from_slice(&self.pattern[p..p + n]);
             done += n;
         }
+    }
+
+    /// Like fill(), but every 64 KiB block touched is decrypted and verified first.
+    fn fill_aead(&self, s: &Sealed, dst: &mut [u8], off: u64) -> Result<(), i32> {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut done = 0;
+            while done < dst.len() {
+                let pos = off + done as u64;
+                let b = (pos / BLOCK as u64) as usize % s.blocks.len();
+                let in_block = (pos % BLOCK as u64) as usize;
+                let n = (BLOCK - in_block).min(dst.len() - done);
+                let sealed = &s.blocks[b];
+                scratch[..sealed.len()].copy_from_slice(sealed);
+                let plain = s
+                    .key
+                    .open_in_place(nonce(b), Aad::empty(), &mut scratch[..sealed.len()])
+                    .map_err(|_| libc::EIO)?;
+                dst[done..done + n].copy_from_slice(&plain[in_block..in_block + n]);
+                done += n;
+            }
+            Ok(())
+        })
     }
 
     pub fn print_counts(&self, who: &str) {

@@ -3,7 +3,8 @@
 //! (kmsfs issue 12). Not part of kmsfs; see README.md and run.sh.
 //!
 //! Usage:
-//!   uring-proto serve MNT classic|uring [--threads N] [--max-pages P] [--size-mib S] [--depth D]
+//!   uring-proto serve MNT classic|uring [--threads N] [--max-pages P] [--size-mib S]
+//!                     [--depth D] [--aead]
 //!   uring-proto pattern MIB          (the file's first MIB MiB on stdout, to check reads)
 //!   uring-proto statlat FILE N       (N forced statx calls: µs per GETATTR round trip)
 
@@ -26,7 +27,10 @@ pub struct Gate {
 
 impl Gate {
     fn new() -> Gate {
-        Gate { state: Mutex::new(None), cv: Condvar::new() }
+        Gate {
+            state: Mutex::new(None),
+            cv: Condvar::new(),
+        }
     }
     pub fn open(&self) {
         *self.state.lock().unwrap() = Some(true);
@@ -85,6 +89,7 @@ fn serve(args: &[String]) {
     let max_pages = flag(args, "--max-pages", 32) as u16;
     let size = flag(args, "--size-mib", 1024) << 20;
     let depth = flag(args, "--depth", 8) as usize;
+    let aead = args.iter().any(|a| a == "--aead");
 
     let dev = std::fs::OpenOptions::new()
         .read(true)
@@ -105,9 +110,12 @@ fn serve(args: &[String]) {
         Some(data.as_str()),
     )
     .unwrap_or_else(|e| die(&format!("mount {mnt}: {e}")));
-    eprintln!("mounted {mnt} transport={mode} max_pages={max_pages} pid={}", std::process::id());
+    eprintln!(
+        "mounted {mnt} transport={mode} max_pages={max_pages} aead={aead} pid={}",
+        std::process::id()
+    );
 
-    let fs = Arc::new(fs::Fs::new(size, max_pages, use_uring));
+    let fs = Arc::new(fs::Fs::new(size, max_pages, use_uring, aead));
     let gate = Arc::new(Gate::new());
     let dev_threads = if use_uring { 1 } else { threads.max(1) };
     let mut handles = Vec::new();
@@ -149,7 +157,10 @@ fn serve(args: &[String]) {
 
 fn statlat(args: &[String]) {
     let path = args.get(2).unwrap_or_else(|| die("statlat needs FILE"));
-    let n = args.get(3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(100_000);
+    let n = args
+        .get(3)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(100_000);
     let f = std::fs::File::open(path).unwrap_or_else(|e| die(&format!("open {path}: {e}")));
     let empty = CString::new("").unwrap();
     let t = Instant::now();
@@ -179,13 +190,19 @@ fn main() {
         Some("serve") => serve(&args),
         Some("statlat") => statlat(&args),
         Some("pattern") => {
-            let mib = args.get(2).and_then(|v| v.parse::<usize>().ok()).unwrap_or(1);
+            let mib = args
+                .get(2)
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(1);
             let p = fs::pattern();
             let mut out = std::io::stdout().lock();
             for _ in 0..mib {
-                out.write_all(&p).unwrap_or_else(|e| die(&format!("stdout: {e}")));
+                out.write_all(&p)
+                    .unwrap_or_else(|e| die(&format!("stdout: {e}")));
             }
         }
-        _ => die("usage: uring-proto serve MNT classic|uring [opts] | pattern MIB | statlat FILE N"),
+        _ => {
+            die("usage: uring-proto serve MNT classic|uring [opts] | pattern MIB | statlat FILE N")
+        }
     }
 }

@@ -19,9 +19,9 @@
 //! - If REGISTER fails the kernel silently drops back to /dev/fuse (fc->io_uring = 0), so a
 //!   failure here must end the run, or "io_uring" figures would be classic ones.
 
+use crate::Gate;
 use crate::abi::{self, InHeader, put, u32_at, u64_at};
 use crate::fs::{Fs, Reply};
-use crate::Gate;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::io;
@@ -49,7 +49,7 @@ impl PageBuf {
     }
     /// SAFETY (caller): only while the entry is in user space (the kernel has completed its
     /// SQE and no new SQE for it is queued), so the kernel does not touch the memory.
-    unsafe fn slice(&self) -> &mut [u8] {
+    unsafe fn slice(&mut self) -> &mut [u8] {
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len()) }
     }
 }
@@ -77,8 +77,8 @@ fn cmd_req(qid: u16, commit_id: u64) -> [u8; 80] {
 }
 
 fn sqe(fd: RawFd, qid: u16, idx: usize, ent: &Ent) -> squeue::Entry128 {
-    let mut op = opcode::UringCmd80::new(types::Fd(fd), ent.last_cmd)
-        .cmd(cmd_req(qid, ent.commit_id));
+    let mut op =
+        opcode::UringCmd80::new(types::Fd(fd), ent.last_cmd).cmd(cmd_req(qid, ent.commit_id));
     if ent.last_cmd == abi::FUSE_IO_URING_CMD_REGISTER {
         op = op.addr(Some(ent.iov.as_ptr() as u64));
     }
@@ -108,10 +108,22 @@ pub fn serve_queue(fs: &Fs, fd: RawFd, qid: u16, depth: usize, gate: &Gate) -> i
             let hdr = PageBuf::new(abi::URING_REQ_HEADER_LEN);
             let payload = PageBuf::new(payload_sz);
             let iov = Box::new([
-                libc::iovec { iov_base: hdr.ptr.cast(), iov_len: hdr.len() },
-                libc::iovec { iov_base: payload.ptr.cast(), iov_len: payload.len() },
+                libc::iovec {
+                    iov_base: hdr.ptr.cast(),
+                    iov_len: hdr.len(),
+                },
+                libc::iovec {
+                    iov_base: payload.ptr.cast(),
+                    iov_len: payload.len(),
+                },
             ]);
-            Ent { hdr, payload, iov, last_cmd: abi::FUSE_IO_URING_CMD_REGISTER, commit_id: 0 }
+            Ent {
+                hdr,
+                payload,
+                iov,
+                last_cmd: abi::FUSE_IO_URING_CMD_REGISTER,
+                commit_id: 0,
+            }
         })
         .collect();
     // Declared after ents so it is dropped (and its pending commands cancelled) first.
@@ -135,10 +147,15 @@ pub fn serve_queue(fs: &Fs, fd: RawFd, qid: u16, depth: usize, gate: &Gate) -> i
             Err(e) => return Err(e),
         }
         done.clear();
-        done.extend(ring.completion().map(|c| (c.user_data() as usize, c.result())));
+        done.extend(
+            ring.completion()
+                .map(|c| (c.user_data() as usize, c.result())),
+        );
         for &(idx, res) in &done {
             let Some(ent) = ents.get_mut(idx) else {
-                return Err(io::Error::other(format!("CQE with unknown user_data {idx}")));
+                return Err(io::Error::other(format!(
+                    "CQE with unknown user_data {idx}"
+                )));
             };
             if res < 0 {
                 let cmd = if ent.last_cmd == abi::FUSE_IO_URING_CMD_REGISTER {
@@ -176,7 +193,9 @@ pub fn serve_queue(fs: &Fs, fd: RawFd, qid: u16, depth: usize, gate: &Gate) -> i
                 return Err(io::Error::other("short ring header"));
             };
             let mut op_in = [0u8; abi::URING_OP_IN_LEN];
-            op_in.copy_from_slice(&hdr[abi::URING_OP_IN_OFF..abi::URING_OP_IN_OFF + abi::URING_OP_IN_LEN]);
+            op_in.copy_from_slice(
+                &hdr[abi::URING_OP_IN_OFF..abi::URING_OP_IN_OFF + abi::URING_OP_IN_LEN],
+            );
             // Request payload (e.g. LOOKUP's name) copied aside: the reply overwrites it.
             let pin = (psz as usize).min(scratch.len()).min(payload.len());
             scratch[..pin].copy_from_slice(&payload[..pin]);
@@ -185,8 +204,17 @@ pub fn serve_queue(fs: &Fs, fd: RawFd, qid: u16, depth: usize, gate: &Gate) -> i
                 Reply::Err(e) => (-e, 0),
                 Reply::None => (-libc::ENOSYS, 0),
             };
-            abi::out_header(&mut hdr[abi::URING_IN_OUT_OFF..], (16 + len) as u32, err, h.unique);
-            put(hdr, abi::URING_ENT_IN_OUT_OFF + 16, &(len as u32).to_le_bytes());
+            abi::out_header(
+                &mut hdr[abi::URING_IN_OUT_OFF..],
+                (16 + len) as u32,
+                err,
+                h.unique,
+            );
+            put(
+                hdr,
+                abi::URING_ENT_IN_OUT_OFF + 16,
+                &(len as u32).to_le_bytes(),
+            );
             ent.last_cmd = abi::FUSE_IO_URING_CMD_COMMIT_AND_FETCH;
             ent.commit_id = commit_id;
             // SAFETY: as above.
