@@ -8,7 +8,10 @@
 #
 # Per run: a fresh mount (so the FUSE page cache is empty), then
 #   dd if=MNT/file of=/dev/null bs=1M             -> MiB/s, daemon CPU-s per GiB
-#   uring-proto statlat MNT/file 100000           -> µs per forced statx (GETATTR round trip)
+#   uring-proto statlat MNT/file 100000           -> µs per forced statx (GETATTR round trip),
+#                                                    daemon CPU µs, and (with perf) the
+#                                                    daemon's syscalls and context switches
+#                                                    per statx
 #   fio 4 KiB randread --direct=1, psync, QD1, 5 s -> mean completion latency µs
 # Configs: mp32 = max_pages 32 (128 KiB requests) with the default readahead; mp256 =
 # max_pages 256 (1 MiB requests) with read_ahead_kb 1024 on the mount's bdi (what kmsfs
@@ -80,7 +83,16 @@ one_run() {
     c1=$(cpu_ticks "$DPID")
     mibs=$(awk -v s="$secs" 'BEGIN {printf "%.0f", 1024 / s}')
     cpu=$(awk -v d=$((c1 - c0)) -v t="$TCK" 'BEGIN {printf "%.2f", d / t}')
-    lat=$("$BIN" statlat "$MNT/file" 100000)
+    local sys=- cs=-
+    if command -v perf >/dev/null; then
+        # the daemon's system calls and context switches during the statx loop
+        lat=$(perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$DPID" -o "$WORK/perf.csv" \
+            -- "$BIN" statlat "$MNT/file" 100000)
+        sys=$(awk -F, '$3 ~ /sys_enter/ {printf "%.2f", $1 / 100000}' "$WORK/perf.csv")
+        cs=$(awk -F, '$3 ~ /context-switches/ {printf "%.2f", $1 / 100000}' "$WORK/perf.csv")
+    else
+        lat=$("$BIN" statlat "$MNT/file" 100000)
+    fi
     c2=$(cpu_ticks "$DPID")
     local statcpu; statcpu=$(awk -v d=$((c2 - c1)) -v t="$TCK" 'BEGIN {printf "%.2f", d / t * 1e6 / 100000}')
     fiolat=$(fio --name=rr --filename="$MNT/file" --readonly --rw=randread --bs=4k --direct=1 \
@@ -93,14 +105,14 @@ one_run() {
     if [ "$tr" = uring ] && [ "${ring:-0}" -eq 0 ]; then
         cat "$log" >&2; echo "run.sh: io_uring run served nothing over the ring" >&2; exit 1
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$cfg" "$ra_now" "$tr" \
-        "$mibs" "$cpu" "$lat" "$statcpu" "$fiolat" "$dev" "$ring"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$cfg" "$ra_now" "$tr" \
+        "$mibs" "$cpu" "$lat" "$statcpu" "$fiolat" "$dev" "$ring" "$sys" "$cs"
 }
 
 CONFIGS=${CONFIGS:-mp32 mp256 mp256-aead}
 echo "# $(date -u +%FT%TZ) kernel $(uname -r), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 OUT=$WORK/results.tsv
-printf 'round\tconfig\tra_kb\ttransport\tMiB/s\tdaemonCPU-s/GiB\tstatx_us\tdaemonCPU_us/statx\tfio4k_us\tdev_reqs\tring_reqs\n' | tee "$OUT"
+printf 'round\tconfig\tra_kb\ttransport\tMiB/s\tdaemonCPU-s/GiB\tstatx_us\tdaemonCPU_us/statx\tfio4k_us\tdev_reqs\tring_reqs\tdaemon_syscalls/statx\tdaemon_ctxsw/statx\n' | tee "$OUT"
 for r in $(seq "$ROUNDS"); do
     if [ $((r % 2)) = 1 ]; then order="classic uring"; else order="uring classic"; fi
     for cfg in $CONFIGS; do
@@ -116,14 +128,15 @@ done
 echo
 echo "# load at the end $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 echo "median (min-max) over $ROUNDS rounds:"
-printf '%-11s %-8s %-18s %-18s %-18s %-18s %-18s\n' config transport MiB/s CPU-s/GiB statx_us CPU_us/statx fio4k_us
+printf '%-11s %-8s %-18s %-18s %-18s %-18s %-18s %-18s %-18s\n' config transport MiB/s CPU-s/GiB \
+    statx_us CPU_us/statx fio4k_us syscalls/statx ctxsw/statx
 for cfg in $CONFIGS; do for tr in classic uring; do
     awk -F'\t' -v c="$cfg" -v t="$tr" 'NR > 1 && $2 == c && $4 == t' "$OUT" | python3 -c '
 import sys, statistics as s
 rows = [l.split("\t") for l in sys.stdin if l.strip()]
 cells = []
-for i in [4, 5, 6, 7, 8]:
-    v = [float(r[i]) for r in rows]
+for i in [4, 5, 6, 7, 8, 11, 12]:
+    v = [float(r[i]) for r in rows if r[i].strip() not in ("", "-")] or [float("nan")]
     cells.append(f"{s.median(v):g} ({min(v):g}-{max(v):g})")
 print(f"{sys.argv[1]:<11} {sys.argv[2]:<8} " + " ".join(f"{c:<18}" for c in cells))' "$cfg" "$tr"
 done; done
