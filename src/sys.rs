@@ -69,6 +69,25 @@ pub const MCL_ONFAULT: i32 = libc::MCL_ONFAULT;
 #[cfg(not(target_os = "linux"))]
 pub const MCL_ONFAULT: i32 = 0;
 
+/// The kernel's coarse wall clock (CLOCK_REALTIME_COARSE: the time of the
+/// last tick, what the kernel stamps on inodes) as seconds and nanoseconds;
+/// None where there is none.
+pub fn coarse_realtime() -> Option<(i64, u32)> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into the one we pass.
+        let r = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+        if r == 0 && (0..1_000_000_000).contains(&ts.tv_nsec) {
+            return Some((ts.tv_sec, ts.tv_nsec as u32));
+        }
+    }
+    None
+}
+
 /// A pipe whose two ends are close-on-exec: (read end, write end).
 pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
@@ -578,6 +597,23 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    /// The coarse clock is the time of the last tick: never ahead of the
+    /// precise clock read after it, with valid nanoseconds.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn coarse_realtime_is_a_valid_time_not_ahead_of_the_clock() {
+        let (secs, nanos) = super::coarse_realtime().expect("Linux has a coarse clock");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        assert!(nanos < 1_000_000_000);
+        assert!(
+            (secs as u64, nanos) <= (now.as_secs(), now.subsec_nanos()),
+            "coarse {secs}.{nanos:09} ahead of {now:?}"
+        );
+        assert!(secs > 1_600_000_000, "a wall clock, not a monotonic one");
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn mode_bits_are_the_system_ones() {

@@ -217,6 +217,113 @@ fn rename_variants() {
     env.assert_fsck_clean();
 }
 
+/// Names stay valid in the kernel for long (ENTRY_TTL, an hour), missing names
+/// included (negative entries): every change made through the mount must show
+/// at once through the names the kernel has cached, positive and negative.
+#[test]
+fn cached_names_follow_every_change_at_once() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    let enoent = |p: &Path| errno_of(&fs::symlink_metadata(p).unwrap_err());
+    // A missing name, asked twice (the second answer comes from the kernel's
+    // negative entry), then created: it exists at once.
+    assert_eq!(enoent(&m.p("n")), libc::ENOENT);
+    assert_eq!(enoent(&m.p("n")), libc::ENOENT);
+    fs::write(m.p("n"), b"N").unwrap();
+    assert_eq!(fs::read(m.p("n")).unwrap(), b"N");
+    // Rename of a cached name: the old name is gone, the new one is the inode.
+    fs::write(m.p("a"), b"A").unwrap();
+    let ino = fs::metadata(m.p("a")).unwrap().ino();
+    assert_eq!(enoent(&m.p("b")), libc::ENOENT);
+    fs::rename(m.p("a"), m.p("b")).unwrap();
+    assert_eq!(enoent(&m.p("a")), libc::ENOENT);
+    assert_eq!(fs::metadata(m.p("b")).unwrap().ino(), ino);
+    // A chmod shows at once.
+    fs::set_permissions(m.p("b"), fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(fs::metadata(m.p("b")).unwrap().mode() & 0o7777, 0o640);
+    // Hard links: both names and the link count.
+    fs::hard_link(m.p("b"), m.p("c")).unwrap();
+    assert_eq!(fs::metadata(m.p("b")).unwrap().nlink(), 2);
+    assert_eq!(fs::metadata(m.p("c")).unwrap().ino(), ino);
+    fs::remove_file(m.p("c")).unwrap();
+    assert_eq!(enoent(&m.p("c")), libc::ENOENT);
+    assert_eq!(fs::metadata(m.p("b")).unwrap().nlink(), 1);
+    // Unlink, then a new file under the same name: a new inode.
+    fs::remove_file(m.p("b")).unwrap();
+    assert_eq!(enoent(&m.p("b")), libc::ENOENT);
+    fs::write(m.p("b"), b"B2").unwrap();
+    assert_ne!(fs::metadata(m.p("b")).unwrap().ino(), ino);
+    assert_eq!(fs::read(m.p("b")).unwrap(), b"B2");
+    // Exchange of two cached names.
+    renameat2(&m.p("b"), &m.p("n"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(m.p("b")).unwrap(), b"N");
+    assert_eq!(fs::read(m.p("n")).unwrap(), b"B2");
+    // Directories: rmdir of a cached, then emptied directory; a new one under
+    // the same name is empty.
+    fs::create_dir(m.p("d")).unwrap();
+    fs::write(m.p("d/f"), b"F").unwrap();
+    assert!(m.p("d/f").exists());
+    assert_eq!(
+        errno_of(&fs::remove_dir(m.p("d")).unwrap_err()),
+        libc::ENOTEMPTY
+    );
+    fs::remove_file(m.p("d/f")).unwrap();
+    fs::remove_dir(m.p("d")).unwrap();
+    assert_eq!(enoent(&m.p("d")), libc::ENOENT);
+    assert_eq!(enoent(&m.p("d/f")), libc::ENOENT);
+    fs::create_dir(m.p("d")).unwrap();
+    assert_eq!(enoent(&m.p("d/f")), libc::ENOENT);
+    assert_eq!(fs::read_dir(m.p("d")).unwrap().count(), 0);
+    // A directory moved away: names under it follow it.
+    fs::write(m.p("d/g"), b"G").unwrap();
+    fs::rename(m.p("d"), m.p("e")).unwrap();
+    assert_eq!(enoent(&m.p("d/g")), libc::ENOENT);
+    assert_eq!(fs::read(m.p("e/g")).unwrap(), b"G");
+    m.unmount();
+    // The volume agrees with what the kernel showed.
+    let m = env.mount();
+    let mut names: Vec<String> = fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["b", "e", "n"]);
+    assert_eq!(fs::read(m.p("e/g")).unwrap(), b"G");
+    m.unmount();
+    env.assert_fsck_clean();
+}
+
+/// st_blocks changes when the daemon's commit writes buffered data back, with
+/// no request in between: the kernel's cached attributes must not hide it for
+/// long (ATTR_TTL is short for this reason), so `du` sees the allocation soon
+/// after the data is committed, fsync or not.
+#[test]
+fn allocation_shows_after_the_idle_commit_without_fsync() {
+    require_fuse!();
+    let env = Env::new();
+    let m = env.mount();
+    let p = m.p("f");
+    fs::write(&p, pattern(200_000, 3)).unwrap();
+    // The kernel caches the attributes of before the write-back now.
+    let first = fs::metadata(&p).unwrap();
+    assert_eq!(first.len(), 200_000);
+    // The idle commit follows 0.5 s after the writes; wait up to 30 s for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let b = fs::metadata(&p).unwrap().blocks();
+        if b >= 200_000 / 512 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "st_blocks still {b} 30 s after the write"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    m.unmount();
+}
+
 #[test]
 fn attributes_with_nanoseconds_persist() {
     require_fuse!();

@@ -43,8 +43,23 @@ use crate::error::Error;
 use crate::format::{FileKind, Timestamp};
 use crate::volume::{self, Attr, SetAttr, TimeSet, Volume};
 
-/// Attribute and entry validity in the kernel.
-const TTL: Duration = Duration::from_secs(1);
+/// Attribute validity in the kernel (and entry validity where a reply carries
+/// one time for both: CREATE, READDIRPLUS). Short, unlike names: the daemon
+/// changes st_blocks behind the kernel (a WRITE of whole blocks, the commit's
+/// write-back of buffered ones) and only fsync and fallocate tell the kernel.
+/// A longer time needs those write-backs to invalidate the inodes they touch
+/// (docs/PERFORMANCE.md; `allocation_shows_after_the_idle_commit_without_fsync`).
+const ATTR_TTL: Duration = Duration::from_secs(1);
+/// Validity of a name (positive or negative) in the kernel's dentry cache.
+/// Long, because nothing changes the namespace of a mounted volume behind the
+/// kernel: the mount is the volume's only writer (the volume lock or the
+/// writer lease), `kmsfs snapshot restore` and `kmsfs receive` refuse a
+/// mounted volume, and a read-only or snapshot mount shows a tree that does
+/// not move. Every change of a name (create, unlink, rename, link, rmdir) goes
+/// through the kernel, which updates its dentries itself. With 1 s, a name
+/// looked up more than a second ago cost one more LOOKUP before an unlink,
+/// an open or a stat (docs/PERFORMANCE.md).
+const ENTRY_TTL: Duration = Duration::from_secs(3600);
 /// Largest read and write per request, and the readahead window.
 const MAX_IO: u32 = 1 << 20;
 /// Requests the kernel may keep in flight in the background (readahead, write-back).
@@ -187,7 +202,7 @@ impl KmsFs {
     /// Drops the kernel's cached attributes of `ino`, so that the next stat
     /// asks the daemon. Needed where the allocation (st_blocks) changes
     /// without a request that carries attributes back: the kernel keeps the
-    /// attributes of before the write-back for up to [`TTL`] otherwise. A
+    /// attributes of before the write-back for up to [`ATTR_TTL`] otherwise. A
     /// negative offset invalidates the attributes only, not the page cache,
     /// and takes no inode lock in the kernel, so this is safe from a handler.
     fn invalidate_attr(&self, ino: u64) {
@@ -482,6 +497,28 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// The attributes of a negative entry: inode 0 tells the kernel that the name
+/// does not exist (it keeps the dentry as negative); nothing else is read.
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 /// renameat2's flags as the kernel sends them: Linux's RENAME_NOREPLACE and
 /// RENAME_EXCHANGE; macFUSE's are renamex_np's RENAME_EXCL and RENAME_SWAP.
 #[cfg(target_os = "linux")]
@@ -566,7 +603,20 @@ impl Filesystem for KmsFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.contain("lookup", false, || {
             match self.vol.lookup(parent.0, name.as_bytes()) {
-                Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => {
+                    reply.entry_with_ttls(&ATTR_TTL, &ENTRY_TTL, &file_attr(&a), Generation(0))
+                }
+                // A negative entry (inode 0) that the kernel keeps for
+                // ENTRY_TTL: a name that does not exist cannot appear except
+                // through this kernel, which then replaces the negative
+                // dentry. Repeated lookups of a missing name (a build's
+                // include search, a shell's PATH walk) stop reaching us.
+                Err(Error::NotFound) => reply.entry_with_ttls(
+                    &Duration::ZERO,
+                    &ENTRY_TTL,
+                    &negative_attr(),
+                    Generation(0),
+                ),
                 Err(e) => reply.error(errno(e, "lookup", parent.0)),
             }
         });
@@ -574,7 +624,7 @@ impl Filesystem for KmsFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.contain("getattr", false, || match self.vol.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(&ATTR_TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(e, "getattr", ino.0)),
         });
     }
@@ -630,7 +680,7 @@ impl Filesystem for KmsFs {
                     None => Ok(a),
                 });
             match r {
-                Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+                Ok(a) => reply.attr(&ATTR_TTL, &file_attr(&a)),
                 Err(e) => reply.error(errno(e, "setattr", ino.0)),
             }
         });
@@ -666,7 +716,9 @@ impl Filesystem for KmsFs {
                 )
             });
             match r {
-                Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => {
+                    reply.entry_with_ttls(&ATTR_TTL, &ENTRY_TTL, &file_attr(&a), Generation(0))
+                }
                 Err(e) => reply.error(errno(e, "mknod", parent.0)),
             }
         });
@@ -688,7 +740,9 @@ impl Filesystem for KmsFs {
                     .mkdir(parent.0, name.as_bytes(), m, req.uid(), req.gid())
             });
             match r {
-                Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => {
+                    reply.entry_with_ttls(&ATTR_TTL, &ENTRY_TTL, &file_attr(&a), Generation(0))
+                }
                 Err(e) => reply.error(errno(e, "mkdir", parent.0)),
             }
         });
@@ -726,7 +780,9 @@ impl Filesystem for KmsFs {
                 .vol
                 .symlink(parent.0, link_name.as_bytes(), target, req.uid(), req.gid())
             {
-                Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => {
+                    reply.entry_with_ttls(&ATTR_TTL, &ENTRY_TTL, &file_attr(&a), Generation(0))
+                }
                 Err(e) => reply.error(errno(e, "symlink", parent.0)),
             }
         });
@@ -776,7 +832,9 @@ impl Filesystem for KmsFs {
     ) {
         self.contain("link", true, || {
             match self.vol.link(ino.0, newparent.0, newname.as_bytes()) {
-                Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+                Ok(a) => {
+                    reply.entry_with_ttls(&ATTR_TTL, &ENTRY_TTL, &file_attr(&a), Generation(0))
+                }
                 Err(e) => reply.error(errno(e, "link", ino.0)),
             }
         });
@@ -953,7 +1011,7 @@ impl Filesystem for KmsFs {
                             INodeNo(it.ino),
                             it.offset,
                             name,
-                            &TTL,
+                            &ATTR_TTL,
                             &file_attr(&a),
                             Generation(0),
                         ) {
@@ -1112,7 +1170,7 @@ impl Filesystem for KmsFs {
                 .and_then(|a| self.vol.open_file(a.ino).map(|_| a));
             match r {
                 Ok(a) => reply.created(
-                    &TTL,
+                    &ATTR_TTL,
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(0),
