@@ -435,10 +435,12 @@ fn clone_fd_gives_each_request_thread_its_own_fuse_descriptor() {
     assert_eq!(fuse_fds(m.pid), 1, "one shared descriptor by default");
     m.kmsfs_umount(&env);
     let m = env.mount_with("clone_fd", &[]);
-    assert!(
-        fuse_fds(m.pid) >= 4,
-        "clone_fd: one descriptor per request thread, got {}",
-        fuse_fds(m.pid)
+    // Each request thread clones its descriptor when it starts, which may be
+    // after the mount is visible: wait for them (a missing clone never comes).
+    wait_until(
+        "clone_fd: one descriptor per request thread",
+        Duration::from_secs(30),
+        || fuse_fds(m.pid) >= 4,
     );
     let writers: Vec<_> = (0..4)
         .map(|t| {
