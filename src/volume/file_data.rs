@@ -249,7 +249,9 @@ impl Volume {
                 })
                 .collect();
             let run = self.io.seal_data_run(&chunks);
-            let ptrs = self.io.append_run(&run)?;
+            let appended = self.io.append_run(&run);
+            self.io.recycle(run);
+            let ptrs = appended?;
             direct.extend((full_from..full_to).zip(ptrs));
             let hook = self.write_hook.lock().clone();
             if let Some(h) = hook {
@@ -572,9 +574,7 @@ impl Volume {
         let sealed: Vec<Vec<Vec<blocks::Sealed>>> = std::thread::scope(|s| {
             let hs: Vec<_> = jobs
                 .chunks(chunk)
-                .map(|c| {
-                    s.spawn(move || c.iter().map(|j| j.seal(io, dirty, bs)).collect::<Vec<_>>())
-                })
+                .map(|c| s.spawn(move || FlushJob::seal_all(c, io, dirty, bs)))
                 .collect();
             hs.into_iter()
                 .map(|h| h.join().expect("sealing thread"))
@@ -725,14 +725,46 @@ enum JobKind {
     Frags { ranges: Vec<(u32, u32)>, seq: u32 },
 }
 
+/// A plaintext to seal: borrowed from a buffer, or a padded copy (wiped on drop).
+enum ToSeal<'a> {
+    Borrowed(&'a [u8]),
+    Padded(Plain),
+}
+
+impl ToSeal<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            ToSeal::Borrowed(b) => b,
+            ToSeal::Padded(p) => &p.0,
+        }
+    }
+}
+
 impl FlushJob {
-    fn seal(&self, io: &BlockIo, dirty: &DirtyMap, bs: usize) -> Vec<blocks::Sealed> {
+    /// Seals the records of several jobs, in order, with one draw from the OS
+    /// RNG for all their ids and one for all their nonces (a write-back of
+    /// scattered 4 KiB writes is mostly one fragment per job).
+    fn seal_all(
+        jobs: &[FlushJob],
+        io: &BlockIo,
+        dirty: &DirtyMap,
+        bs: usize,
+    ) -> Vec<Vec<blocks::Sealed>> {
+        let plains: Vec<Vec<ToSeal<'_>>> = jobs.iter().map(|j| j.plaintexts(dirty, bs)).collect();
+        let flat: Vec<&[u8]> = plains.iter().flatten().map(ToSeal::bytes).collect();
+        let mut sealed = io.seal_many(BlockKind::Data, &flat).into_iter();
+        plains
+            .iter()
+            .map(|p| sealed.by_ref().take(p.len()).collect())
+            .collect()
+    }
+
+    /// What this job seals, in order: one block, or its fragments.
+    fn plaintexts<'a>(&'a self, dirty: &'a DirtyMap, bs: usize) -> Vec<ToSeal<'a>> {
         match &self.kind {
-            JobKind::Merged { plain, stored } => {
-                vec![io.seal(BlockKind::Data, &plain.0[..*stored])]
-            }
+            JobKind::Merged { plain, stored } => vec![ToSeal::Borrowed(&plain.0[..*stored])],
             JobKind::Whole { stored } => match dirty.get(&self.key).and_then(DirtyBlock::whole) {
-                Some(w) => vec![io.seal(BlockKind::Data, &w.0[..*stored])],
+                Some(w) => vec![ToSeal::Borrowed(&w.0[..*stored])],
                 None => Vec::new(),
             },
             JobKind::Frags { ranges, .. } => {
@@ -746,9 +778,12 @@ impl FlushJob {
                     .map(|(&(a, b), (_, piece))| {
                         let len = (b - a) as usize;
                         let padded = format::round_up(len, format::PAD_QUANTUM).min(bs);
+                        if padded == len {
+                            return ToSeal::Borrowed(&piece.0[..len]);
+                        }
                         let mut p = Plain(vec![0u8; padded]);
                         p.0[..len].copy_from_slice(&piece.0[..len]);
-                        io.seal(BlockKind::Data, &p.0)
+                        ToSeal::Padded(p)
                     })
                     .collect()
             }

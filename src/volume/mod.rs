@@ -768,10 +768,12 @@ impl Volume {
         };
         // Never reuse a segment id: a crash may have left files the root does not know.
         let mut next_segment = payload.as_ref().map(|p| p.next_segment).unwrap_or(1);
+        let mut last_found = None;
         if let Ok(names) = storage.list(format::SEGMENT_DIR) {
             for n in names {
                 if let Some(id) = format::parse_segment_file_name(&n) {
                     next_segment = next_segment.max(id + 1);
+                    last_found = last_found.max(Some(id));
                 }
             }
         }
@@ -784,6 +786,11 @@ impl Volume {
             next_segment,
             opts.cache_bytes,
         ));
+        // Room the last session reserved past its last segment's end, if it
+        // ended without giving it back (a crash); see blocks.rs.
+        if let (Some(id), false) = (last_found, read_only) {
+            io.release_tail(id);
+        }
         let (tree, next_ino, snapshots) = match &payload {
             None => (Tree::new_empty(), ROOT_INO + 1, Vec::new()),
             Some(p) => {
