@@ -532,19 +532,19 @@ impl Storage for FsStorage {
     fn preallocate(&self, name: &str, offset: u64, len: u64) {
         #[cfg(target_os = "linux")]
         {
-            use std::os::fd::AsRawFd;
+            use nix::fcntl::{FallocateFlags, fallocate};
             let Some(f) = self.handles.lock().get(name).cloned() else {
                 return;
             };
-            // SAFETY: fallocate on a descriptor we own; integer arguments only.
-            unsafe {
-                libc::fallocate(
-                    f.as_raw_fd(),
-                    libc::FALLOC_FL_KEEP_SIZE,
-                    offset as libc::off_t,
-                    len as libc::off_t,
-                )
+            let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+            else {
+                return;
             };
+            // Best effort: where the file system cannot reserve (full, or no
+            // fallocate), appends allocate as they go, as before.
+            if let Err(e) = fallocate(&*f, FallocateFlags::FALLOC_FL_KEEP_SIZE, at, n) {
+                log::debug!("reserving room ahead in {name}: {e}");
+            }
         }
         #[cfg(not(target_os = "linux"))]
         let _ = (name, offset, len);
