@@ -22,11 +22,3 @@ pub mod store;
 pub mod sys;
 pub mod time;
 pub mod volume;
-
-/// EXPERIMENT toggles (read levers A/B), removed before merge.
-pub fn xp(name: &str) -> bool {
-    static S: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    S.get_or_init(|| std::env::var("KMSFS_XP").unwrap_or_default())
-        .split(',')
-        .any(|t| t == name)
-}

@@ -829,13 +829,6 @@ impl Filesystem for KmsFs {
         reply: ReplyData,
     ) {
         self.contain("read", false, || {
-            if crate::xp("NOREUSE") {
-                match self.vol.read(ino.0, offset, size) {
-                    Ok(d) => reply.data(&d),
-                    Err(e) => reply.error(errno(e, "read", ino.0)),
-                }
-                return;
-            }
             READ_BUF.with_borrow_mut(|buf| {
                 let size = size as usize;
                 if buf.len() < size {

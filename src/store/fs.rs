@@ -380,7 +380,7 @@ impl FsStorage {
             let n = n as usize;
             // A short read ends at the end of the file (or at an unaligned
             // point from which O_DIRECT cannot go on).
-            if n == 0 || ((done + n) % DIRECT_ALIGN != 0 && done + n < want) {
+            if n == 0 || (!(done + n).is_multiple_of(DIRECT_ALIGN) && done + n < want) {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             done += n;
@@ -441,7 +441,7 @@ impl Storage for FsStorage {
 
     fn read_at_once(&self, name: &str, offset: u64, len: usize) -> io::Result<(Vec<u8>, usize)> {
         use std::sync::atomic::Ordering;
-        if !self.no_direct.load(Ordering::Relaxed) && !crate::xp("NODIRECT") {
+        if !self.no_direct.load(Ordering::Relaxed) {
             match self.read_direct(name, offset, len)? {
                 Some(r) => return Ok(r),
                 None => {

@@ -525,9 +525,6 @@ impl BlockIo {
     /// would only evict what small reads need. Records back to back on disk
     /// are fetched with one read.
     pub fn read_data_direct(&self, items: &mut [(BlockPtr, &mut [u8])]) -> Result<()> {
-        // Fetch: one read per run of records back to back in a segment.
-        let mut bufs: Vec<Vec<u8>> = Vec::new();
-        let mut recs: Vec<(usize, usize)> = Vec::with_capacity(items.len()); // (buffer, start)
         let mut i = 0;
         while i < items.len() {
             let p0 = items[i].0;
@@ -546,48 +543,30 @@ impl BlockIo {
                 bytes += next.len as u64;
                 j += 1;
             }
+            // Read once: around the segment file's page cache where the
+            // storage can (FsStorage: O_DIRECT), saving the copy out of it.
             let (buf, mut at) =
                 self.fetch(p0.segment, p0.offset as u64, bytes as usize, true, &|| {
                     format!("Data {p0:?}")
                 })?;
-            for (p, _) in &items[i..j] {
-                recs.push((bufs.len(), at));
+            // One thread per request: the kernel keeps several READs in
+            // flight (a readahead window of four requests), and splitting a
+            // request's blocks over scoped threads cost more CPU than it
+            // saved in wall time (docs/PERFORMANCE.md).
+            for (p, out) in items[i..j].iter_mut() {
+                let rec = buf.get(at..at + p.len as usize).ok_or_else(|| {
+                    Error::integrity(format!("Data {p:?}"), "the segment read came back short")
+                })?;
                 at += p.len as usize;
-            }
-            bufs.push(buf);
-            i = j;
-        }
-        // Open: every record into its place in the reply.
-        let mut work: Vec<(&[u8], &BlockPtr, &mut [u8])> = Vec::with_capacity(items.len());
-        for ((p, out), &(b, at)) in items.iter_mut().zip(&recs) {
-            let rec = bufs[b].get(at..at + p.len as usize).ok_or_else(|| {
-                Error::integrity(format!("Data {p:?}"), "the segment read came back short")
-            })?;
-            work.push((rec, p, &mut **out));
-        }
-        let open_all = |part: &mut [(&[u8], &BlockPtr, &mut [u8])]| -> Result<()> {
-            for (rec, p, out) in part.iter_mut() {
                 Self::check_record(rec, p, BlockKind::Data)?;
                 let aad = block_aad(&self.volume_id, &p.block_id, BlockKind::Data);
                 self.sealer
                     .open_into(&aad, &rec[RECORD_HEADER_LEN..], out)
                     .map_err(|e| Error::integrity(format!("Data {p:?}"), e))?;
             }
-            Ok(())
-        };
-        if crate::xp("PAR") && work.len() >= 4 {
-            let half = work.len() / 2;
-            let (a, b) = work.split_at_mut(half);
-            let (ra, rb) = std::thread::scope(|s| {
-                let h = s.spawn(|| open_all(a));
-                let rb = open_all(b);
-                (h.join(), rb)
-            });
-            ra.unwrap_or_else(|_| Err(Error::Invalid("a decryption thread panicked".into())))?;
-            rb
-        } else {
-            open_all(&mut work)
+            i = j;
         }
+        Ok(())
     }
 
     /// Data blocks through the cache, for a run of pointers: misses that lie
