@@ -376,7 +376,7 @@ fn mount_right_after_umount_waits_for_the_final_commit() {
 
 /// The mount raises the kernel's readahead window for itself (FUSE caps it at
 /// the kernel default at INIT), so cold sequential reads arrive as 1 MiB
-/// requests; `readahead=0` leaves the kernel's window; root only (sysfs).
+/// requests, four at once; `readahead=0` leaves the kernel's window; root only (sysfs).
 #[test]
 fn the_mount_raises_its_readahead_window() {
     require_fuse!();
@@ -398,9 +398,9 @@ fn the_mount_raises_its_readahead_window() {
     let m = env.mount();
     // The daemon sets it from a thread once INIT is answered: wait for it.
     wait_until(
-        "readahead raised to 1024 KiB",
+        "readahead raised to 4096 KiB",
         Duration::from_secs(30),
-        || ra_of(&env.mnt) == 1024,
+        || ra_of(&env.mnt) == 4096,
     );
     m.kmsfs_umount(&env);
     let m = env.mount_with("readahead=0", &[]);
@@ -409,7 +409,7 @@ fn the_mount_raises_its_readahead_window() {
     let _ = fs::read(m.p("f")).unwrap();
     assert_ne!(
         ra_of(&env.mnt),
-        1024,
+        4096,
         "readahead=0 must keep the kernel's window"
     );
     m.kmsfs_umount(&env);

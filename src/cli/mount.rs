@@ -25,10 +25,13 @@ pub(super) struct MountOpts {
     pub(super) flags: Vec<MountOption>,
 }
 
-/// The readahead window a mount asks the kernel for: one request of the
+/// The readahead window a mount asks the kernel for: four requests of the
 /// largest size FUSE takes (256 pages), so a cold sequential read reaches the
-/// daemon as 1 MiB requests instead of the kernel's default 128 KiB.
-pub(super) const DEFAULT_READAHEAD_KB: u32 = 1024;
+/// daemon as 1 MiB requests instead of the kernel's default 128 KiB, several
+/// at once: large reads go to the segment files with O_DIRECT (no readahead
+/// of the backing device), and requests in flight are what keeps the device
+/// busy (docs/PERFORMANCE.md).
+pub(super) const DEFAULT_READAHEAD_KB: u32 = 4096;
 const MAX_READAHEAD_KB: u32 = 65536;
 
 /// Options mount(8), mount.fuse3 and systemd pass that mean nothing to kmsfs.

@@ -344,6 +344,13 @@ impl KmsFs {
 }
 
 thread_local! {
+    /// The reply buffer of this request thread's READs, reused from one
+    /// request to the next: a fresh buffer per request was allocated and
+    /// zeroed (a `memset` of up to 1 MiB) only to be overwritten by the
+    /// decryption. It holds the last reply's plaintext until the next one
+    /// (like the decrypted-block cache) and is wiped when the thread ends.
+    static READ_BUF: std::cell::RefCell<zeroize::Zeroizing<Vec<u8>>> =
+        std::cell::RefCell::new(zeroize::Zeroizing::new(Vec::new()));
     /// The volume and operation of the changing request this thread runs, for
     /// the panic hook.
     static CHANGING: std::cell::RefCell<Option<(Arc<Volume>, &'static str)>> =
@@ -879,9 +886,19 @@ impl Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.contain("read", false, || match self.vol.read(ino.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(e, "read", ino.0)),
+        self.contain("read", false, || {
+            READ_BUF.with_borrow_mut(|buf| {
+                let size = size as usize;
+                if buf.len() < size {
+                    // Once per thread: the largest request (MAX_IO). The old
+                    // buffer is wiped as it drops.
+                    *buf = zeroize::Zeroizing::new(vec![0; size.max(MAX_IO as usize)]);
+                }
+                match self.vol.read_into(ino.0, offset, &mut buf[..size]) {
+                    Ok(n) => reply.data(&buf[..n]),
+                    Err(e) => reply.error(errno(e, "read", ino.0)),
+                }
+            })
         });
     }
 

@@ -55,7 +55,15 @@ pub struct FsStorage {
     subdirs: Mutex<HashMap<String, Arc<OwnedFd>>>,
     /// Open handles, so reads of segments are a pread and appends need no open.
     handles: Mutex<HashMap<String, Arc<File>>>,
+    /// Read handles opened with O_DIRECT, for [`Storage::read_at_once`].
+    direct: Mutex<HashMap<String, Arc<File>>>,
+    /// Set when the backing file system refuses O_DIRECT: buffered reads from then on.
+    no_direct: std::sync::atomic::AtomicBool,
 }
+
+/// Alignment of O_DIRECT reads (offset, length and memory): the page size,
+/// which covers every logical block size up to 4 KiB.
+const DIRECT_ALIGN: usize = 4096;
 
 /// The directory a last path component is resolved in.
 enum At<'a> {
@@ -158,6 +166,8 @@ impl FsStorage {
             dir: OnceLock::new(),
             subdirs: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
+            direct: Mutex::new(HashMap::new()),
+            no_direct: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -300,6 +310,87 @@ impl FsStorage {
 
     fn forget(&self, name: &str) {
         self.handles.lock().remove(name);
+        self.direct.lock().remove(name);
+    }
+
+    /// A read handle of `name` with O_DIRECT set (cached like [`Self::handle`]).
+    fn direct_handle(&self, name: &str) -> io::Result<Arc<File>> {
+        if let Some(f) = self.direct.lock().get(name) {
+            return Ok(f.clone());
+        }
+        let f = self.open_file(name, Access::Read)?;
+        fcntl(&f, FcntlArg::F_SETFL(OFlag::O_DIRECT))?;
+        let f = Arc::new(f);
+        let mut h = self.direct.lock();
+        if h.len() > 256 {
+            h.clear();
+        }
+        h.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// [`Storage::read_at_once`] with O_DIRECT: the aligned span around
+    /// `offset..offset + len` is read from the device straight into the
+    /// buffer, without a copy out of (and without filling) the page cache of
+    /// the segment file. The kernel writes back dirty pages of the span
+    /// first, so a read after a buffered append still sees the appended
+    /// bytes. `None` when the file system refuses O_DIRECT.
+    fn read_direct(
+        &self,
+        name: &str,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Option<(Vec<u8>, usize)>> {
+        use std::os::fd::AsRawFd;
+        let f = match self.direct_handle(name) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let start = offset & !(DIRECT_ALIGN as u64 - 1);
+        let pre = (offset - start) as usize;
+        let want = pre.checked_add(len).ok_or(io::ErrorKind::InvalidInput)?;
+        let span = want.next_multiple_of(DIRECT_ALIGN);
+        let mut v: Vec<u8> = Vec::with_capacity(span + DIRECT_ALIGN);
+        // Where the aligned part begins; the bytes before it are zeroed so
+        // that the whole vector is initialised.
+        let pad = v.as_ptr().align_offset(DIRECT_ALIGN);
+        if pad > DIRECT_ALIGN {
+            return Ok(None);
+        }
+        v.resize(pad, 0);
+        let mut done = 0usize;
+        while done < want {
+            // SAFETY: the kernel writes at most `span - done` bytes into the
+            // spare capacity at `pad + done` (capacity is `span + DIRECT_ALIGN`
+            // and `pad <= DIRECT_ALIGN`); `set_len` below covers only written bytes.
+            let n = unsafe {
+                libc::pread(
+                    f.as_raw_fd(),
+                    v.as_mut_ptr().add(pad + done).cast(),
+                    span - done,
+                    (start + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EINVAL) if done == 0 => return Ok(None),
+                    _ => return Err(e),
+                }
+            }
+            let n = n as usize;
+            // A short read ends at the end of the file (or at an unaligned
+            // point from which O_DIRECT cannot go on).
+            if n == 0 || (!(done + n).is_multiple_of(DIRECT_ALIGN) && done + n < want) {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n;
+        }
+        // SAFETY: pread wrote `done` bytes at `pad`, and `pad` bytes were zeroed.
+        unsafe { v.set_len(pad + done) };
+        Ok(Some((v, pad + pre)))
     }
 }
 
@@ -349,6 +440,22 @@ impl Storage for FsStorage {
         // SAFETY: all `len` bytes were written by pread above.
         unsafe { v.set_len(len) };
         Ok(v)
+    }
+
+    fn read_at_once(&self, name: &str, offset: u64, len: usize) -> io::Result<(Vec<u8>, usize)> {
+        use std::sync::atomic::Ordering;
+        if !self.no_direct.load(Ordering::Relaxed) {
+            match self.read_direct(name, offset, len)? {
+                Some(r) => return Ok(r),
+                None => {
+                    log::info!(
+                        "the backing file system refuses O_DIRECT; large reads go through its page cache"
+                    );
+                    self.no_direct.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok((self.read_at_vec(name, offset, len)?, 0))
     }
 
     fn len(&self, name: &str) -> io::Result<u64> {
@@ -751,6 +858,41 @@ mod tests {
         s.release_tail("seg/missing");
         s.preallocate("seg/missing", 0, 4096);
         assert!(!s.exists("seg/missing"));
+    }
+
+    #[test]
+    fn read_at_once_matches_buffered_reads_at_any_alignment() {
+        let d = tempfile::tempdir().unwrap();
+        let s = FsStorage::new(d.path());
+        s.create_dir("seg").unwrap();
+        let data: Vec<u8> = (0..3 * 4096 + 1000)
+            .map(|i| (i * 7 + i / 13) as u8)
+            .collect();
+        s.append("seg/a", &data[..5000]).unwrap();
+        // Not yet synced: O_DIRECT sees the buffered bytes (the kernel writes
+        // the span back first).
+        for synced in [false, true] {
+            if synced {
+                s.append("seg/a", &data[5000..]).unwrap();
+                s.sync("seg/a").unwrap();
+            }
+            let len = if synced { data.len() } else { 5000 };
+            for off in [0, 1, 100, 4095, 4096, 4097, 4999] {
+                for n in [1, 100, 4096, 4097, 8191, 8192, len - off] {
+                    if off + n > len {
+                        continue;
+                    }
+                    let (v, at) = s.read_at_once("seg/a", off as u64, n).unwrap();
+                    assert_eq!(&v[at..at + n], &data[off..off + n], "{off}+{n}");
+                }
+            }
+            let e = s.read_at_once("seg/a", len as u64 - 10, 11).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        }
+        // A removed file is forgotten by the O_DIRECT handles too.
+        s.remove("seg/a").unwrap();
+        let e = s.read_at_once("seg/a", 0, 1).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

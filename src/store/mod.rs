@@ -29,6 +29,13 @@ pub trait Storage: Send + Sync {
         self.read_at(name, offset, &mut v)?;
         Ok(v)
     }
+    /// Reads exactly `len` bytes at `offset` that the caller reads once and
+    /// does not expect to read again soon (a large streaming read whose
+    /// plaintext the kernel's page cache keeps): a backend may go around its
+    /// own cache. Returns the buffer and where the bytes start in it.
+    fn read_at_once(&self, name: &str, offset: u64, len: usize) -> io::Result<(Vec<u8>, usize)> {
+        Ok((self.read_at_vec(name, offset, len)?, 0))
+    }
     fn len(&self, name: &str) -> io::Result<u64>;
     fn exists(&self, name: &str) -> bool {
         self.len(name).is_ok()

@@ -89,18 +89,32 @@ impl Volume {
     }
 
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; size as usize];
+        let n = self.read_into(ino, offset, &mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset` into `buf` and returns how
+    /// many there were (fewer at the end of the file). Every returned byte is
+    /// written (holes as zeros), so `buf` may hold anything before: the FUSE
+    /// layer passes one reused buffer per request thread instead of zeroing a
+    /// fresh one per request.
+    pub fn read_into(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
         self.note_access();
+        let size = buf.len();
         let st = self.st.read();
         let i = self.get_inode(&st, ino)?;
         if i.kind == FileKind::Dir {
             return Err(Error::IsDir);
         }
         if offset >= i.size {
-            return Ok(Vec::new());
+            return Ok(0);
         }
-        let end = (offset + size as u64).min(i.size);
+        let end = offset.saturating_add(size as u64).min(i.size);
         let bs = self.header.block_size as u64;
-        let mut out = vec![0u8; (end - offset) as usize];
+        let len = (end - offset) as usize;
+        let out = &mut buf[..len];
         // Pieces: (block, offset in block, length, offset in out).
         let mut pieces = Vec::new();
         let mut pos = offset;
@@ -124,18 +138,20 @@ impl Volume {
             if dirty.is_some() {
                 partial.push(k);
             }
-            if let Some(p) = self.block_ptr(&st, ino, blk)? {
-                stored.push((k, p));
+            match self.block_ptr(&st, ino, blk)? {
+                Some(p) => stored.push((k, p)),
+                // A hole (fragments and dirty pieces are laid over it below).
+                None => out[o..o + n].fill(0),
             }
         }
         // Large reads of whole blocks: decrypt straight into the reply, no cache.
-        if size as usize >= DIRECT_READ_MIN && !stored.is_empty() {
+        if size >= DIRECT_READ_MIN && !stored.is_empty() {
             let direct: Vec<bool> = stored
                 .iter()
                 .map(|(k, p)| pieces[*k].1 == 0 && self.io.plain_len(p) == pieces[*k].2)
                 .collect();
             let mut items: Vec<(BlockPtr, &mut [u8])> = Vec::new();
-            let mut rest: &mut [u8] = &mut out;
+            let mut rest: &mut [u8] = &mut *out;
             let mut consumed = 0;
             for ((k, p), d) in stored.iter().zip(&direct) {
                 if !*d {
@@ -201,7 +217,7 @@ impl Volume {
                 d.overlay(from, &mut out[o..o + n]);
             }
         }
-        Ok(out)
+        Ok(len)
     }
 
     /// Current plaintext of a block as a full-size buffer (for read-modify-write).
