@@ -314,19 +314,28 @@ impl FsStorage {
     }
 
     /// A read handle of `name` with O_DIRECT set (cached like [`Self::handle`]).
+    /// Linux only: elsewhere it answers EINVAL, which reads buffered.
     fn direct_handle(&self, name: &str) -> io::Result<Arc<File>> {
-        if let Some(f) = self.direct.lock().get(name) {
-            return Ok(f.clone());
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = name;
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
         }
-        let f = self.open_file(name, Access::Read)?;
-        fcntl(&f, FcntlArg::F_SETFL(OFlag::O_DIRECT))?;
-        let f = Arc::new(f);
-        let mut h = self.direct.lock();
-        if h.len() > 256 {
-            h.clear();
+        #[cfg(target_os = "linux")]
+        {
+            if let Some(f) = self.direct.lock().get(name) {
+                return Ok(f.clone());
+            }
+            let f = self.open_file(name, Access::Read)?;
+            fcntl(&f, FcntlArg::F_SETFL(OFlag::O_DIRECT))?;
+            let f = Arc::new(f);
+            let mut h = self.direct.lock();
+            if h.len() > 256 {
+                h.clear();
+            }
+            h.insert(name.to_string(), f.clone());
+            Ok(f)
         }
-        h.insert(name.to_string(), f.clone());
-        Ok(f)
     }
 
     /// [`Storage::read_at_once`] with O_DIRECT: the aligned span around
@@ -660,18 +669,14 @@ impl Storage for FsStorage {
     /// A truncate to the file's own length: ext4 (and XFS) then free the
     /// blocks reserved past the end; the length and bytes stay as they are.
     fn release_tail(&self, name: &str) {
-        #[cfg(target_os = "linux")]
-        {
-            // Its own descriptor: a cached one may be open for reading only.
-            let r = self
-                .open_file(name, Access::Write)
-                .and_then(|f| f.set_len(f.metadata()?.len()));
-            if let Err(e) = r {
-                log::debug!("releasing the space reserved past the end of {name}: {e}");
-            }
+        // Its own descriptor: a cached one may be open for reading only.
+        // (Where nothing was reserved, the same length changes nothing.)
+        let r = self
+            .open_file(name, Access::Write)
+            .and_then(|f| f.set_len(f.metadata()?.len()));
+        if let Err(e) = r {
+            log::debug!("releasing the space reserved past the end of {name}: {e}");
         }
-        #[cfg(not(target_os = "linux"))]
-        let _ = name;
     }
 
     fn lock_readers_shared(&self) -> io::Result<Box<dyn std::any::Any + Send + Sync>> {
