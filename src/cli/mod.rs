@@ -313,7 +313,7 @@ struct MountArgs {
     /// Where to mount it
     mountpoint: PathBuf,
     /// Comma-separated options: ro, rw, allow_other, default_permissions, cache_size=SIZE,
-    /// readahead=KIB (kernel readahead window, default 1024; 0 keeps the kernel's), clone_fd (a /dev/fuse clone per request thread, Linux), keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
+    /// readahead=KIB (kernel readahead window, default 4096; 0 keeps the kernel's), clone_fd (a /dev/fuse clone per request thread, Linux), keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
     /// generic options mount(8) passes (accepted; kernel flags such as nodev are applied)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
