@@ -75,16 +75,14 @@ pub const MCL_ONFAULT: i32 = 0;
 pub fn coarse_realtime() -> Option<(i64, u32)> {
     #[cfg(target_os = "linux")]
     {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec into the one we pass.
-        let r = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
-        if r == 0 && (0..1_000_000_000).contains(&ts.tv_nsec) {
-            return Some((ts.tv_sec, ts.tv_nsec as u32));
-        }
+        use nix::time::{ClockId, clock_gettime};
+        let ts = clock_gettime(ClockId::CLOCK_REALTIME_COARSE).ok()?;
+        let nanos = u32::try_from(ts.tv_nsec())
+            .ok()
+            .filter(|n| *n < 1_000_000_000)?;
+        Some((ts.tv_sec(), nanos))
     }
+    #[cfg(not(target_os = "linux"))]
     None
 }
 
