@@ -16,6 +16,8 @@ pub(super) struct MountOpts {
     pub(super) readahead_kb: Option<u32>,
     /// One cloned /dev/fuse descriptor per request thread (`clone_fd`, Linux).
     pub(super) clone_fd: bool,
+    /// `noblockfill`: no block fill after small reads (on by default, Linux).
+    pub(super) no_block_fill: bool,
     pub(super) keystore: Option<PathBuf>,
     pub(super) passphrase_file: Option<PathBuf>,
     pub(super) keyfile: Option<PathBuf>,
@@ -151,6 +153,8 @@ pub(super) fn parse_mount_options(groups: &[String], sloppy: bool) -> Result<Mou
                 o.clone_fd = true;
             }
             ("noclone_fd", None) => o.clone_fd = false,
+            ("blockfill", None) => o.no_block_fill = false,
+            ("noblockfill", None) => o.no_block_fill = true,
             ("keystore", v) => o.keystore = Some(need(v)?.into()),
             ("passphrase_file", v) => o.passphrase_file = Some(need(v)?.into()),
             ("keyfile", v) => o.keyfile = Some(need(v)?.into()),
@@ -309,6 +313,7 @@ pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<M
         flags: opts.flags.clone(),
         threads: (threads * 2).clamp(4, 16),
         clone_fd: opts.clone_fd,
+        block_fill: !opts.no_block_fill,
     };
     let log = match &opts.log {
         Some(p) => Some(absolute(p)?),
