@@ -1,5 +1,7 @@
 #!/bin/bash
-# usage: fio-frag.sh BIN WAIT_S : layout+randwrite, wait WAIT_S mounted, unmount; cold randread 10 s
+# usage: bench/fill-ab.sh KMSFS_BIN WAIT_S [MOUNT_OPTS] (root): fio layout + 10 s 4 KiB randwrite on a
+# fresh volume, WAIT_S seconds mounted, unmount, drop caches, mount, 10 s cold 4 KiB randread;
+# prints IOPS and daemon CPU-µs per read. Alternate e.g. "BIN 0" and "BIN 0 noblockfill".
 set -u
 bin=$1; wait_s=$2; opts=${3:-}
 R=$(mktemp -d /var/tmp/ffr.XXXXXX); echo pass-ab-123456 > $R/pass; chmod 600 $R/pass
