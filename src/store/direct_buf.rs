@@ -30,18 +30,22 @@ pub(super) const HUGE: usize = 2 << 20;
 
 /// [`HUGE`]-aligned anonymous memory of its own mapping (zeroed by the
 /// kernel, and untouched until first used, so that the first touch can take
-/// a huge page).
-struct AlignedBuf {
+/// a huge page). Also the FUSE layer's reply buffer for reads: the kernel
+/// pins a reply's pages one by one to copy them, which costs less in a huge
+/// page. `wipe`: zeroed before it is unmapped (it held plaintext).
+pub struct AlignedBuf {
     ptr: NonNull<c_void>,
     size: usize,
+    wipe: bool,
 }
 
 // SAFETY: the buffer owns its mapping; nothing else points into it.
 unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
-    /// At least `len` bytes (a multiple of [`HUGE`]).
-    fn new(len: usize) -> Self {
+    /// At least `len` bytes (a multiple of [`HUGE`]), wiped on drop when
+    /// `wipe`.
+    pub fn new(len: usize, wipe: bool) -> Self {
         let size = len.max(1).next_multiple_of(HUGE);
         let map_len = size + HUGE;
         let failed = || -> ! {
@@ -86,10 +90,18 @@ impl AlignedBuf {
             // SAFETY: the range is the kept part of the mapping.
             let _ = unsafe { madvise(ptr, size, MmapAdvise::MADV_HUGEPAGE) };
         }
-        AlignedBuf { ptr, size }
+        AlignedBuf { ptr, size, wipe }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub fn len(&self) -> usize {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: `ptr` points to `size` bytes of a mapping owned by `self`
         // (zero-filled by the kernel, so initialised), borrowed mutably here.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.size) }
@@ -98,6 +110,9 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.wipe {
+            zeroize::Zeroize::zeroize(self.as_mut_slice());
+        }
         // SAFETY: the kept part of the mapping made in `new`; nothing
         // borrows it any more.
         let _ = unsafe { munmap(self.ptr, self.size) };
@@ -117,7 +132,7 @@ pub(super) fn with_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
         let r = BUF
             .try_with(|cell| {
                 let mut slot = cell.try_borrow_mut().ok()?;
-                let buf = slot.get_or_insert_with(|| AlignedBuf::new(HUGE));
+                let buf = slot.get_or_insert_with(|| AlignedBuf::new(HUGE, false));
                 let f = f.take()?;
                 Some(f(&mut buf.as_mut_slice()[..len]))
             })
@@ -128,7 +143,7 @@ pub(super) fn with_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
         }
     }
     let f = f.take().expect("the closure runs once");
-    f(&mut AlignedBuf::new(len).as_mut_slice()[..len])
+    f(&mut AlignedBuf::new(len, false).as_mut_slice()[..len])
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ mod fs;
 mod mem;
 pub mod object;
 
+pub use direct_buf::AlignedBuf;
 pub use fs::FsStorage;
 pub use mem::{MemStorage, Op};
 pub use object::{ObjectConfig, ObjectStorage};
