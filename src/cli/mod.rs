@@ -99,9 +99,11 @@ pub fn memory_bound(cache_bytes: usize, threads: usize) -> usize {
     let node_cache = (cache_bytes / 4).max(1 << 20);
     // Buffered data, and its sealed copy while it is written back.
     let dirty = 2 * crate::volume::dirty_limit(cache_bytes);
-    // Per request thread: the 1 MiB request buffer, a 1 MiB reply, and a
-    // write's plaintext and sealed copies (1 MiB each).
-    let per_thread = 4 << 20;
+    // Per request thread: the 1 MiB request buffer, a write's plaintext and
+    // sealed copies (1 MiB each), and two 2 MiB buffers of reads (the reply,
+    // and the sealed bytes read with O_DIRECT; each in a huge page where the
+    // kernel gives one).
+    let per_thread = 7 << 20;
     BASE + cache_bytes + node_cache + dirty + threads * per_thread + TRIM_THRESHOLD
 }
 /// How long a mount waits for the lock of a volume whose previous daemon is

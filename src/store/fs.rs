@@ -16,7 +16,7 @@ use nix::sys::statvfs::fstatvfs;
 use nix::unistd::{UnlinkatFlags, fsync, unlinkat};
 use parking_lot::Mutex;
 
-use super::{PIN_MAX_LEN, PIN_PREFIX, PinFile, Storage};
+use super::{PIN_MAX_LEN, PIN_PREFIX, PinFile, Storage, direct_buf};
 
 /// A published pin of [`FsStorage`]: the locked file, removed on drop.
 struct FsPin {
@@ -339,67 +339,50 @@ impl FsStorage {
     }
 
     /// [`Storage::read_at_once`] with O_DIRECT: the aligned span around
-    /// `offset..offset + len` is read from the device straight into the
-    /// buffer, without a copy out of (and without filling) the page cache of
-    /// the segment file. The kernel writes back dirty pages of the span
-    /// first, so a read after a buffered append still sees the appended
-    /// bytes. `None` when the file system refuses O_DIRECT.
+    /// `offset..offset + len` is read from the device straight into a
+    /// reused, huge-page-backed buffer (`direct_buf`), without a copy out of
+    /// (and without filling) the page cache of the segment file, and the
+    /// bytes are handed to `f`. The kernel writes back dirty pages of the
+    /// span first, so a read after a buffered append still sees the appended
+    /// bytes. `false` (and `f` not called) when the file system refuses
+    /// O_DIRECT.
     fn read_direct(
         &self,
         name: &str,
         offset: u64,
         len: usize,
-    ) -> io::Result<Option<(Vec<u8>, usize)>> {
-        use std::os::fd::AsRawFd;
-        let f = match self.direct_handle(name) {
-            Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+        f: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<bool> {
+        let file = match self.direct_handle(name) {
+            Ok(file) => file,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
             Err(e) => return Err(e),
         };
         let start = offset & !(DIRECT_ALIGN as u64 - 1);
         let pre = (offset - start) as usize;
         let want = pre.checked_add(len).ok_or(io::ErrorKind::InvalidInput)?;
         let span = want.next_multiple_of(DIRECT_ALIGN);
-        let mut v: Vec<u8> = Vec::with_capacity(span + DIRECT_ALIGN);
-        // Where the aligned part begins; the bytes before it are zeroed so
-        // that the whole vector is initialised.
-        let pad = v.as_ptr().align_offset(DIRECT_ALIGN);
-        if pad > DIRECT_ALIGN {
-            return Ok(None);
-        }
-        v.resize(pad, 0);
-        let mut done = 0usize;
-        while done < want {
-            // SAFETY: the kernel writes at most `span - done` bytes into the
-            // spare capacity at `pad + done` (capacity is `span + DIRECT_ALIGN`
-            // and `pad <= DIRECT_ALIGN`); `set_len` below covers only written bytes.
-            let n = unsafe {
-                libc::pread(
-                    f.as_raw_fd(),
-                    v.as_mut_ptr().add(pad + done).cast(),
-                    span - done,
-                    (start + done as u64) as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EINVAL) if done == 0 => return Ok(None),
-                    _ => return Err(e),
+        direct_buf::with_buf(span, |buf| {
+            let mut done = 0usize;
+            while done < want {
+                let n = match file.read_at(&mut buf[done..], start + done as u64) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) && done == 0 => {
+                        return Ok(false);
+                    }
+                    Err(e) => return Err(e),
+                };
+                // A short read ends at the end of the file (or at an
+                // unaligned point from which O_DIRECT cannot go on).
+                if n == 0 || (!(done + n).is_multiple_of(DIRECT_ALIGN) && done + n < want) {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
                 }
+                done += n;
             }
-            let n = n as usize;
-            // A short read ends at the end of the file (or at an unaligned
-            // point from which O_DIRECT cannot go on).
-            if n == 0 || (!(done + n).is_multiple_of(DIRECT_ALIGN) && done + n < want) {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            done += n;
-        }
-        // SAFETY: pread wrote `done` bytes at `pad`, and `pad` bytes were zeroed.
-        unsafe { v.set_len(pad + done) };
-        Ok(Some((v, pad + pre)))
+            f(&buf[pre..want]);
+            Ok(true)
+        })
     }
 }
 
@@ -451,20 +434,25 @@ impl Storage for FsStorage {
         Ok(v)
     }
 
-    fn read_at_once(&self, name: &str, offset: u64, len: usize) -> io::Result<(Vec<u8>, usize)> {
+    fn read_at_once(
+        &self,
+        name: &str,
+        offset: u64,
+        len: usize,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
         use std::sync::atomic::Ordering;
         if !self.no_direct.load(Ordering::Relaxed) {
-            match self.read_direct(name, offset, len)? {
-                Some(r) => return Ok(r),
-                None => {
-                    log::info!(
-                        "the backing file system refuses O_DIRECT; large reads go through its page cache"
-                    );
-                    self.no_direct.store(true, Ordering::Relaxed);
-                }
+            if self.read_direct(name, offset, len, f)? {
+                return Ok(());
             }
+            log::info!(
+                "the backing file system refuses O_DIRECT; large reads go through its page cache"
+            );
+            self.no_direct.store(true, Ordering::Relaxed);
         }
-        Ok((self.read_at_vec(name, offset, len)?, 0))
+        f(&self.read_at_vec(name, offset, len)?);
+        Ok(())
     }
 
     fn len(&self, name: &str) -> io::Result<u64> {
@@ -887,16 +875,20 @@ mod tests {
                     if off + n > len {
                         continue;
                     }
-                    let (v, at) = s.read_at_once("seg/a", off as u64, n).unwrap();
-                    assert_eq!(&v[at..at + n], &data[off..off + n], "{off}+{n}");
+                    let mut got = Vec::new();
+                    s.read_at_once("seg/a", off as u64, n, &mut |b| got = b.to_vec())
+                        .unwrap();
+                    assert_eq!(got, &data[off..off + n], "{off}+{n}");
                 }
             }
-            let e = s.read_at_once("seg/a", len as u64 - 10, 11).unwrap_err();
+            let e = s
+                .read_at_once("seg/a", len as u64 - 10, 11, &mut |_| panic!("short"))
+                .unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         }
         // A removed file is forgotten by the O_DIRECT handles too.
         s.remove("seg/a").unwrap();
-        let e = s.read_at_once("seg/a", 0, 1).unwrap_err();
+        let e = s.read_at_once("seg/a", 0, 1, &mut |_| ()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
     }
 

@@ -10,10 +10,12 @@
 
 use std::io;
 
+mod direct_buf;
 mod fs;
 mod mem;
 pub mod object;
 
+pub use direct_buf::AlignedBuf;
 pub use fs::FsStorage;
 pub use mem::{MemStorage, Op};
 pub use object::{ObjectConfig, ObjectStorage};
@@ -31,10 +33,18 @@ pub trait Storage: Send + Sync {
     }
     /// Reads exactly `len` bytes at `offset` that the caller reads once and
     /// does not expect to read again soon (a large streaming read whose
-    /// plaintext the kernel's page cache keeps): a backend may go around its
-    /// own cache. Returns the buffer and where the bytes start in it.
-    fn read_at_once(&self, name: &str, offset: u64, len: usize) -> io::Result<(Vec<u8>, usize)> {
-        Ok((self.read_at_vec(name, offset, len)?, 0))
+    /// plaintext the kernel's page cache keeps), and hands them to `f`: a
+    /// backend may go around its own cache and lend a buffer of its own (the
+    /// bytes are valid only during the call).
+    fn read_at_once(
+        &self,
+        name: &str,
+        offset: u64,
+        len: usize,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
+        f(&self.read_at_vec(name, offset, len)?);
+        Ok(())
     }
     fn len(&self, name: &str) -> io::Result<u64>;
     fn exists(&self, name: &str) -> bool {

@@ -482,37 +482,37 @@ impl BlockIo {
         len: usize,
         what: &dyn Fn() -> String,
     ) -> Result<Vec<u8>> {
-        self.fetch(segment, offset, len, false, what)
-            .map(|(v, _)| v)
+        let name = segment_file_name(segment);
+        self.storage
+            .read_at_vec(&name, offset, len)
+            .map_err(|e| Self::fetch_error(&name, e, what))
     }
 
-    /// Reads `len` bytes of a segment; `once`: through
-    /// [`Storage::read_at_once`] (the bytes start at the returned index).
-    fn fetch(
+    /// Reads `len` bytes of a segment through [`Storage::read_at_once`] and
+    /// hands them to `f` (errors mapped as in [`Self::fetch_vec`]).
+    fn fetch_once(
         &self,
         segment: u64,
         offset: u64,
         len: usize,
-        once: bool,
         what: &dyn Fn() -> String,
-    ) -> Result<(Vec<u8>, usize)> {
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<()> {
         let name = segment_file_name(segment);
-        let r = if once {
-            self.storage.read_at_once(&name, offset, len)
-        } else {
-            self.storage.read_at_vec(&name, offset, len).map(|v| (v, 0))
-        };
-        match r {
-            Ok(v) => Ok(v),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::integrity(
-                what(),
-                format!("segment file {name} is missing"),
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::integrity(
-                what(),
-                format!("segment file {name} is truncated"),
-            )),
-            Err(e) => Err(Error::io(name, e)),
+        self.storage
+            .read_at_once(&name, offset, len, f)
+            .map_err(|e| Self::fetch_error(&name, e, what))
+    }
+
+    fn fetch_error(name: &str, e: std::io::Error, what: &dyn Fn() -> String) -> Error {
+        match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::integrity(what(), format!("segment file {name} is missing"))
+            }
+            std::io::ErrorKind::UnexpectedEof => {
+                Error::integrity(what(), format!("segment file {name} is truncated"))
+            }
+            _ => Error::io(name, e),
         }
     }
 
@@ -692,27 +692,47 @@ impl BlockIo {
                 j += 1;
             }
             // Read once: around the segment file's page cache where the
-            // storage can (FsStorage: O_DIRECT), saving the copy out of it.
-            let (buf, mut at) =
-                self.fetch(p0.segment, p0.offset as u64, bytes as usize, true, &|| {
-                    format!("Data {p0:?}")
-                })?;
+            // storage can (FsStorage: O_DIRECT into a reused buffer),
+            // saving the copy out of it.
+            //
             // One thread per request: the kernel keeps several READs in
             // flight (a readahead window of four requests), and splitting a
             // request's blocks over scoped threads cost more CPU than it
             // saved in wall time (docs/PERFORMANCE.md).
-            for (p, out) in items[i..j].iter_mut() {
-                let rec = buf.get(at..at + p.len as usize).ok_or_else(|| {
-                    Error::integrity(format!("Data {p:?}"), "the segment read came back short")
-                })?;
-                at += p.len as usize;
-                Self::check_record(rec, p, BlockKind::Data)?;
-                let aad = block_aad(&self.volume_id, &p.block_id, BlockKind::Data);
-                self.sealer
-                    .open_into(&aad, &rec[RECORD_HEADER_LEN..], out)
-                    .map_err(|e| Error::integrity(format!("Data {p:?}"), e))?;
-            }
+            let mut opened = None;
+            let run = &mut items[i..j];
+            self.fetch_once(
+                p0.segment,
+                p0.offset as u64,
+                bytes as usize,
+                &|| format!("Data {p0:?}"),
+                &mut |buf| opened = Some(self.open_run(buf, run)),
+            )?;
+            opened.unwrap_or_else(|| {
+                Err(Error::integrity(
+                    format!("Data {p0:?}"),
+                    "the segment read handed back no bytes",
+                ))
+            })?;
             i = j;
+        }
+        Ok(())
+    }
+
+    /// Checks and decrypts the records of `run`, back to back in `buf`, each
+    /// into its buffer.
+    fn open_run(&self, buf: &[u8], run: &mut [(BlockPtr, &mut [u8])]) -> Result<()> {
+        let mut at = 0usize;
+        for (p, out) in run.iter_mut() {
+            let rec = buf.get(at..at + p.len as usize).ok_or_else(|| {
+                Error::integrity(format!("Data {p:?}"), "the segment read came back short")
+            })?;
+            at += p.len as usize;
+            Self::check_record(rec, p, BlockKind::Data)?;
+            let aad = block_aad(&self.volume_id, &p.block_id, BlockKind::Data);
+            self.sealer
+                .open_into(&aad, &rec[RECORD_HEADER_LEN..], out)
+                .map_err(|e| Error::integrity(format!("Data {p:?}"), e))?;
         }
         Ok(())
     }
