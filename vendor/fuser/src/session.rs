@@ -139,6 +139,8 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// FUSE_OVER_IO_URING was negotiated at INIT: the ring's payload buffer size.
+    uring_payload: Option<usize>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +188,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -214,6 +217,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -252,6 +256,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            uring_payload,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -270,6 +275,7 @@ impl<FS: Filesystem> Session<FS> {
         let mut filesystem = Arc::new(filesystem);
 
         let mut channels = Vec::with_capacity(n_threads);
+        let ring_channel = uring_payload.map(|_| ch.clone());
 
         for _ in 0..n_threads_minus_one {
             if config.clone_fd {
@@ -306,7 +312,51 @@ impl<FS: Filesystem> Session<FS> {
             );
         }
 
+        // FUSE over io_uring: `per_queue` threads per possible CPU, each with its own ring
+        // and entry. The /dev/fuse threads above stay: they take FORGET and INTERRUPT, and
+        // everything if the kernel refuses the ring.
+        #[cfg(target_os = "linux")]
+        let mut ring_threads = Vec::new();
+        #[cfg(target_os = "linux")]
+        if let (Some(payload_len), Some(ch)) = (uring_payload, ring_channel) {
+            let queues = crate::uring::queue_count();
+            let per_queue = (n_threads / queues).max(1);
+            info!(
+                "FUSE over io_uring: {queues} queues x {per_queue} threads, {} KiB payload buffers",
+                payload_len >> 10
+            );
+            for qid in 0..queues {
+                let Ok(qid16) = u16::try_from(qid) else { break };
+                for t in 0..per_queue {
+                    let thread_name = format!("fuser-uring-{qid}-{t}");
+                    let event_loop = SessionEventLoop {
+                        thread_name: thread_name.clone(),
+                        filesystem: filesystem.clone(),
+                        ch: ch.clone(),
+                        allowed,
+                        session_owner,
+                    };
+                    ring_threads.push(thread::Builder::new().name(thread_name).spawn(
+                        move || crate::uring::serve_queue(&event_loop, qid16, payload_len),
+                    )?);
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (uring_payload, ring_channel);
+
         let mut reply: io::Result<()> = Ok(());
+        #[cfg(target_os = "linux")]
+        if !ring_threads.is_empty() {
+            let mut ends = Vec::with_capacity(ring_threads.len());
+            for thread in ring_threads {
+                match thread.join() {
+                    Ok(end) => ends.push(end),
+                    Err(_) => return Err(io::Error::other("io_uring thread panicked")),
+                }
+            }
+            crate::uring::log_end(&ends);
+        }
         for thread in threads {
             let res = match thread.join() {
                 Ok(res) => res,
@@ -327,9 +377,21 @@ impl<FS: Filesystem> Session<FS> {
             ));
         };
 
+        #[cfg(target_os = "linux")]
+        if uring_payload.is_some() {
+            crate::uring::log_counts();
+        }
+
         filesystem.destroy();
 
         reply
+    }
+
+    /// True when INIT negotiated FUSE over io_uring (`Config::io_uring` and the kernel
+    /// offered it); `run` then serves requests over the ring unless the kernel refuses
+    /// its REGISTER commands (logged; /dev/fuse then serves).
+    pub fn io_uring(&self) -> bool {
+        self.uring_payload.is_some()
     }
 
     fn handshake(&mut self) -> io::Result<()> {
@@ -432,6 +494,21 @@ impl<FS: Filesystem> Session<FS> {
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
 
+            #[cfg(target_os = "linux")]
+            if self.config.io_uring {
+                if config
+                    .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                    .is_ok()
+                {
+                    self.uring_payload = Some(crate::uring::payload_len(
+                        config.max_write,
+                        config.max_pages(),
+                    ));
+                } else {
+                    info!("the kernel does not offer FUSE over io_uring; serving over /dev/fuse");
+                }
+            }
+
             // Log capability status for debugging
             for bit in 0..64 {
                 let bitflags = InitFlags::from_bits_retain(1 << bit);
@@ -529,7 +606,12 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         loop {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
-            match self.ch.receive_retrying(buf) {
+            let received = self.ch.receive_retrying(buf);
+            #[cfg(target_os = "linux")]
+            if received.is_ok() {
+                crate::uring::DEV_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            match received {
                 Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // kmsfs patch: the complete ABI is kept, not all of it is used.
 //! FUSE kernel interface.
 //!
 //! Types and definitions used for communication between the kernel driver and the userspace

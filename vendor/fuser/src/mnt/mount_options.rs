@@ -18,6 +18,10 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Serve requests over io_uring (FUSE_OVER_IO_URING) when the kernel offers it at
+    /// INIT; otherwise, or when the kernel refuses the ring, over /dev/fuse. Linux only
+    /// (kmsfs patch, see PATCHES.md).
+    pub io_uring: bool,
 }
 
 /// Mount options accepted by the FUSE filesystem type
