@@ -52,7 +52,7 @@ impl Drop for EnableUring {
 
 /// The log of the last mount in `log` (the file is appended to by each mount).
 fn last_mount_log(log: &str) -> &str {
-    log.rfind("mounting ").map_or(log, |i| &log[i..])
+    log.rfind(") mounting ").map_or(log, |i| &log[i..])
 }
 
 /// The counts the daemon logs at exit: (over the ring, over /dev/fuse).
