@@ -229,6 +229,10 @@ fn file_work_goes_over_the_ring_and_reads_back_after_a_classic_remount() {
     assert_eq!(m.unmount(), Some(0), "log:\n{}", env.log_text());
     let log = env.log_text();
     let (ring, dev) = ring_counts(last_mount_log(&log)).unwrap_or_else(|| panic!("log:\n{log}"));
+    assert!(
+        last_mount_log(&log).contains("FUSE over io_uring: ") && log.contains(" queues x "),
+        "log:\n{log}"
+    );
     // Everything but FORGET and INTERRUPT comes over the ring.
     assert!(ring > 1000 && ring > dev, "ring {ring}, /dev/fuse {dev}");
     drop(guard);

@@ -321,10 +321,7 @@ impl<FS: Filesystem> Session<FS> {
         if let (Some(payload_len), Some(ch)) = (uring_payload, ring_channel) {
             let queues = crate::uring::queue_count();
             let per_queue = (n_threads / queues).max(1);
-            info!(
-                "FUSE over io_uring: {queues} queues x {per_queue} threads, {} KiB payload buffers",
-                payload_len >> 10
-            );
+            crate::uring::log_start(queues, per_queue, payload_len);
             for qid in 0..queues {
                 let Ok(qid16) = u16::try_from(qid) else { break };
                 for t in 0..per_queue {

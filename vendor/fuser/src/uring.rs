@@ -555,7 +555,15 @@ fn finish(slot: &Slot, out: [u8; OUT_HEADER_LEN], body_len: usize) {
     hdr[ENT_IN_OUT_OFF + 16..ENT_IN_OUT_OFF + 20].copy_from_slice(&(body_len as u32).to_le_bytes());
 }
 
-/// Logs how the ring threads ended; true when the ring served the connection.
+/// Logs the ring layout at the start of a session.
+pub(crate) fn log_start(queues: usize, per_queue: usize, payload_len: usize) {
+    info!(
+        "FUSE over io_uring: {queues} queues x {per_queue} threads, {} KiB payload buffers",
+        payload_len >> 10
+    );
+}
+
+/// Logs how the ring threads ended (a refused REGISTER, a failed thread).
 pub(crate) fn log_end(ends: &[io::Result<RingEnd>]) {
     let refused = ends.iter().find_map(|e| match e {
         Ok(RingEnd::Refused(err)) => Some(err),
