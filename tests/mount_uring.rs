@@ -235,6 +235,15 @@ fn file_work_goes_over_the_ring_and_reads_back_after_a_classic_remount() {
     );
     // Everything but FORGET and INTERRUPT comes over the ring.
     assert!(ring > 1000 && ring > dev, "ring {ring}, /dev/fuse {dev}");
+    // `auto` (the default) takes the ring when the kernel offers it.
+    let m = env.mount();
+    check_files(&m.path, &files, &big);
+    assert_eq!(m.unmount(), Some(0));
+    let log = env.log_text();
+    assert!(
+        last_mount_log(&log).contains("FUSE transport: io_uring"),
+        "log:\n{log}"
+    );
     drop(guard);
 
     // The same volume over /dev/fuse.
