@@ -313,7 +313,7 @@ struct MountArgs {
     /// Where to mount it
     mountpoint: PathBuf,
     /// Comma-separated options: ro, rw, allow_other, default_permissions, cache_size=SIZE,
-    /// readahead=KIB (kernel readahead window, default 4096; 0 keeps the kernel's), clone_fd (a /dev/fuse clone per request thread, Linux), uring=auto|on|off (FUSE over io_uring, Linux 6.14+: auto uses it when /sys/module/fuse/parameters/enable_uring is Y, on fails without it, off never), keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
+    /// readahead=KIB (kernel readahead window, default 4096; 0 keeps the kernel's), clone_fd (a /dev/fuse clone per request thread, Linux), noblockfill (no page-cache fill of the rest of a block after a small read), uring=auto|on|off (FUSE over io_uring, Linux 6.14+: auto uses it when /sys/module/fuse/parameters/enable_uring is Y, on fails without it, off never), keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
     /// generic options mount(8) passes (accepted; kernel flags such as nodev are applied)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -1075,6 +1075,23 @@ mod tests {
             let o = parse_mount_options(&["clone_fd,noclone_fd".into()], false).unwrap();
             assert!(!o.clone_fd);
         }
+        // Block fill: on unless noblockfill; the last of the pair wins.
+        assert!(
+            !parse_mount_options(&["rw".into()], false)
+                .unwrap()
+                .no_block_fill
+        );
+        assert!(
+            parse_mount_options(&["noblockfill".into()], false)
+                .unwrap()
+                .no_block_fill
+        );
+        assert!(
+            !parse_mount_options(&["noblockfill,blockfill".into()], false)
+                .unwrap()
+                .no_block_fill
+        );
+        assert!(parse_mount_options(&["blockfill=1".into()], false).is_err());
         assert!(parse_mount_options(&["clone_fd=1".into()], false).is_err());
     }
 

@@ -18,6 +18,8 @@ pub(super) struct MountOpts {
     pub(super) clone_fd: bool,
     /// FUSE over io_uring (`uring=auto|on|off`, Linux).
     pub(super) uring: UringMode,
+    /// `noblockfill`: no block fill after small reads (on by default, Linux).
+    pub(super) no_block_fill: bool,
     pub(super) keystore: Option<PathBuf>,
     pub(super) passphrase_file: Option<PathBuf>,
     pub(super) keyfile: Option<PathBuf>,
@@ -205,6 +207,8 @@ pub(super) fn parse_mount_options(groups: &[String], sloppy: bool) -> Result<Mou
                     }
                 }
             }
+            ("blockfill", None) => o.no_block_fill = false,
+            ("noblockfill", None) => o.no_block_fill = true,
             ("keystore", v) => o.keystore = Some(need(v)?.into()),
             ("passphrase_file", v) => o.passphrase_file = Some(need(v)?.into()),
             ("keyfile", v) => o.keyfile = Some(need(v)?.into()),
@@ -351,6 +355,7 @@ pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<M
     let cache = opts.cache_size.unwrap_or(DEFAULT_CACHE);
     let cache_bytes =
         usize::try_from(cache).map_err(|_| CliError::usage("cache_size is too large"))?;
+    let uring = resolve_uring(opts.uring, kernel_offers_uring())?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -363,7 +368,12 @@ pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<M
         flags: opts.flags.clone(),
         threads: (threads * 2).clamp(4, 16),
         clone_fd: opts.clone_fd,
-        uring: resolve_uring(opts.uring, kernel_offers_uring())?,
+        uring,
+        // Not over io_uring: the block fill defers the reply to a writable OPEN until
+        // its fill reached the kernel, and a ring entry stays taken until its reply
+        // (a queue's entries all waiting on fills that wait on a READ queued behind them
+        // would deadlock). /dev/fuse threads do not wait for deferred replies.
+        block_fill: !opts.no_block_fill && !uring,
     };
     let log = match &opts.log {
         Some(p) => Some(absolute(p)?),
@@ -801,7 +811,7 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
     log::info!(
         "FUSE transport: {}",
         if session.io_uring() {
-            "io_uring (FUSE_OVER_IO_URING), /dev/fuse for FORGET and INTERRUPT"
+            "io_uring (FUSE_OVER_IO_URING), /dev/fuse for FORGET and INTERRUPT; no block fill"
         } else {
             "/dev/fuse"
         }

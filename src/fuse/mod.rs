@@ -35,9 +35,11 @@ use fuser::{
 
 pub mod acl;
 mod committer;
+mod fill;
 
 use committer::Committer;
 pub use committer::{CLEAN_INTERVAL, COMMIT_INTERVAL, IDLE_COMMIT};
+use fill::Filler;
 
 use crate::error::Error;
 use crate::format::{FileKind, Timestamp};
@@ -87,6 +89,9 @@ pub struct MountSettings {
     /// over per-CPU rings instead of /dev/fuse reads (vendor/fuser/src/uring.rs). The
     /// kernel must offer it (`/sys/module/fuse/parameters/enable_uring`). Linux only.
     pub uring: bool,
+    /// Block fill: the rest of a block that a small read opened goes to the
+    /// kernel's page cache ([`fill`]). Linux only.
+    pub block_fill: bool,
 }
 
 impl MountSettings {
@@ -167,6 +172,8 @@ pub struct KmsFs {
     /// trip per write call (a 4 KiB random write was a GETXATTR plus a WRITE).
     killpriv: bool,
     committer: Option<Committer>,
+    /// Started in `init` when [`MountSettings::block_fill`] is set.
+    filler: Option<Filler>,
     outcome: Outcome,
     /// Set once the session exists (see [`KmsFs::notifier_slot`]).
     notifier: Arc<OnceLock<Notifier>>,
@@ -183,6 +190,7 @@ impl KmsFs {
             posix_acl: false,
             killpriv: false,
             committer: None,
+            filler: None,
             outcome: Arc::new(Mutex::new(None)),
             notifier: Arc::new(OnceLock::new()),
             after_init: Arc::new(Mutex::new(None)),
@@ -597,10 +605,24 @@ impl Filesystem for KmsFs {
         if !self.settings.read_only {
             self.committer = Some(Committer::start(self.vol.clone()));
         }
+        if self.settings.block_fill && cfg!(target_os = "linux") {
+            if self.vol.block_size() <= fill::MAX_FILL_BLOCK {
+                self.filler = Some(Filler::start(self.vol.clone(), self.notifier.clone()));
+            } else {
+                log::info!(
+                    "no block fill: blocks of {} bytes are larger than {}",
+                    self.vol.block_size(),
+                    fill::MAX_FILL_BLOCK
+                );
+            }
+        }
         Ok(())
     }
 
     fn destroy(&mut self) {
+        if let Some(mut f) = self.filler.take() {
+            f.stop();
+        }
         if let Some(c) = self.committer.take() {
             c.stop();
         }
@@ -692,7 +714,15 @@ impl Filesystem for KmsFs {
                     None => Ok(a),
                 });
             match r {
-                Ok(a) => reply.attr(&ATTR_TTL, &file_attr(&a)),
+                // A size change follows any block fill under way, so the
+                // kernel's cut of its page cache comes after the fill.
+                Ok(a) => match &self.filler {
+                    Some(f) if size.is_some() => f.after_fill(
+                        ino.0,
+                        Box::new(move || reply.attr(&ATTR_TTL, &file_attr(&a))),
+                    ),
+                    _ => reply.attr(&ATTR_TTL, &file_attr(&a)),
+                },
                 Err(e) => reply.error(errno(e, "setattr", ino.0)),
             }
         });
@@ -874,7 +904,13 @@ impl Filesystem for KmsFs {
                 }
             }
             match self.vol.open_file(ino.0) {
-                Ok(_) => reply.opened(FileHandle(0), OPEN_FLAGS),
+                Ok(_) => match &self.filler {
+                    Some(f) if writable(flags.0) => f.writer_opened(
+                        ino.0,
+                        Box::new(move || reply.opened(FileHandle(0), OPEN_FLAGS)),
+                    ),
+                    _ => reply.opened(FileHandle(0), OPEN_FLAGS),
+                },
                 Err(e) => reply.error(errno(e, "open", ino.0)),
             }
         });
@@ -887,12 +923,12 @@ impl Filesystem for KmsFs {
         _fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
         self.contain("read", false, || {
-            READ_BUF.with_borrow_mut(|buf| {
+            let n = READ_BUF.with_borrow_mut(|buf| {
                 let size = size as usize;
                 if buf.len() < size {
                     // Once per thread: the largest request (MAX_IO). The old
@@ -900,10 +936,28 @@ impl Filesystem for KmsFs {
                     *buf = zeroize::Zeroizing::new(vec![0; size.max(MAX_IO as usize)]);
                 }
                 match self.vol.read_into(ino.0, offset, &mut buf[..size]) {
-                    Ok(n) => reply.data(&buf[..n]),
-                    Err(e) => reply.error(errno(e, "read", ino.0)),
+                    Ok(n) => {
+                        reply.data(&buf[..n]);
+                        n
+                    }
+                    Err(e) => {
+                        reply.error(errno(e, "read", ino.0));
+                        0
+                    }
                 }
-            })
+            });
+            // A read smaller than a block opened whole blocks: the rest of
+            // them goes to the page cache (not for O_DIRECT readers, who
+            // bypass it).
+            let bs = u64::from(self.vol.block_size());
+            if let Some(f) = &self.filler
+                && n > 0
+                && (size as u64) < bs
+                && !direct(flags.0)
+            {
+                let last = offset.saturating_add(n as u64 - 1);
+                f.after_read(ino.0, offset / bs, last / bs);
+            }
         });
     }
 
@@ -960,12 +1014,17 @@ impl Filesystem for KmsFs {
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.contain("release", true, || {
+            if let Some(f) = &self.filler
+                && writable(flags.0)
+            {
+                f.writer_closed(ino.0);
+            }
             if let Err(e) = self.vol.release(ino.0) {
                 // The kernel ignores release errors; the log is the only witness.
                 errno(e, "release", ino.0);
@@ -1179,7 +1238,7 @@ impl Filesystem for KmsFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         self.contain("create", true, || {
@@ -1191,13 +1250,22 @@ impl Filesystem for KmsFs {
                 })
                 .and_then(|a| self.vol.open_file(a.ino).map(|_| a));
             match r {
-                Ok(a) => reply.created(
-                    &ATTR_TTL,
-                    &file_attr(&a),
-                    Generation(0),
-                    FileHandle(0),
-                    OPEN_FLAGS,
-                ),
+                Ok(a) => {
+                    let ino = a.ino;
+                    let done = move || {
+                        reply.created(
+                            &ATTR_TTL,
+                            &file_attr(&a),
+                            Generation(0),
+                            FileHandle(0),
+                            OPEN_FLAGS,
+                        )
+                    };
+                    match &self.filler {
+                        Some(f) if writable(flags) => f.writer_opened(ino, Box::new(done)),
+                        _ => done(),
+                    }
+                }
                 Err(e) => reply.error(errno(e, "create", parent.0)),
             }
         });
@@ -1223,6 +1291,24 @@ impl Filesystem for KmsFs {
                 Err(e) => reply.error(errno(e, "fallocate", ino.0)),
             }
         });
+    }
+}
+
+/// Open flags that give a writable handle.
+fn writable(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY
+}
+
+/// Open flags of a reader that bypasses the page cache.
+fn direct(flags: i32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        flags & libc::O_DIRECT != 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = flags;
+        false
     }
 }
 
@@ -1262,6 +1348,7 @@ mod tests {
             threads: 1,
             clone_fd: true,
             uring: true,
+            block_fill: true,
         };
         let c = s.config();
         assert_eq!(c.n_threads, Some(2));
