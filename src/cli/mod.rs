@@ -315,7 +315,7 @@ struct MountArgs {
     /// Where to mount it
     mountpoint: PathBuf,
     /// Comma-separated options: ro, rw, allow_other, default_permissions, cache_size=SIZE,
-    /// readahead=KIB (kernel readahead window, default 4096; 0 keeps the kernel's), clone_fd (a /dev/fuse clone per request thread, Linux), noblockfill (no page-cache fill of the rest of a block after a small read), keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
+    /// readahead=KIB (kernel readahead window, default 4096; 0 keeps the kernel's), clone_fd (a /dev/fuse clone per request thread, Linux), noblockfill (no page-cache fill of the rest of a block after a small read), uring=auto|on|off (FUSE over io_uring, Linux 6.14+: auto uses it when /sys/module/fuse/parameters/enable_uring is Y, on fails without it, off never), keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
     /// generic options mount(8) passes (accepted; kernel flags such as nodev are applied)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -1095,6 +1095,30 @@ mod tests {
         );
         assert!(parse_mount_options(&["blockfill=1".into()], false).is_err());
         assert!(parse_mount_options(&["clone_fd=1".into()], false).is_err());
+    }
+
+    #[test]
+    fn uring_option_parses_and_resolves_against_the_kernel() {
+        use super::mount::{UringMode, resolve_uring};
+        let mode = |s: &str| parse_mount_options(&[s.into()], false).map(|o| o.uring);
+        assert_eq!(mode("rw").unwrap(), UringMode::Auto);
+        assert_eq!(mode("uring=on").unwrap(), UringMode::On);
+        assert_eq!(mode("uring=off").unwrap(), UringMode::Off);
+        assert_eq!(mode("uring=on,uring=auto").unwrap(), UringMode::Auto);
+        assert!(mode("uring=yes").is_err());
+        assert!(mode("uring").is_err());
+        assert!(!resolve_uring(UringMode::Off, true).unwrap());
+        assert!(!resolve_uring(UringMode::Auto, false).unwrap());
+        assert!(resolve_uring(UringMode::Auto, true).unwrap());
+        let e = resolve_uring(UringMode::On, false).unwrap_err();
+        if cfg!(target_os = "linux") {
+            assert!(
+                e.msg
+                    .contains("echo Y > /sys/module/fuse/parameters/enable_uring"),
+                "{}",
+                e.msg
+            );
+        }
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub(super) struct MountOpts {
     pub(super) readahead_kb: Option<u32>,
     /// One cloned /dev/fuse descriptor per request thread (`clone_fd`, Linux).
     pub(super) clone_fd: bool,
+    /// FUSE over io_uring (`uring=auto|on|off`, Linux).
+    pub(super) uring: UringMode,
     /// `noblockfill`: no block fill after small reads (on by default, Linux).
     pub(super) no_block_fill: bool,
     pub(super) keystore: Option<PathBuf>,
@@ -25,6 +27,46 @@ pub(super) struct MountOpts {
     pub(super) snapshot: Option<String>,
     pub(super) log: Option<PathBuf>,
     pub(super) flags: Vec<MountOption>,
+}
+
+/// `-o uring=`: whether requests come over io_uring (FUSE_OVER_IO_URING) or /dev/fuse.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum UringMode {
+    /// When the kernel offers it (`enable_uring` is Y).
+    #[default]
+    Auto,
+    /// Required: the mount fails when the kernel does not offer it.
+    On,
+    /// Classic /dev/fuse.
+    Off,
+}
+
+/// The fuse module's switch for io_uring (kernel 6.14+; off by default).
+pub(super) const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Whether the kernel offers FUSE over io_uring: `enable_uring` reads Y (or 1).
+pub(super) fn kernel_offers_uring() -> bool {
+    cfg!(target_os = "linux")
+        && fs::read_to_string(ENABLE_URING)
+            .map(|v| matches!(v.trim(), "Y" | "y" | "1"))
+            .unwrap_or(false)
+}
+
+/// Resolves `uring=` against the kernel: Ok(true) to ask for the ring at INIT.
+pub(super) fn resolve_uring(mode: UringMode, offered: bool) -> Result<bool> {
+    match mode {
+        UringMode::Off => Ok(false),
+        UringMode::Auto => Ok(offered),
+        UringMode::On if offered => Ok(true),
+        UringMode::On if !cfg!(target_os = "linux") => Err(CliError::usage(
+            "uring=on needs Linux's FUSE over io_uring; mount with uring=off",
+        )),
+        UringMode::On => Err(CliError::usage(format!(
+            "uring=on: the kernel does not offer FUSE over io_uring ({ENABLE_URING} is not Y, \
+             or missing before Linux 6.14); enable it with `echo Y > {ENABLE_URING}` (as root) \
+             and mount again, or mount with uring=auto"
+        ))),
+    }
 }
 
 /// The readahead window a mount asks the kernel for: four requests of the
@@ -153,6 +195,18 @@ pub(super) fn parse_mount_options(groups: &[String], sloppy: bool) -> Result<Mou
                 o.clone_fd = true;
             }
             ("noclone_fd", None) => o.clone_fd = false,
+            ("uring", v) => {
+                o.uring = match need(v)?.as_str() {
+                    "auto" => UringMode::Auto,
+                    "on" => UringMode::On,
+                    "off" => UringMode::Off,
+                    other => {
+                        return Err(CliError::usage(format!(
+                            "uring={other}: give auto, on or off"
+                        )));
+                    }
+                }
+            }
             ("blockfill", None) => o.no_block_fill = false,
             ("noblockfill", None) => o.no_block_fill = true,
             ("keystore", v) => o.keystore = Some(need(v)?.into()),
@@ -301,6 +355,7 @@ pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<M
     let cache = opts.cache_size.unwrap_or(DEFAULT_CACHE);
     let cache_bytes =
         usize::try_from(cache).map_err(|_| CliError::usage("cache_size is too large"))?;
+    let uring = resolve_uring(opts.uring, kernel_offers_uring())?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -313,7 +368,12 @@ pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<M
         flags: opts.flags.clone(),
         threads: (threads * 2).clamp(4, 16),
         clone_fd: opts.clone_fd,
-        block_fill: !opts.no_block_fill,
+        uring,
+        // Not over io_uring: the block fill defers the reply to a writable OPEN until
+        // its fill reached the kernel, and a ring entry stays taken until its reply
+        // (a queue's entries all waiting on fills that wait on a READ queued behind them
+        // would deadlock). /dev/fuse threads do not wait for deferred replies.
+        block_fill: !opts.no_block_fill && !uring,
     };
     let log = match &opts.log {
         Some(p) => Some(absolute(p)?),
@@ -742,6 +802,20 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
             plan.mountpoint.display()
         ))
     })?;
+    if plan.opts.uring == UringMode::On && !session.io_uring() {
+        return Err(CliError::error(format!(
+            "uring=on: the kernel did not accept FUSE over io_uring at INIT although {ENABLE_URING} \
+             is Y; mount with uring=off (or uring=auto)"
+        )));
+    }
+    log::info!(
+        "FUSE transport: {}",
+        if session.io_uring() {
+            "io_uring (FUSE_OVER_IO_URING), /dev/fuse for FORGET and INTERRUPT; no block fill"
+        } else {
+            "/dev/fuse"
+        }
+    );
     let _ = notifier.set(session.notifier());
     let ra = plan.opts.readahead_kb.unwrap_or(DEFAULT_READAHEAD_KB);
     if ra > 0 {

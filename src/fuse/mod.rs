@@ -85,6 +85,10 @@ pub struct MountSettings {
     /// (FUSE_DEV_IOC_CLONE), so replies are matched on per-descriptor lists
     /// instead of one shared one. Linux only.
     pub clone_fd: bool,
+    /// Ask for FUSE over io_uring (FUSE_OVER_IO_URING) at INIT: requests then come
+    /// over per-CPU rings instead of /dev/fuse reads (vendor/fuser/src/uring.rs). The
+    /// kernel must offer it (`/sys/module/fuse/parameters/enable_uring`). Linux only.
+    pub uring: bool,
     /// Block fill: the rest of a block that a small read opened goes to the
     /// kernel's page cache ([`fill`]). Linux only.
     pub block_fill: bool,
@@ -142,6 +146,7 @@ impl MountSettings {
         #[cfg(target_os = "linux")]
         {
             c.clone_fd = self.clone_fd;
+            c.io_uring = self.uring;
         }
         c
     }
@@ -1351,12 +1356,13 @@ mod tests {
             flags: vec![MountOption::NoExec],
             threads: 1,
             clone_fd: true,
+            uring: true,
             block_fill: true,
         };
         let c = s.config();
         assert_eq!(c.n_threads, Some(2));
         #[cfg(target_os = "linux")]
-        assert!(c.clone_fd);
+        assert!(c.clone_fd && c.io_uring);
         assert_eq!(c.acl, SessionACL::All);
         assert!(c.mount_options.contains(&MountOption::RO));
         assert!(c.mount_options.contains(&MountOption::DefaultPermissions));
