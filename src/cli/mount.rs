@@ -839,13 +839,16 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
             })
             .ok()
     };
-    let bound = memory_bound(plan.open.cache_bytes, plan.settings.threads.max(2));
+    // Over io_uring, the ring threads run handlers too, and hold their entries' buffers.
+    let (ring_threads, ring_bytes) = session.io_uring_footprint();
+    let threads = plan.settings.threads.max(2) + ring_threads;
+    let bound = memory_bound(plan.open.cache_bytes, threads) + ring_bytes;
     log::info!(
         "mounted; serving requests (memory: at most about {} MiB with cache_size {} and {} \
          request threads)",
         bound >> 20,
         human(plan.open.cache_bytes as u64),
-        plan.settings.threads.max(2)
+        threads
     );
     log::info!(
         "ready in {:.1} ms: {} opened in {:.1} ms (keystore: Argon2id unlock), {kms_calls} KMS calls (unwrap) {:.1} ms, volume open {:.1} ms",

@@ -391,6 +391,20 @@ impl<FS: Filesystem> Session<FS> {
         self.uring_payload.is_some()
     }
 
+    /// When `io_uring()`: how many ring threads `run` starts (each also runs the
+    /// filesystem's handlers) and the bytes of their ring entries' buffers; (0, 0)
+    /// otherwise. For a daemon's memory bound.
+    pub fn io_uring_footprint(&self) -> (usize, usize) {
+        #[cfg(target_os = "linux")]
+        if let Some(payload_len) = self.uring_payload {
+            let n_threads = self.config.n_threads.unwrap_or(1);
+            let queues = crate::uring::queue_count();
+            let threads = queues * (n_threads / queues).max(1);
+            return (threads, threads * (payload_len + 4096));
+        }
+        (0, 0)
+    }
+
     fn handshake(&mut self) -> io::Result<()> {
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
