@@ -369,8 +369,13 @@ fn policy_refuses_a_second_uid_and_audits_it() {
     // The CLI as nobody: `key list` shows only what nobody may describe; administration
     // and the audit log are refused with exit 4 and the policy named.
     let url = format!("unix:{}", sock.display());
+    // The CLI copied where nobody may execute it (the checkout may sit in a
+    // directory only root can enter).
+    let cli = env.root().join("kmsfs-cli-bin");
+    std::fs::copy(BIN, &cli).unwrap();
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
     let as_nobody = |args: &[&str]| {
-        Command::new(BIN)
+        Command::new(&cli)
             .arg("--kms")
             .arg(&url)
             .args(args)
