@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use common::{Env, TIMEOUT, is_mounted, output_text, pattern, require_root, wait_exit, wait_until};
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
@@ -316,20 +318,15 @@ fn unmount_with_requests_in_flight_ends_the_daemon() {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let name = CString::new(format!("f{}", i % 16)).unwrap();
-                    // SAFETY: a directory descriptor we hold and a valid name.
-                    let fd = unsafe {
-                        libc::openat(
-                            std::os::fd::AsRawFd::as_raw_fd(&d),
-                            name.as_ptr(),
-                            libc::O_CREAT | libc::O_RDWR | libc::O_TRUNC | libc::O_CLOEXEC,
-                            0o644,
-                        )
-                    };
-                    if fd < 0 {
+                    let Ok(fd) = nix::fcntl::openat(
+                        &d,
+                        name.as_c_str(),
+                        OFlag::O_CREAT | OFlag::O_RDWR | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
+                        Mode::from_bits_truncate(0o644),
+                    ) else {
                         break; // the connection is gone
-                    }
-                    // SAFETY: fd was just opened and is owned here.
-                    let mut f = unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                    };
+                    let mut f = fs::File::from(fd);
                     if f.write_all(&data).is_err() || f.sync_all().is_err() {
                         break;
                     }
