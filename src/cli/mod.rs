@@ -315,7 +315,7 @@ struct MountArgs {
     /// Where to mount it
     mountpoint: PathBuf,
     /// Comma-separated options: ro, rw, allow_other, default_permissions, cache_size=SIZE,
-    /// readahead=KIB (kernel readahead window, default 4096; 0 keeps the kernel's), clone_fd (a /dev/fuse clone per request thread, Linux), noblockfill (no page-cache fill of the rest of a block after a small read), uring=auto|on|off (FUSE over io_uring, Linux 6.14+: auto uses it when /sys/module/fuse/parameters/enable_uring is Y, on fails without it, off never), keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
+    /// readahead=KIB (kernel readahead window, default 4096; 0 keeps the kernel's), clone_fd (a /dev/fuse clone per request thread, Linux), noblockfill (no page-cache fill of the rest of a block after a small read), spin=USEC (after a request the /dev/fuse reader polls up to USEC microseconds for the next before it sleeps, default 50, 0 sleeps at once; Linux), uring=auto|on|off (FUSE over io_uring, Linux 6.14+: auto uses it when /sys/module/fuse/parameters/enable_uring is Y, on fails without it, off never), keystore=PATH, passphrase_file=PATH, keyfile=PATH, kms=URL, snapshot=NAME, log=PATH, and the
     /// generic options mount(8) passes (accepted; kernel flags such as nodev are applied)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -1076,6 +1076,27 @@ mod tests {
             );
             let o = parse_mount_options(&["clone_fd,noclone_fd".into()], false).unwrap();
             assert!(!o.clone_fd);
+        }
+        // spin= in microseconds: bounded, 0 allowed, a bad value names the range.
+        assert_eq!(
+            parse_mount_options(&["spin=0".into()], false)
+                .unwrap()
+                .spin_us,
+            Some(0)
+        );
+        assert_eq!(
+            parse_mount_options(&["spin=200".into()], false)
+                .unwrap()
+                .spin_us,
+            Some(200)
+        );
+        assert_eq!(
+            parse_mount_options(&["rw".into()], false).unwrap().spin_us,
+            None
+        );
+        for bad in ["spin=", "spin=-1", "spin=5000", "spin=1ms", "spin"] {
+            let e = parse_mount_options(&[bad.into()], false).unwrap_err();
+            assert!(e.msg.contains("spin"), "{bad}: {}", e.msg);
         }
         // Block fill: on unless noblockfill; the last of the pair wins.
         assert!(

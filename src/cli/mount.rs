@@ -20,6 +20,9 @@ pub(super) struct MountOpts {
     pub(super) uring: UringMode,
     /// `noblockfill`: no block fill after small reads (on by default, Linux).
     pub(super) no_block_fill: bool,
+    /// `spin=USEC`: the request reader's largest spin window (Linux, /dev/fuse);
+    /// None: [`DEFAULT_SPIN_US`].
+    pub(super) spin_us: Option<u32>,
     pub(super) keystore: Option<PathBuf>,
     pub(super) passphrase_file: Option<PathBuf>,
     pub(super) keyfile: Option<PathBuf>,
@@ -28,6 +31,14 @@ pub(super) struct MountOpts {
     pub(super) log: Option<PathBuf>,
     pub(super) flags: Vec<MountOption>,
 }
+
+/// The request reader's largest spin window in microseconds (`spin=`): after a
+/// request, the thread that reads /dev/fuse polls for the next one this long before
+/// it sleeps, so a caller's next request finds it awake (vendor/fuser/src/lead.rs).
+/// The window adapts below it; docs/PERFORMANCE.md has the measurements.
+pub const DEFAULT_SPIN_US: u32 = 50;
+/// The largest `spin=`.
+pub const MAX_SPIN_US: u32 = 1000;
 
 /// `-o uring=`: whether requests come over io_uring (FUSE_OVER_IO_URING) or /dev/fuse.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -207,6 +218,16 @@ pub(super) fn parse_mount_options(groups: &[String], sloppy: bool) -> Result<Mou
                     }
                 }
             }
+            ("spin", v) => {
+                let s = need(v)?;
+                o.spin_us = Some(s.parse::<u32>().ok().filter(|us| *us <= MAX_SPIN_US).ok_or_else(
+                    || {
+                        CliError::usage(format!(
+                            "spin={s}: give the request reader's spin in microseconds, 0 to {MAX_SPIN_US} (0: sleep at once)"
+                        ))
+                    },
+                )?);
+            }
             ("blockfill", None) => o.no_block_fill = false,
             ("noblockfill", None) => o.no_block_fill = true,
             ("keystore", v) => o.keystore = Some(need(v)?.into()),
@@ -374,6 +395,7 @@ pub(super) fn plan_mount(keys: &KeyArgs, a: MountArgs, sloppy: bool) -> Result<M
         // (a queue's entries all waiting on fills that wait on a READ queued behind them
         // would deadlock). /dev/fuse threads do not wait for deferred replies.
         block_fill: !opts.no_block_fill && !uring,
+        spin_us: opts.spin_us.unwrap_or(DEFAULT_SPIN_US),
     };
     let log = match &opts.log {
         Some(p) => Some(absolute(p)?),

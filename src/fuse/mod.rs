@@ -92,6 +92,10 @@ pub struct MountSettings {
     /// Block fill: the rest of a block that a small read opened goes to the
     /// kernel's page cache ([`fill`]). Linux only.
     pub block_fill: bool,
+    /// Leader/follower reading of /dev/fuse with a spin of up to this many
+    /// microseconds after each request (vendor/fuser/src/lead.rs; 0: no spin, the
+    /// reader sleeps in poll at once). Linux, not over io_uring.
+    pub spin_us: u32,
 }
 
 impl MountSettings {
@@ -147,6 +151,7 @@ impl MountSettings {
         {
             c.clone_fd = self.clone_fd;
             c.io_uring = self.uring;
+            c.spin_us = Some(self.spin_us);
         }
         c
     }
@@ -1358,11 +1363,12 @@ mod tests {
             clone_fd: true,
             uring: true,
             block_fill: true,
+            spin_us: 30,
         };
         let c = s.config();
         assert_eq!(c.n_threads, Some(2));
         #[cfg(target_os = "linux")]
-        assert!(c.clone_fd && c.io_uring);
+        assert!(c.clone_fd && c.io_uring && c.spin_us == Some(30));
         assert_eq!(c.acl, SessionACL::All);
         assert!(c.mount_options.contains(&MountOption::RO));
         assert!(c.mount_options.contains(&MountOption::DefaultPermissions));

@@ -62,6 +62,15 @@ pub const ROOT_INO: u64 = 1;
 /// check that a bug fails one request and loses nothing.
 #[cfg(feature = "test-hooks")]
 pub const FAULT_XATTR: &[u8] = b"user.kmsfs-test-hooks";
+/// With `test-hooks`: a get of this xattr waits (up to two minutes) until a get of
+/// [`RELEASE_XATTR`] arrives, then returns `released`; tests use the pair to hold
+/// a request thread inside a request that only another request can end.
+#[cfg(feature = "test-hooks")]
+pub const WAIT_XATTR: &[u8] = b"user.kmsfs-test-wait";
+/// With `test-hooks`: ends a [`WAIT_XATTR`] get under way (returns `released`);
+/// with none under way there is no such xattr.
+#[cfg(feature = "test-hooks")]
+pub const RELEASE_XATTR: &[u8] = b"user.kmsfs-test-release";
 pub const NAME_MAX: usize = 255;
 pub const SYMLINK_MAX: usize = 4095;
 /// Largest file: 16 TiB, ext4's limit with 4 KiB blocks, so that anything

@@ -57,6 +57,11 @@ impl Volume {
         if name == FAULT_XATTR {
             panic!("fault injection: getxattr on inode {ino}");
         }
+        #[cfg(feature = "test-hooks")]
+        if name == super::WAIT_XATTR || name == super::RELEASE_XATTR {
+            drop(st);
+            return hooks::wait_or_release(name == super::WAIT_XATTR);
+        }
         self.get_inode(&st, ino)?;
         let v = st
             .tree
@@ -114,5 +119,45 @@ impl Volume {
             Ok(()) | Err(Error::NoXattr) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The WAIT/RELEASE xattr pair (`test-hooks` only).
+#[cfg(feature = "test-hooks")]
+mod hooks {
+    use std::sync::{Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    use crate::error::{Error, Result};
+
+    /// (a wait is under way, it was released)
+    static STATE: Mutex<(bool, bool)> = Mutex::new((false, false));
+    static CV: Condvar = Condvar::new();
+
+    pub(super) fn wait_or_release(wait: bool) -> Result<Vec<u8>> {
+        let mut g = STATE.lock().unwrap_or_else(|e| e.into_inner());
+        if !wait {
+            if !g.0 {
+                return Err(Error::NoXattr);
+            }
+            g.1 = true;
+            CV.notify_all();
+            return Ok(b"released".to_vec());
+        }
+        *g = (true, false);
+        let end = Instant::now() + Duration::from_secs(120);
+        while !g.1 {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                *g = (false, false);
+                return Err(Error::NoXattr);
+            }
+            g = CV
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *g = (false, false);
+        Ok(b"released".to_vec())
     }
 }

@@ -88,6 +88,16 @@ mod dev_fuse;
 #[cfg(feature = "experimental")]
 pub mod experimental;
 mod forget_one;
+#[cfg(target_os = "linux")]
+mod lead;
+/// kmsfs patch: the leader's policy (which requests it serves itself, how its spin
+/// window adapts), public so that kmsfs's tests check it (this crate's own tests do
+/// not run in kmsfs's build).
+#[cfg(target_os = "linux")]
+#[doc(hidden)]
+pub mod lead_policy {
+    pub use crate::lead::{Arrival, INLINE_WRITE_MAX, next_window, served_inline};
+}
 mod ll;
 mod mnt;
 mod notify;

@@ -294,6 +294,26 @@ impl<FS: Filesystem> Session<FS> {
         }
         channels.push(ch);
 
+        #[cfg(target_os = "linux")]
+        let lead = match (config.spin_us, uring_payload) {
+            (Some(us), None) => Some(Arc::new(crate::lead::Lead::new(
+                &channels,
+                std::time::Duration::from_micros(u64::from(us)),
+            )?)),
+            _ => None,
+        };
+        #[cfg(target_os = "linux")]
+        let watchdog = match &lead {
+            Some(lead) => {
+                let lead = lead.clone();
+                Some(
+                    thread::Builder::new()
+                        .name("fuser-watch".into())
+                        .spawn(move || lead.watchdog())?,
+                )
+            }
+            None => None,
+        };
         let mut threads = Vec::with_capacity(n_threads);
 
         for (i, ch) in channels.into_iter().enumerate() {
@@ -304,6 +324,8 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                #[cfg(target_os = "linux")]
+                lead: lead.clone(),
             };
             threads.push(
                 thread::Builder::new()
@@ -332,6 +354,7 @@ impl<FS: Filesystem> Session<FS> {
                         ch: ch.clone(),
                         allowed,
                         session_owner,
+                        lead: None,
                     };
                     ring_threads.push(thread::Builder::new().name(thread_name).spawn(
                         move || crate::uring::serve_queue(&event_loop, qid16, payload_len),
@@ -366,6 +389,15 @@ impl<FS: Filesystem> Session<FS> {
                     reply = Err(e);
                 }
             }
+        }
+
+        #[cfg(target_os = "linux")]
+        if let Some(lead) = &lead {
+            lead.finish();
+            if let Some(w) = watchdog {
+                let _ = w.join();
+            }
+            lead.log_counts();
         }
 
         let Some(filesystem) = Arc::get_mut(&mut filesystem) else {
@@ -606,10 +638,18 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    /// kmsfs patch: leader/follower reading with a spin (`lead.rs`); None: every
+    /// thread blocks in read(2).
+    #[cfg(target_os = "linux")]
+    pub(crate) lead: Option<Arc<crate::lead::Lead>>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
     fn event_loop(&self) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(lead) = &self.lead {
+            return self.lead_loop(lead);
+        }
         // Buffer for receiving requests from the kernel. Only one is allocated and
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();
@@ -643,6 +683,65 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                 },
                 Err(nix::errno::Errno::ENODEV) => return Ok(()),
                 Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// kmsfs patch: the event loop with one reading leader (`lead.rs`).
+    #[cfg(target_os = "linux")]
+    fn lead_loop(&self, lead: &crate::lead::Lead) -> io::Result<()> {
+        let mut buf = FuseReadBuf::new();
+        let buf = buf.as_mut();
+        loop {
+            let generation = lead.acquire();
+            loop {
+                let size = match lead.receive(&self.ch, buf) {
+                    Ok(size) => size,
+                    Err(nix::errno::Errno::ENODEV) => {
+                        lead.release(generation);
+                        return Ok(());
+                    }
+                    Err(err) => {
+                        lead.release(generation);
+                        return Err(err.into());
+                    }
+                };
+                crate::uring::DEV_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(request) = buf.get(..size) else {
+                    lead.release(generation);
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "Invalid request",
+                    ));
+                };
+                let inline = crate::lead::served_inline(request);
+                if !inline {
+                    lead.hand_off(generation);
+                }
+                let Some(req) = RequestWithSender::new(self.ch.sender(), request) else {
+                    if inline {
+                        lead.release(generation);
+                    }
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "Invalid request",
+                    ));
+                };
+                if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                    req.reply::<ReplyEmpty>().ok();
+                    return Ok(());
+                }
+                if !inline {
+                    req.dispatch(self);
+                    break;
+                }
+                lead.inline(true);
+                req.dispatch(self);
+                lead.inline(false);
+                if !lead.still_leader(generation) {
+                    // The watchdog gave the reading to a follower meanwhile.
+                    break;
+                }
             }
         }
     }

@@ -22,6 +22,10 @@ pub struct Config {
     /// INIT; otherwise, or when the kernel refuses the ring, over /dev/fuse. Linux only
     /// (kmsfs patch, see PATCHES.md).
     pub io_uring: bool,
+    /// kmsfs patch (`lead.rs`): when set (Linux, /dev/fuse only), one thread at a time
+    /// reads requests and spins this many microseconds on non-blocking reads before
+    /// it sleeps; requests answered from memory are served by that thread itself.
+    pub spin_us: Option<u32>,
 }
 
 /// Mount options accepted by the FUSE filesystem type
