@@ -135,9 +135,14 @@ pub fn set_not_dumpable() -> io::Result<()> {
     }
 }
 
+/// Heap arenas the mount daemon's allocator may use ([`tune_malloc`]); each may
+/// keep up to the trim threshold of freed memory.
+pub const MALLOC_ARENAS: usize = 2;
+
 /// Tunes glibc's allocator for the mount daemon (see `cli::mount`): blocks
 /// stay in the heap below 8 MiB, freed memory above `trim_threshold` goes back
-/// to the system, at most 2 arenas. macOS's allocator has no such knobs: a no-op.
+/// to the system (per arena), at most [`MALLOC_ARENAS`] arenas. macOS's
+/// allocator has no such knobs: a no-op.
 pub fn tune_malloc(trim_threshold: i32) {
     // SAFETY: mallopt takes integer arguments and only tunes the allocator.
     #[cfg(target_os = "linux")]
@@ -146,7 +151,7 @@ pub fn tune_malloc(trim_threshold: i32) {
         libc::mallopt(libc::M_TRIM_THRESHOLD, trim_threshold);
         // One heap arena per request thread would each keep its own freed
         // memory: a few shared arenas bound what the daemon holds.
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS as i32);
     }
     #[cfg(not(target_os = "linux"))]
     let _ = trim_threshold;

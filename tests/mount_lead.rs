@@ -1,6 +1,6 @@
 //! The /dev/fuse reader (vendor/fuser/src/lead.rs): one leader thread reads
-//! requests, spins a short adaptive window for the next one, serves metadata and
-//! small writes itself and hands every other request to a follower; a watchdog
+//! requests, spins a short adaptive window for the next one, serves metadata
+//! itself and hands every other request to a follower; a watchdog
 //! hands the reading on when the leader is stuck inside a request.
 //!
 //! The watchdog test holds the leader inside a request that only a later request
@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Env, TIMEOUT, pattern};
-use fuser::lead_policy::{Arrival, INLINE_WRITE_MAX, next_window, served_inline};
+use fuser::lead_policy::{Arrival, next_window, served_inline};
 
 const WAIT: &str = "user.kmsfs-test-wait";
 const RELEASE: &str = "user.kmsfs-test-release";
@@ -154,20 +154,18 @@ fn request(op: u32, len: u32) -> Vec<u8> {
 }
 
 #[test]
-fn metadata_and_small_writes_are_served_inline_and_the_rest_handed_off() {
+fn metadata_is_served_inline_and_the_rest_handed_off() {
     for op in [1, 3, 4, 14, 18, 22, 35, 45] {
         assert!(served_inline(&header(op)), "op {op}");
     }
-    // READ, FSYNC, FLUSH, READDIR, SETLKW, DESTROY, READDIRPLUS, unknown
-    for op in [15, 20, 25, 28, 33, 38, 44, 7, 9999] {
+    // READ, WRITE, FSYNC, FLUSH, READDIR, SETLKW, DESTROY, READDIRPLUS, unknown
+    for op in [15, 16, 20, 25, 28, 33, 38, 44, 7, 9999] {
         assert!(!served_inline(&header(op)), "op {op}");
     }
     assert!(!served_inline(&[1, 0, 0]));
     assert!(!served_inline(&[40, 0, 0, 0, 1, 0, 0]));
-    // WRITE: small ones inline, larger ones handed off.
-    assert!(served_inline(&request(16, 4096 + 80)));
-    assert!(served_inline(&request(16, INLINE_WRITE_MAX)));
-    assert!(!served_inline(&request(16, INLINE_WRITE_MAX + 1)));
+    // A WRITE of any size goes to a follower.
+    assert!(!served_inline(&request(16, 4096 + 80)));
     assert!(!served_inline(&request(16, 1 << 20)));
 }
 

@@ -88,8 +88,10 @@ const ENV_KDF_TEST: &str = "KMSFS_KDF_TEST_PARAMS";
 const DEFAULT_CACHE: u64 = 256 << 20;
 /// Cache for `info` and `fsck`, which read each block about once.
 const TOOL_CACHE: usize = 32 << 20;
-/// Freed heap the daemon may keep for reuse (see `serve`).
-const TRIM_THRESHOLD: usize = 16 << 20;
+/// Freed heap the daemon may keep for reuse, per allocator arena (see `serve`;
+/// glibc trims every arena at this threshold, and there are
+/// [`crate::sys::MALLOC_ARENAS`] of them).
+const TRIM_THRESHOLD: usize = 8 << 20;
 
 /// Peak memory (RSS) of a mount daemon with the decrypted-block cache
 /// `cache_bytes` and `threads` request threads; docs/ARCHITECTURE.md explains
@@ -104,7 +106,11 @@ pub fn memory_bound(cache_bytes: usize, threads: usize) -> usize {
     // and the sealed bytes read with O_DIRECT; each in a huge page where the
     // kernel gives one).
     let per_thread = 7 << 20;
-    BASE + cache_bytes + node_cache + dirty + threads * per_thread + TRIM_THRESHOLD
+    BASE + cache_bytes
+        + node_cache
+        + dirty
+        + threads * per_thread
+        + crate::sys::MALLOC_ARENAS * TRIM_THRESHOLD
 }
 /// How long a mount waits for the lock of a volume whose previous daemon is
 /// finishing its final commit after an unmount.

@@ -763,9 +763,9 @@ pub(super) fn serve(plan: &MountPlan, src: KmsSource, ready: &mut Ready) -> Resu
     // Block buffers are allocated and freed at a high rate; keep them in the
     // heap instead of mapping and unmapping (each new page is a fault, which
     // showed as 13% of a streaming-write profile). Freed memory above
-    // TRIM_THRESHOLD still goes back to the system.
+    // TRIM_THRESHOLD (per arena) still goes back to the system.
     // One heap arena per request thread would each keep its own freed memory:
-    // a few shared arenas (2) bound what the daemon holds.
+    // a few shared arenas (sys::MALLOC_ARENAS) bound what the daemon holds.
     crate::sys::tune_malloc(TRIM_THRESHOLD as i32);
     let set = block_signals();
     let phase = Arc::new(Mutex::new(Phase::Starting));
