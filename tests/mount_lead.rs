@@ -7,6 +7,8 @@
 //! can end (the `test-hooks` WAIT/RELEASE xattr pair): without the watchdog no
 //! thread would read the later request and the mount would hang.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::ffi::CString;
