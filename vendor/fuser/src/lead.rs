@@ -309,23 +309,36 @@ pub fn served_inline(request: &[u8]) -> bool {
     // Small WRITEs were served inline too (untar of 20,000 files: 4.3-5.5 s against
     // 5.5-6.8 s), but the daemon's peak memory under 8,000 small files then rose by
     // 10-23 MiB (tests/mount_memory.rs): a WRITE stays with a follower.
+    use crate::ll::fuse_abi::fuse_opcode as op;
+    let Ok(opcode) = op::try_from(u32::from_ne_bytes([a, b, c, d])) else {
+        return false;
+    };
     matches!(
-        u32::from_ne_bytes([a, b, c, d]),
-        // LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK
-        1..=6
-        // MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN
-        | 8..=14
-        // STATFS, RELEASE
-        | 17
-        | 18
-        // SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR
-        | 21..=24
-        // OPENDIR, RELEASEDIR, ACCESS, CREATE, BATCH_FORGET, RENAME2
-        | 27
-        | 29
-        | 34
-        | 35
-        | 42
-        | 45
+        opcode,
+        op::FUSE_LOOKUP
+            | op::FUSE_FORGET
+            | op::FUSE_BATCH_FORGET
+            | op::FUSE_GETATTR
+            | op::FUSE_SETATTR
+            | op::FUSE_READLINK
+            | op::FUSE_SYMLINK
+            | op::FUSE_MKNOD
+            | op::FUSE_MKDIR
+            | op::FUSE_UNLINK
+            | op::FUSE_RMDIR
+            | op::FUSE_RENAME
+            | op::FUSE_RENAME2
+            | op::FUSE_LINK
+            | op::FUSE_OPEN
+            | op::FUSE_CREATE
+            | op::FUSE_RELEASE
+            | op::FUSE_OPENDIR
+            | op::FUSE_RELEASEDIR
+            | op::FUSE_STATFS
+            | op::FUSE_ACCESS
+            | op::FUSE_SETXATTR
+            | op::FUSE_GETXATTR
+            | op::FUSE_LISTXATTR
+            | op::FUSE_REMOVEXATTR
     )
 }
