@@ -4,11 +4,15 @@
 //! make a client believe a forged answer, or make a clone copy a host file.
 //!
 //! - Server: the socket is bound in a private staging directory made and
-//!   opened relative to a descriptor of the volume directory; a staging
-//!   directory swapped for a link or another directory is refused, a planted
-//!   `kmsfs.ctl` is replaced (never followed), and an unmount ends however the
-//!   name was changed behind the mount's back.
-//! - Client: an answer from a socket served by another user is refused.
+//!   opened relative to a descriptor of its directory (the runtime directory,
+//!   or the volume directory without one: tested here in a directory others
+//!   may write); a staging directory swapped for a link or another directory
+//!   is refused, a planted `kmsfs.ctl` is replaced (never followed), and an
+//!   unmount ends however the name was changed behind the mount's back.
+//! - Client: an answer from a socket served by another user is refused, in
+//!   the runtime directory as in the volume directory; a socket planted in
+//!   the volume directory is not even consulted while the mount serves from
+//!   its runtime directory.
 //! - Clone: a segment replaced by a link (or a FIFO) fails the clone, and the
 //!   clone never holds the link's target; the tree-node mirrors of the
 //!   segments a clone brings come along.
@@ -21,7 +25,7 @@ mod common;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -128,7 +132,7 @@ impl Dirs {
     }
 
     fn bind(&self, after_mkdir: &dyn Fn()) -> std::io::Result<UnixListener> {
-        control::bind_control_socket(self.fd.as_fd(), &self.vol, STAGING, after_mkdir)
+        control::bind_control_socket(self.fd.as_fd(), &self.vol, STAGING, CONTROL_FILE, after_mkdir)
             .map(|(l, _)| l)
     }
 
@@ -292,7 +296,7 @@ fn a_swapped_staging_directory_is_refused() {
 fn unmount_ends_however_the_socket_name_was_changed() {
     require_fuse!();
     let env = Env::new();
-    let ctl = env.vol.join(CONTROL_FILE);
+    let ctl = control::socket_path(&env.vol);
     for change in 0..2 {
         let m = env.mount();
         assert!(is_socket(&ctl));
@@ -307,6 +311,31 @@ fn unmount_ends_however_the_socket_name_was_changed() {
             fs::remove_file(&ctl).unwrap();
         }
     }
+}
+
+/// A mount killed with SIGKILL leaves its socket in the runtime directory:
+/// a client finds nobody listening there, and the next mount of the volume
+/// puts its own socket at the name.
+#[test]
+fn the_next_mount_replaces_the_socket_of_a_killed_mount() {
+    require_fuse!();
+    let env = Env::new();
+    let ctl = control::socket_path(&env.vol);
+    let m = env.mount();
+    let first = fs::symlink_metadata(&ctl).unwrap().ino();
+    m.kill9();
+    assert!(is_socket(&ctl), "the killed mount's socket is gone");
+    let e = control::request(&env.vol, &Request::Stats).expect_err("a dead mount answered");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&ctl.display().to_string()) && msg.contains("is the volume mounted"),
+        "{msg}"
+    );
+    let m = env.mount();
+    assert_ne!(fs::symlink_metadata(&ctl).unwrap().ino(), first);
+    control::request(&env.vol, &Request::Stats).expect("the new mount answers");
+    assert_eq!(m.unmount(), Some(0), "{}", env.log_text());
+    assert!(fs::symlink_metadata(&ctl).is_err(), "{} left behind", ctl.display());
 }
 
 // ----- client: answers only from a server of this user or root --------------------
@@ -336,16 +365,17 @@ fn listen_as_nobody(path: &Path) -> UnixListener {
     .unwrap()
 }
 
-/// Puts a socket served by nobody at `vol`/kmsfs.ctl (bound in a directory
-/// of `scratch` nobody may write, then moved into place) and answers every
-/// request with a forged success.
-fn plant_forger(scratch: &Path, vol: &Path) -> std::thread::JoinHandle<()> {
+/// Puts a socket served by nobody at `at` (bound in a directory of `scratch`
+/// nobody may write, then moved into place) and answers every request with a
+/// forged success.
+fn plant_forger(scratch: &Path, at: &Path) -> std::thread::JoinHandle<()> {
     let dir = scratch.join("nobody");
     fs::create_dir(&dir).unwrap();
     std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
     let bound = dir.join("forged.ctl");
     let l = listen_as_nobody(&bound);
-    fs::rename(&bound, vol.join(CONTROL_FILE)).unwrap();
+    fs::rename(&bound, at).unwrap();
+    fs::remove_dir(&dir).unwrap();
     std::thread::spawn(move || {
         for c in l.incoming() {
             let Ok(mut c) = c else { return };
@@ -356,11 +386,39 @@ fn plant_forger(scratch: &Path, vol: &Path) -> std::thread::JoinHandle<()> {
     })
 }
 
+/// A directory others may enter beside root's runtime directory of sockets
+/// (the socket planted there is moved in by rename: the same file system),
+/// removed when it drops.
+fn runtime_scratch(socket: &Path) -> tempfile::TempDir {
+    let dir = socket.parent().unwrap();
+    let runtime = dir.parent().unwrap();
+    let _ = fs::DirBuilder::new().mode(0o755).create(runtime);
+    let _ = fs::DirBuilder::new().mode(0o700).create(dir);
+    let t = tempfile::tempdir_in(runtime).unwrap();
+    fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    t
+}
+
+/// Removes `p` when it drops (a socket a test put in the runtime directory).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 #[track_caller]
-fn assert_refused(msg: &str, vol: &Path) {
+fn assert_refused(msg: &str, socket: &Path, vol: &Path) {
+    let place = if socket.parent() == Some(vol) {
+        "the backing directory".to_string()
+    } else {
+        socket.parent().unwrap().display().to_string()
+    };
     let want = format!(
-        "the control socket kmsfs.ctl of {} is served by uid 65534, not by a kmsfs mount of this \
-         user; the backing directory may have been tampered with",
+        "the control socket {} of {} is served by uid 65534, not by a kmsfs mount of this \
+         user; {place} may have been tampered with",
+        socket.display(),
         vol.display()
     );
     assert!(msg.contains(&want), "want {want:?} in: {msg}");
@@ -370,9 +428,12 @@ fn assert_refused(msg: &str, vol: &Path) {
 fn a_client_refuses_a_socket_served_by_another_user() {
     common::require_root("the forged control socket test (listens as another user)");
     let d = Dirs::new();
-    let _forger = plant_forger(d.tmp.path(), &d.vol);
+    let runtime = control::socket_path(&d.vol);
+    assert_ne!(runtime, d.ctl(), "root has a runtime directory");
+    // In the volume directory (no mount serves the runtime name).
+    let forger = plant_forger(d.tmp.path(), &d.ctl());
     let e = control::request(&d.vol, &Request::Stats).expect_err("a forged answer was taken");
-    assert_refused(&e.to_string(), &d.vol);
+    assert_refused(&e.to_string(), &d.ctl(), &d.vol);
     // The same forged answer from a socket of this user (root) is taken: it
     // is the server's credentials that are refused, nothing else.
     fs::remove_file(d.ctl()).unwrap();
@@ -388,6 +449,16 @@ fn a_client_refuses_a_socket_served_by_another_user() {
     let v = control::request(&d.vol, &Request::Stats).unwrap();
     assert_eq!(v["forged"], true);
     assert_eq!(t.join().unwrap().trim(), r#"{"op":"stats"}"#);
+    drop(forger);
+    // At the runtime name: refused too, and the volume directory's socket
+    // (this user's) is not tried instead.
+    fs::remove_file(d.ctl()).unwrap();
+    let _l = UnixListener::bind(d.ctl()).unwrap();
+    let scratch = runtime_scratch(&runtime);
+    let _forger = plant_forger(scratch.path(), &runtime);
+    let _clean = RemoveOnDrop(runtime.clone());
+    let e = control::request(&d.vol, &Request::Stats).expect_err("a forged answer was taken");
+    assert_refused(&e.to_string(), &runtime, &d.vol);
 }
 
 #[test]
@@ -396,15 +467,29 @@ fn the_cli_refuses_a_forged_socket_of_a_mounted_volume() {
     common::require_root("the forged control socket test (listens as another user)");
     let env = Env::new();
     let m = env.mount();
-    // Another user of the share replaces the mount's socket by their own.
-    let _forger = plant_forger(env.root(), &env.vol);
+    let runtime = control::socket_path(&env.vol);
+    assert!(is_socket(&runtime));
+    // Another user of the share plants a socket in the volume directory: the
+    // mount serves from its runtime directory, so the CLI never asks it.
+    let legacy = env.vol.join(CONTROL_FILE);
+    let _forger = plant_forger(env.root(), &legacy);
+    env.ok(&["snapshot", "create", env.vol_str(), "through-the-mount"]);
+    let list = env.ok(&["snapshot", "list", env.vol_str()]);
+    assert!(list.contains("through-the-mount"), "{list}");
+    // The mount's socket itself replaced by another user's (only root could
+    // do that to a private runtime directory): refused.
+    let scratch = runtime_scratch(&runtime);
+    let _forger2 = plant_forger(scratch.path(), &runtime);
+    let _clean = RemoveOnDrop(runtime.clone());
     let o = env.run(&["snapshot", "create", env.vol_str(), "x"]);
     assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
-    assert_refused(&String::from_utf8_lossy(&o.stderr), &env.vol);
-    // The mount ends cleanly, and leaves the socket that is not its own.
+    assert_refused(&String::from_utf8_lossy(&o.stderr), &runtime, &env.vol);
+    // The mount ends cleanly, and leaves the sockets that are not its own.
     assert_eq!(m.unmount(), Some(0), "{}", env.log_text());
-    assert!(is_socket(&env.vol.join(CONTROL_FILE)));
-    fs::remove_file(env.vol.join(CONTROL_FILE)).unwrap();
+    assert!(is_socket(&runtime));
+    assert!(is_socket(&legacy));
+    fs::remove_file(&runtime).unwrap();
+    fs::remove_file(&legacy).unwrap();
     // Nothing was created through the forged socket: the name is free.
     env.ok(&["snapshot", "create", env.vol_str(), "x"]);
 }

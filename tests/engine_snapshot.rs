@@ -5,6 +5,8 @@
 mod engine_common;
 
 use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
 
 use engine_common::*;
@@ -387,6 +389,18 @@ fn control_socket_takes_snapshots_of_an_open_volume() {
     let f = v.create(ROOT_INO, b"a", 0o644, 0, 0).unwrap();
     v.write(f.ino, 0, b"version one").unwrap();
     let server = ControlServer::start(v.clone(), dir.path()).unwrap();
+    // The socket is where clients look first; the volume directory holds none.
+    let sock = kmsfs::control::socket_path(dir.path());
+    assert!(
+        fs::symlink_metadata(&sock).is_ok_and(|m| m.file_type().is_socket()),
+        "no socket at {}",
+        sock.display()
+    );
+    let legacy = dir.path().join(kmsfs::control::CONTROL_FILE);
+    if kmsfs::control::runtime_base().is_some() {
+        assert_ne!(sock, legacy);
+        assert!(fs::symlink_metadata(&legacy).is_err());
+    }
     let r = request(dir.path(), &Request::SnapshotCreate { name: "s1".into() }).unwrap();
     assert_eq!(r["name"], "s1");
     // The volume keeps serving; the snapshot holds the moment.
@@ -402,6 +416,55 @@ fn control_socket_takes_snapshots_of_an_open_volume() {
     request(dir.path(), &Request::SnapshotDelete { name: "s1".into() }).unwrap();
     assert!(v.snapshots().is_empty());
     drop(server);
-    assert!(!dir.path().join(kmsfs::control::CONTROL_FILE).exists());
+    assert!(fs::symlink_metadata(&sock).is_err(), "the socket is left");
+    assert!(fs::symlink_metadata(&legacy).is_err());
     assert!(request(dir.path(), &Request::Stats).is_err());
+}
+
+/// Without a usable runtime directory (none, or one that is not the user's
+/// alone), the socket goes into the volume directory as `kmsfs.ctl`, and
+/// clients find it there, past a stale socket at the runtime name.
+#[test]
+fn control_socket_in_the_volume_directory_without_a_runtime_directory() {
+    use kmsfs::control::{CONTROL_FILE, ControlServer, Request, RuntimeBase, request};
+    use std::os::unix::fs::PermissionsExt;
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(FsStorage::new(dir.path()));
+    let v = Arc::new(init(&env, storage.clone(), &small_opts()));
+    let legacy = dir.path().join(CONTROL_FILE);
+    let runtime = kmsfs::control::socket_path(dir.path());
+    // A socket nobody listens on at the runtime name (a killed mount's):
+    // clients go on to the next place.
+    let stale = (runtime != legacy).then(|| {
+        use std::os::unix::fs::DirBuilderExt;
+        // Made as a mount makes them.
+        let rt = runtime.parent().unwrap();
+        let _ = fs::DirBuilder::new().mode(0o755).create(rt.parent().unwrap());
+        let _ = fs::DirBuilder::new().mode(0o700).create(rt);
+        drop(std::os::unix::net::UnixListener::bind(&runtime).unwrap());
+        runtime.clone()
+    });
+    let bad = tempfile::tempdir().unwrap();
+    let loose = bad.path().join("rt");
+    fs::create_dir(&loose).unwrap();
+    fs::set_permissions(&loose, fs::Permissions::from_mode(0o777)).unwrap();
+    for base in [None, Some(RuntimeBase::at(&loose))] {
+        let server = ControlServer::start_in(v.clone(), dir.path(), base.as_ref()).unwrap();
+        assert!(
+            fs::symlink_metadata(&legacy).is_ok_and(|m| m.file_type().is_socket()),
+            "no kmsfs.ctl in the volume directory"
+        );
+        assert!(fs::read_dir(&loose).unwrap().next().is_none());
+        let r = request(dir.path(), &Request::SnapshotCreate { name: "s1".into() }).unwrap();
+        assert_eq!(r["name"], "s1");
+        request(dir.path(), &Request::SnapshotDelete { name: "s1".into() }).unwrap();
+        drop(server);
+        assert!(fs::symlink_metadata(&legacy).is_err(), "kmsfs.ctl is left");
+        let e = request(dir.path(), &Request::Stats).unwrap_err().to_string();
+        assert!(e.contains(&legacy.display().to_string()), "{e}");
+    }
+    if let Some(stale) = stale {
+        fs::remove_file(stale).unwrap();
+    }
 }

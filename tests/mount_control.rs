@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::{Env, is_mounted, wait_exit, wait_until};
 
 fn ctl(env: &Env) -> PathBuf {
-    env.vol.join("kmsfs.ctl")
+    kmsfs::control::socket_path(&env.vol)
 }
 
 /// Sends one request line on `c` and returns the answer line as JSON.
@@ -72,10 +72,17 @@ fn only_the_mounting_user_or_root_may_control() {
     common::require_root("the control socket test (connects as another user)");
     let env = Env::new();
     let m = env.mount();
-    // A hostile share loosened the modes: the socket is reachable by anyone.
-    fs_mode(&env.vol, 0o755);
-    fs_mode(&ctl(&env), 0o666);
-    let mut c = connect_as_nobody(&ctl(&env)).expect("the loosened socket is reachable");
+    // Say the socket were reachable by anyone: its mode loosened, and a link
+    // to it in a directory others may enter (beside the private runtime
+    // directory, on the same file system). Only the peer's credentials stop
+    // another user then.
+    let sock = ctl(&env);
+    let open = tempfile::tempdir_in(sock.parent().unwrap().parent().unwrap()).unwrap();
+    fs_mode(open.path(), 0o755);
+    let link = open.path().join("ctl");
+    fs::hard_link(&sock, &link).unwrap();
+    fs_mode(&sock, 0o666);
+    let mut c = connect_as_nobody(&link).expect("the loosened socket is reachable");
     let r = ask(&mut c, r#"{"op":"snapshot-create","name":"intruder"}"#);
     assert_eq!(r["ok"], false, "{r}");
     assert_eq!(r["errno"], libc::EACCES, "{r}");

@@ -12,6 +12,7 @@ mod common;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -126,6 +127,61 @@ fn plain_umount_then_immediate_copy_is_complete() {
     copy_dir(&env.vol, &copy);
     common::wait_exit(pid, common::TIMEOUT);
     check_copy(&env, &copy);
+}
+
+/// Every socket under `dir`, and every name of the control socket or its
+/// staging directory (`kmsfs.ctl`, `.kmsfs.ctl.*`).
+fn runtime_state_in(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let md = fs::symlink_metadata(e.path()).unwrap();
+        if md.file_type().is_socket() || name == "kmsfs.ctl" || name.starts_with(".kmsfs.ctl.") {
+            found.push(e.path().display().to_string());
+        } else if md.is_dir() {
+            found.extend(runtime_state_in(&e.path()));
+        }
+    }
+    found
+}
+
+/// While a volume is mounted its backing directory holds no runtime state:
+/// the control socket lives in the mounting user's runtime directory, so
+/// nothing in the backing directory changes after the data is complete (a
+/// copy or rsync right after a plain umount meets no name vanishing).
+#[test]
+fn a_mounted_volume_directory_holds_no_socket() {
+    require_fuse!();
+    if kmsfs::control::runtime_base().is_none() {
+        eprintln!("skipped: no runtime directory (not root, no XDG_RUNTIME_DIR)");
+        return;
+    }
+    let env = Env::new();
+    let m = env.mount();
+    make_changes(&m);
+    let sock = kmsfs::control::socket_path(&env.vol);
+    assert!(!sock.starts_with(&env.vol), "{}", sock.display());
+    assert!(
+        fs::symlink_metadata(&sock).is_ok_and(|m| m.file_type().is_socket()),
+        "no control socket at {}",
+        sock.display()
+    );
+    // The control socket answers (`kmsfs info` asks the mount for its cache).
+    assert!(
+        env.info_json()["mount_cache"].is_object(),
+        "{}",
+        env.info_json()
+    );
+    assert_eq!(runtime_state_in(&env.vol), Vec::<String>::new());
+    let pid = m.umount_plain();
+    assert_eq!(runtime_state_in(&env.vol), Vec::<String>::new());
+    common::wait_exit(pid, common::TIMEOUT);
+    assert!(
+        fs::symlink_metadata(&sock).is_err(),
+        "{} left after the unmount",
+        sock.display()
+    );
 }
 
 #[test]

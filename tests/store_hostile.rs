@@ -828,22 +828,29 @@ fn mount_with_a_planted_root_tmp_link_fails_fsync_and_spares_the_target() {
     m.unmount();
 }
 
+/// Whatever is planted at the control socket's name (in the runtime
+/// directory) is replaced, never followed; whatever another user of the share
+/// plants at the old name in the volume directory (`kmsfs.ctl`) is neither
+/// followed nor used.
 #[test]
 fn control_socket_name_is_replaced_not_followed() {
     require_fuse!();
     let _serial = mount_test();
     let env = Arc::new(common::Env::new());
-    let ctl = env.vol.join(kmsfs::control::CONTROL_FILE);
+    let ctl = common::control_socket(&env.vol);
+    let legacy = env.vol.join(kmsfs::control::CONTROL_FILE);
     let victim = Victim::new(env.root(), "ctl-victim");
     let absent = env.root().join("ctl-created");
     for plant in 0..3 {
-        match plant {
-            0 => plant_symlink(&ctl, &victim.path),
-            1 => plant_symlink(&ctl, &absent),
-            _ => plant_fifo(&ctl),
+        for at in [&ctl, &legacy] {
+            match plant {
+                0 => plant_symlink(at, &victim.path),
+                1 => plant_symlink(at, &absent),
+                _ => plant_fifo(at),
+            }
         }
         let env2 = env.clone();
-        let o = bounded("a mount with a planted kmsfs.ctl", move || {
+        let o = bounded("a mount with a planted control socket name", move || {
             env2.try_mount("", &[])
         });
         assert!(o.status.success(), "{}", common::output_text(&o));
@@ -851,7 +858,8 @@ fn control_socket_name_is_replaced_not_followed() {
         let md = fs::symlink_metadata(&ctl).unwrap();
         assert!(
             md.file_type().is_socket(),
-            "kmsfs.ctl is {:?}",
+            "{} is {:?}",
+            ctl.display(),
             md.file_type()
         );
         victim.assert_intact();
@@ -861,6 +869,16 @@ fn control_socket_name_is_replaced_not_followed() {
         m.unmount();
         victim.assert_intact();
         assert_absent(&absent);
-        assert!(fs::symlink_metadata(&ctl).is_err(), "kmsfs.ctl left behind");
+        assert!(
+            fs::symlink_metadata(&ctl).is_err(),
+            "{} left behind",
+            ctl.display()
+        );
+        let md = fs::symlink_metadata(&legacy).unwrap();
+        assert!(
+            !md.file_type().is_socket(),
+            "the mount used kmsfs.ctl in the volume directory"
+        );
+        fs::remove_file(&legacy).unwrap();
     }
 }

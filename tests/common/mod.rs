@@ -107,6 +107,38 @@ pub struct Env {
     pub log: PathBuf,
 }
 
+/// Where the mount of `vol` serves its control socket
+/// (`kmsfs::control::socket_path`), with its directory made as a mount makes
+/// it (for tests that put something at that name first).
+pub fn control_socket(vol: &Path) -> PathBuf {
+    use std::os::unix::fs::DirBuilderExt;
+    let sock = kmsfs::control::socket_path(vol);
+    if let Some(dir) = sock.parent().filter(|d| *d != vol) {
+        if let Some(runtime) = dir.parent() {
+            let _ = fs::DirBuilder::new().mode(0o755).create(runtime);
+        }
+        let _ = fs::DirBuilder::new().mode(0o700).create(dir);
+    }
+    sock
+}
+
+/// A test's volume may end with its daemon killed (SIGKILL): its socket stays
+/// in the runtime directory until the next mount of the volume, which never
+/// comes. Removed here when nobody serves it.
+impl Drop for Env {
+    fn drop(&mut self) {
+        use std::os::unix::fs::FileTypeExt;
+        let sock = kmsfs::control::socket_path(&self.vol);
+        if sock.parent() != Some(self.vol.as_path())
+            && fs::symlink_metadata(&sock).is_ok_and(|m| m.file_type().is_socket())
+            && std::os::unix::net::UnixStream::connect(&sock)
+                .is_err_and(|e| e.raw_os_error() == Some(libc::ECONNREFUSED))
+        {
+            let _ = fs::remove_file(&sock);
+        }
+    }
+}
+
 impl Env {
     /// An environment with an initialised volume.
     pub fn new() -> Env {
