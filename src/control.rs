@@ -145,7 +145,12 @@ impl RuntimeBase {
         if self.system {
             match nix::unistd::mkdir(&self.parent, Mode::from_bits_truncate(0o755)) {
                 Ok(()) | Err(Errno::EEXIST) => {}
-                Err(e) => return Err(runtime_error(&self.parent, format_args!("cannot make it ({e})"))),
+                Err(e) => {
+                    return Err(runtime_error(
+                        &self.parent,
+                        format_args!("cannot make it ({e})"),
+                    ));
+                }
             }
         }
         let mut flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
@@ -153,7 +158,10 @@ impl RuntimeBase {
             flags |= OFlag::O_NOFOLLOW;
         }
         let parent = nix::fcntl::open(&self.parent, flags, Mode::empty()).map_err(|e| {
-            runtime_error(&self.parent, format_args!("cannot open it as a directory ({e})"))
+            runtime_error(
+                &self.parent,
+                format_args!("cannot open it as a directory ({e})"),
+            )
         })?;
         check_runtime_dir(&parent, &self.parent, euid)?;
         let path = self.path();
@@ -1028,7 +1036,10 @@ mod tests {
         let elsewhere = tmp.path().join("elsewhere");
         std::fs::create_dir(&elsewhere).unwrap();
         std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
-        refused("a link at the runtime directory's name", "without following links");
+        refused(
+            "a link at the runtime directory's name",
+            "without following links",
+        );
         std::fs::remove_file(&dir).unwrap();
         if nix::unistd::geteuid().is_root() {
             std::fs::create_dir(&dir).unwrap();

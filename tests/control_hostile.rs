@@ -132,8 +132,14 @@ impl Dirs {
     }
 
     fn bind(&self, after_mkdir: &dyn Fn()) -> std::io::Result<UnixListener> {
-        control::bind_control_socket(self.fd.as_fd(), &self.vol, STAGING, CONTROL_FILE, after_mkdir)
-            .map(|(l, _)| l)
+        control::bind_control_socket(
+            self.fd.as_fd(),
+            &self.vol,
+            STAGING,
+            CONTROL_FILE,
+            after_mkdir,
+        )
+        .map(|(l, _)| l)
     }
 
     fn ctl(&self) -> PathBuf {
@@ -335,7 +341,11 @@ fn the_next_mount_replaces_the_socket_of_a_killed_mount() {
     assert_ne!(fs::symlink_metadata(&ctl).unwrap().ino(), first);
     control::request(&env.vol, &Request::Stats).expect("the new mount answers");
     assert_eq!(m.unmount(), Some(0), "{}", env.log_text());
-    assert!(fs::symlink_metadata(&ctl).is_err(), "{} left behind", ctl.display());
+    assert!(
+        fs::symlink_metadata(&ctl).is_err(),
+        "{} left behind",
+        ctl.display()
+    );
 }
 
 // ----- client: answers only from a server of this user or root --------------------

@@ -440,7 +440,9 @@ fn control_socket_in_the_volume_directory_without_a_runtime_directory() {
         use std::os::unix::fs::DirBuilderExt;
         // Made as a mount makes them.
         let rt = runtime.parent().unwrap();
-        let _ = fs::DirBuilder::new().mode(0o755).create(rt.parent().unwrap());
+        let _ = fs::DirBuilder::new()
+            .mode(0o755)
+            .create(rt.parent().unwrap());
         let _ = fs::DirBuilder::new().mode(0o700).create(rt);
         drop(std::os::unix::net::UnixListener::bind(&runtime).unwrap());
         runtime.clone()
@@ -461,10 +463,99 @@ fn control_socket_in_the_volume_directory_without_a_runtime_directory() {
         request(dir.path(), &Request::SnapshotDelete { name: "s1".into() }).unwrap();
         drop(server);
         assert!(fs::symlink_metadata(&legacy).is_err(), "kmsfs.ctl is left");
-        let e = request(dir.path(), &Request::Stats).unwrap_err().to_string();
+        let e = request(dir.path(), &Request::Stats)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&legacy.display().to_string()), "{e}");
     }
     if let Some(stale) = stale {
         fs::remove_file(stale).unwrap();
     }
+}
+
+/// Root reaches a user's own mount of their volume in that user's runtime
+/// directory (`/run/user/UID/kmsfs`), and there only a server of that user
+/// may answer: the user controls what is at that path.
+#[test]
+fn root_reaches_a_users_mount_in_the_users_runtime_directory() {
+    use kmsfs::control::{ControlServer, Request, RuntimeBase, request};
+    use std::os::unix::fs::PermissionsExt;
+    const NOBODY: u32 = 65534;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (serves as another user)");
+        return;
+    }
+    let user_run = std::path::Path::new("/run/user/65534");
+    if fs::symlink_metadata(user_run).is_ok() {
+        eprintln!("skipped: {} exists", user_run.display());
+        return;
+    }
+    /// Removes the user's runtime directory made here.
+    struct Made(&'static std::path::Path);
+    impl Drop for Made {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(self.0);
+        }
+    }
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(FsStorage::new(dir.path()));
+    let v = Arc::new(init(&env, storage, &small_opts()));
+    // The user's volume directory, and the user's runtime directory.
+    fn chown_all(p: &std::path::Path) {
+        std::os::unix::fs::lchown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+        if fs::symlink_metadata(p).unwrap().is_dir() {
+            for e in fs::read_dir(p).unwrap() {
+                chown_all(&e.unwrap().path());
+            }
+        }
+    }
+    chown_all(dir.path());
+    fs::create_dir_all(user_run.parent().unwrap()).unwrap();
+    fs::create_dir(user_run).unwrap();
+    let _made = Made(user_run);
+    std::os::unix::fs::chown(user_run, Some(NOBODY), Some(NOBODY)).unwrap();
+    fs::set_permissions(user_run, fs::Permissions::from_mode(0o700)).unwrap();
+    let rt = user_run.join("kmsfs");
+    // Served by the user: from a thread running as nobody (raw setresuid
+    // affects that thread alone; the server's threads inherit it).
+    let (v2, vdir, base) = (v.clone(), dir.path().to_path_buf(), RuntimeBase::at(&rt));
+    let server = std::thread::spawn(move || {
+        // SAFETY: raw setresgid/setresuid on this thread only; it ends after
+        // starting the server.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
+                0
+            );
+            assert_eq!(
+                libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
+                0
+            );
+        }
+        ControlServer::start_in(v2, &vdir, Some(&base))
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let sock = kmsfs::control::socket_candidates(dir.path())[1]
+        .path
+        .clone();
+    assert!(sock.starts_with(&rt), "{}", sock.display());
+    assert!(fs::symlink_metadata(&sock).is_ok_and(|m| m.file_type().is_socket()));
+    let list = request(dir.path(), &Request::SnapshotList).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    drop(server);
+    assert!(fs::symlink_metadata(&sock).is_err(), "the socket is left");
+    // A socket of root's at that name is not the user's mount: refused.
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let e = request(dir.path(), &Request::Stats)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("the control socket {} of", sock.display()))
+            && e.contains("served by uid 0")
+            && e.contains(&format!("{} may have been tampered with", rt.display())),
+        "{e}"
+    );
 }
