@@ -148,6 +148,7 @@ impl RuntimeBase {
                 Err(e) => {
                     return Err(runtime_error(
                         &self.parent,
+                        false,
                         format_args!("cannot make it ({e})"),
                     ));
                 }
@@ -160,15 +161,22 @@ impl RuntimeBase {
         let parent = nix::fcntl::open(&self.parent, flags, Mode::empty()).map_err(|e| {
             runtime_error(
                 &self.parent,
+                false,
                 format_args!("cannot open it as a directory ({e})"),
             )
         })?;
-        check_runtime_dir(&parent, &self.parent, euid)?;
+        check_runtime_dir(&parent, &self.parent, false, euid)?;
         let path = self.path();
         let made = match mkdirat(&parent, self.leaf.as_str(), Mode::S_IRWXU) {
             Ok(()) => true,
             Err(Errno::EEXIST) => false,
-            Err(e) => return Err(runtime_error(&path, format_args!("cannot make it ({e})"))),
+            Err(e) => {
+                return Err(runtime_error(
+                    &path,
+                    true,
+                    format_args!("cannot make it ({e})"),
+                ));
+            }
         };
         let fd = openat(
             &parent,
@@ -179,10 +187,11 @@ impl RuntimeBase {
         .map_err(|e| {
             runtime_error(
                 &path,
+                true,
                 format_args!("cannot open it as a directory without following links ({e})"),
             )
         })?;
-        let st = check_runtime_dir(&fd, &path, euid)?;
+        let st = check_runtime_dir(&fd, &path, true, euid)?;
         // Private: a umask may have taken owner bits away from a new one.
         if made || st.st_mode & 0o777 != 0o700 {
             fchmod(&fd, Mode::S_IRWXU)?;
@@ -192,11 +201,17 @@ impl RuntimeBase {
 }
 
 /// A runtime directory must belong to this user, and nobody else may write it.
-fn check_runtime_dir(fd: &OwnedFd, path: &Path, euid: u32) -> std::io::Result<FileStat> {
+fn check_runtime_dir(
+    fd: &OwnedFd,
+    path: &Path,
+    made: bool,
+    euid: u32,
+) -> std::io::Result<FileStat> {
     let st = fstat(fd)?;
     if st.st_uid != euid || st.st_mode & 0o022 != 0 {
         return Err(runtime_error(
             path,
+            made,
             format_args!(
                 "it belongs to uid {} with mode {:o}, not to uid {euid} with no write access for others",
                 st.st_uid,
@@ -207,13 +222,27 @@ fn check_runtime_dir(fd: &OwnedFd, path: &Path, euid: u32) -> std::io::Result<Fi
     Ok(st)
 }
 
-fn runtime_error(path: &Path, what: impl std::fmt::Display) -> std::io::Error {
+/// What is wrong with the runtime directory `path` (`made`: kmsfs makes it,
+/// so removing it is the fix; otherwise it is the directory it is made in).
+fn runtime_error(path: &Path, made: bool, what: impl std::fmt::Display) -> std::io::Error {
+    let fix = if made {
+        format!(
+            "remove it (`rm -r {}`) so that the next mount makes it again",
+            path.display()
+        )
+    } else {
+        format!(
+            "make it a directory of uid {} that others may not write (`chown {} {}; chmod go-w {}`)",
+            nix::unistd::geteuid(),
+            nix::unistd::geteuid(),
+            path.display(),
+            path.display()
+        )
+    };
     std::io::Error::new(
         std::io::ErrorKind::PermissionDenied,
         format!(
-            "runtime directory {} for control sockets: {what}; remove it (`rm -r {}`) so that \
-             the next mount makes it again",
-            path.display(),
+            "runtime directory {} for control sockets: {what}; {fix}",
             path.display()
         ),
     )
@@ -386,8 +415,7 @@ impl ControlServer {
             std::process::id(),
             SERVERS.fetch_add(1, Ordering::Relaxed)
         );
-        let dir_is_volume = runtime.is_none();
-        let (dir, name, listener, socket) = match runtime {
+        let (dir, name, path, listener, socket) = match runtime {
             Some((fd, shown)) => {
                 let (l, s) = bind_control_socket(fd.as_fd(), &shown, &staging, &name, &|| {})?;
                 // A socket left in the volume directory by a mount of an older
@@ -398,23 +426,17 @@ impl ControlServer {
                 }) {
                     let _ = unlinkat(&vdir, CONTROL_FILE, UnlinkatFlags::NoRemoveDir);
                 }
-                (fd, name, l, s)
+                let path = shown.join(&name);
+                (fd, name, path, l, s)
             }
             None => {
                 let (l, s) =
                     bind_control_socket(vdir.as_fd(), volume_dir, &staging, CONTROL_FILE, &|| {})?;
-                (vdir, CONTROL_FILE.to_string(), l, s)
+                let path = volume_dir.join(CONTROL_FILE);
+                (vdir, CONTROL_FILE.to_string(), path, l, s)
             }
         };
-        log::info!(
-            "control socket: {}",
-            if dir_is_volume {
-                volume_dir.join(CONTROL_FILE)
-            } else {
-                base.map(RuntimeBase::path).unwrap_or_default().join(&name)
-            }
-            .display()
-        );
+        log::info!("control socket: {}", path.display());
         let waker = listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -1045,7 +1067,26 @@ mod tests {
             std::fs::create_dir(&dir).unwrap();
             std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
             refused("another user's runtime directory", "uid 65534");
+            std::fs::remove_dir(&dir).unwrap();
         }
+        // The directory it is made in (the user's XDG_RUNTIME_DIR) is not
+        // removed: its owner and mode are to be fixed.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = base
+            .open()
+            .expect_err("a parent others may write")
+            .to_string();
+        assert!(
+            e.contains(&tmp.path().display().to_string())
+                && e.contains("mode 777")
+                && e.contains("chmod go-w")
+                && !e.contains("rm -r"),
+            "{e}"
+        );
+        assert!(
+            std::fs::symlink_metadata(&dir).is_err(),
+            "made in it anyway"
+        );
     }
 
     /// Clients look in this user's runtime directory first, for root in the
