@@ -150,7 +150,9 @@ pub(super) fn existing(p: &Path) -> Result<Arc<dyn Storage>> {
     Ok(s)
 }
 
-/// Where the control socket of a mount of this volume lives: the volume
+/// The directory that names the control socket of a mount of this volume
+/// (its device and inode name the socket in the runtime directory; without
+/// one the socket is `kmsfs.ctl` in it, see [`crate::control`]): the volume
 /// directory, or for `s3://…` the folder `ctl` in the volume's default cache
 /// directory on this host (found from the URL alone, so `kmsfs umount`,
 /// which knows only the mount source, reaches it).
