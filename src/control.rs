@@ -910,9 +910,10 @@ pub fn request(volume_dir: &Path, req: &Request) -> Result<serde_json::Value> {
 }
 
 /// Connects to the mount of `volume_dir` at the first of its
-/// [`socket_candidates`] that answers: a name with nothing there, or a socket
-/// nobody listens on (left by a killed mount), means the next; the server is
-/// then checked by its credentials.
+/// [`socket_candidates`] that answers: a name with nothing there (or a
+/// directory on its path that is not one), or a socket nobody listens on
+/// (left by a killed mount), means the next; the server that answers is then
+/// checked by its credentials, and a refusal ends the search.
 fn connect(volume_dir: &Path) -> Result<UnixStream> {
     let candidates = socket_candidates(volume_dir);
     let mut missing = Vec::new();
@@ -922,7 +923,12 @@ fn connect(volume_dir: &Path) -> Result<UnixStream> {
                 check_server(&c, volume_dir, cand)?;
                 return Ok(c);
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ENOTDIR | libc::ECONNREFUSED)
+                ) =>
+            {
                 missing.push((cand.path.display().to_string(), e));
             }
             Err(e) => {
