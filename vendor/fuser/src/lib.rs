@@ -96,7 +96,7 @@ mod lead;
 #[cfg(target_os = "linux")]
 #[doc(hidden)]
 pub mod lead_policy {
-    pub use crate::lead::{Arrival, next_window, served_inline};
+    pub use crate::lead::{Arrival, INLINE_WRITE_BYTES, next_window, served_inline};
 }
 mod ll;
 mod mnt;
