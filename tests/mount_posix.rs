@@ -841,3 +841,31 @@ fn file_size_limit_is_enforced_everywhere() {
     assert_eq!(fs::metadata(m.p("big")).unwrap().len(), LIMIT);
     m.unmount();
 }
+
+/// An access ACL's mask is the group bits of the mode: a stat right after
+/// `setfacl` shows it, whether the daemon keeps mode and ACL in step (the
+/// default) or the kernel does (`default_permissions`). The daemon used to
+/// leave the kernel's cached mode as it was for up to a second.
+#[test]
+fn a_new_access_acl_shows_in_the_mode_at_once() {
+    require_fuse!();
+    for opts in ["", "default_permissions"] {
+        let env = Env::new();
+        let m = env.mount_with(opts, &[]);
+        let f = m.p("f");
+        fs::write(&f, b"x").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(fs::metadata(&f).unwrap().mode() & 0o777, 0o600);
+        common::sh(&format!(
+            "setfacl -m u:1234:rw-,g:5678:r--,m::rw-,o::r-- '{}'",
+            f.display()
+        ));
+        let mode = fs::metadata(&f).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o664, "{opts:?}: mode {mode:o} right after setfacl");
+        // And a chmod narrows the mask.
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o640)).unwrap();
+        let acl = common::sh(&format!("getfacl -n '{}'", f.display()));
+        assert!(acl.contains("mask::r--"), "{opts:?}: {acl}");
+        m.unmount();
+    }
+}

@@ -322,6 +322,11 @@ impl KmsFs {
                 ..SetAttr::default()
             };
             self.vol.setattr(ino, &s)?;
+            // The SETXATTR reply carries no attributes, and a kernel that
+            // leaves ACLs to the daemon keeps its cached mode otherwise: a
+            // stat right after `setfacl` (or rsync -A) showed the old mode
+            // for up to ATTR_TTL.
+            self.invalidate_attr(ino);
         }
         Ok(())
     }

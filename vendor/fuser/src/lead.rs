@@ -67,7 +67,8 @@ struct State {
     taken: bool,
     /// Bumped whenever the role is taken away from a leader (watchdog).
     generation: u64,
-    /// The leader is not asleep in poll(2): the watchdog ticks.
+    /// The leader is not asleep in poll(2): the watchdog ticks. True at the
+    /// start (the first leader reads before it ever sleeps).
     active: bool,
     /// The session ended: the watchdog returns.
     done: bool,
@@ -139,7 +140,13 @@ impl Lead {
         }
         let max_spin_ns = u64::try_from(max_spin.as_nanos()).unwrap_or(u64::MAX);
         Ok(Self {
-            state: Mutex::new(State::default()),
+            // The first leader starts awake, before it ever polls: the watchdog
+            // must tick from the start (a leader stuck in an inline request before
+            // its first poll(2) once hung a mount).
+            state: Mutex::new(State {
+                active: true,
+                ..State::default()
+            }),
             followers: Condvar::new(),
             watch: Condvar::new(),
             max_spin_ns,
