@@ -318,7 +318,7 @@ impl Lead {
 /// WRITEs of at most this many bytes are served by the leader: kmsfs buffers a
 /// write smaller than a block in memory, and a small file's only WRITE (sent at
 /// close from the write-back cache) then costs no hand-off. An untar of 20,000
-/// real files took 1.99-2.01 s against 2.20-2.45 s with every WRITE handed off,
+/// real files took 1.98-2.04 s against 2.20-2.44 s with every WRITE handed off,
 /// at half the daemon's context switches (docs/PERFORMANCE.md).
 pub const INLINE_WRITE_BYTES: usize = 16 * 1024;
 
