@@ -4,24 +4,7 @@
 # seconds per GiB and its minor page faults. Alternate binaries or options between calls.
 set -u
 bin=$1; data=$2; opts=${3:-}
-R=$(mktemp -d /var/tmp/write-ab.XXXXXX)
-pid=
-cleanup() {
-    if [ -n "$pid" ]; then
-        mountpoint -q "$R/v/mnt" && { "$bin" umount "$R/v/mnt" >/dev/null 2>&1 || fusermount3 -u "$R/v/mnt"; }
-        wait "$pid" 2>/dev/null
-    fi
-    rm -rf "$R"
-}
-trap cleanup EXIT
-echo "write-ab-$$-$RANDOM" > "$R/pass"; chmod 600 "$R/pass"
-d=$R/v; mkdir -p "$d/backing" "$d/mnt" "$d/home"
-export KMSFS_KEYSTORE=$d/keystore KMSFS_PASSPHRASE_FILE=$R/pass HOME=$d/home
-tk=$(getconf CLK_TCK)
-"$bin" init "$d/backing" >/dev/null 2>&1 || { echo "init failed"; exit 1; }
-"$bin" mount -f ${opts:+-o "$opts"} "$d/backing" "$d/mnt" >"$d/log" 2>&1 & pid=$!
-for _ in $(seq 100); do mountpoint -q "$d/mnt" && break; sleep 0.1; done
-mountpoint -q "$d/mnt" || { echo "mount failed"; cat "$d/log"; exit 1; }
+. "$(dirname "$0")/ab-volume.sh"
 cat "$data" > /dev/null
 bytes=$(stat -c %s "$data")
 stat_of() { awk -v f="$1" '{print $f}' "/proc/$pid/stat"; }
