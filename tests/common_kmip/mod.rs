@@ -173,6 +173,9 @@ pub fn spawn(bin: &Path, d: &Path, conf: &Path) -> Child {
         .arg(d.join("server.log"))
         .arg("-o")
         .arg(d.join("policies"))
+        // Python's multiprocessing makes its pymp-* directories here, removed
+        // with the test's temporary directory (in /tmp they stayed behind).
+        .env("TMPDIR", d)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
