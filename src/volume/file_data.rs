@@ -528,7 +528,7 @@ impl Volume {
                 sizes.insert(*ino, size);
             }
         }
-        // Block by block in (inode, block) order, in batches of at most
+        // Block by block in (inode, block) order, in batches of about
         // FLUSH_BATCH bytes: the merged copies and sealed records of one batch
         // are alive at a time, not those of everything buffered, and a file's
         // blocks are appended in order.

@@ -12,9 +12,10 @@
 //! sleeping reader is woken. The other threads wait on a condition variable, not on
 //! /dev/fuse: a sleeping reader in the kernel's queue would be woken by every request.
 //!
-//! - Requests answered from memory (`served_inline`) are served by the leader
-//!   itself. For every other request the leader first hands the role to a follower,
-//!   so a slow READ, WRITE or fsync never holds up the requests behind it.
+//! - Requests answered from memory (`served_inline`: metadata, and WRITEs of at most
+//!   `INLINE_WRITE_BYTES`, which kmsfs buffers) are served by the leader itself. For
+//!   every other request the leader first hands the role to a follower, so a slow
+//!   READ, large WRITE or fsync never holds up the requests behind it.
 //! - The window adapts, much as Linux's guest halt-polling does: it is kept while
 //!   requests arrive inside it, goes back to the largest window when a request
 //!   arrives soon after the leader went to sleep, and shrinks by an eighth when the
@@ -323,8 +324,9 @@ impl Lead {
 pub const INLINE_WRITE_BYTES: usize = 16 * 1024;
 
 /// Requests the leader serves itself: kmsfs answers them from memory and never
-/// waits in them on another request (the watchdog covers a mistake here), and
-/// WRITEs of at most [`INLINE_WRITE_BYTES`]. Everything else (READ, larger
+/// waits in them on another request, and WRITEs of at most [`INLINE_WRITE_BYTES`]
+/// (buffered in memory; one that fills the dirty limit starts a write-back inside
+/// the request, and the watchdog hands the reading on while it runs). Everything else (READ, larger
 /// WRITEs, fsync, directory reads, locks, DESTROY, ...) is handed to a follower
 /// first.
 pub fn served_inline(request: &[u8]) -> bool {
