@@ -281,8 +281,10 @@ dd_read() {
 
 FIO_VERSION="$(fio --version)"
 fio_run() { # fio_run LOG ARGS... -> terse line
+    local log="$1"
+    shift
     fio --filename="$m/fio.dat" --size="${FIO_MB}M" --bs=4k --ioengine=psync --direct=0 \
-        --runtime="$FIO_SECS" --time_based --minimal "$@" 2>>"$1"
+        --runtime="$FIO_SECS" --time_based --minimal "$@" 2>>"$log"
 }
 
 # col_round COL: every workload on a fresh volume of COL.

@@ -123,6 +123,64 @@ fn fragments_read_in_order_through_merges_and_reopens() {
 }
 
 #[test]
+fn page_overwrites_replace_their_own_fragments_instead_of_merging() {
+    let env = env();
+    let s = MemStorage::new();
+    let v = init(&env, Arc::new(s.clone()), &default_opts());
+    let (ino, mut model) = new_file(&v, b"f", 2 * BS, 5);
+    let pages = BS / 4096;
+    let before = stored_bytes(&s);
+    // Every 4 KiB page of block 1 overwritten four times, in a shuffled order,
+    // a commit (write-back) after each write.
+    let mut order: Vec<usize> = (0..4 * pages).map(|i| i % pages).collect();
+    let mut r = 77u64;
+    for i in (1..order.len()).rev() {
+        r = r
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        order.swap(i, (r >> 33) as usize % (i + 1));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, &p) in order.iter().enumerate() {
+        overwrite(
+            &v,
+            &mut model,
+            ino,
+            BS + p * 4096,
+            &pattern(500 + i as u64, 4096),
+        );
+        v.commit().unwrap();
+        seen.insert(p);
+        // One live fragment per page written so far: a rewrite of a page
+        // replaces its fragment, so the block never reaches a merge.
+        assert_eq!(
+            v.fragment_count(ino, 1).unwrap(),
+            seen.len(),
+            "after write {i}"
+        );
+        assert_eq!(
+            v.read(ino, BS as u64, BS as u32).unwrap(),
+            model[BS..2 * BS]
+        );
+    }
+    assert_eq!(v.fragment_count(ino, 0).unwrap(), 0);
+    // 64 records of 4 KiB and the commits' tree nodes; merges would have
+    // added whole 64 KiB blocks on top (four of them at eight fragments each).
+    let grew = stored_bytes(&s) - before;
+    let records = (4 * pages * (4096 + 64)) as u64;
+    assert!(
+        grew < records + (4 * pages) as u64 * 8192,
+        "64 page writes stored {grew} bytes"
+    );
+    assert_eq!(read_all(&v, ino, model.len()), model);
+    assert!(v.fsck().unwrap().is_clean());
+    // The idle merge folds the sixteen fragments into one block.
+    assert_eq!(v.merge_idle_fragments(256).unwrap(), 1);
+    assert_eq!(v.fragment_count(ino, 1).unwrap(), 0);
+    assert_eq!(read_all(&v, ino, model.len()), model);
+}
+
+#[test]
 fn buffered_small_writes_read_back_before_the_write_back() {
     let env = env();
     let s = MemStorage::new();

@@ -355,6 +355,27 @@ impl BlockIo {
         Ok(out)
     }
 
+    /// Appends sealed records back to back, with one write when they fit the
+    /// current segment (see [`BlockIo::append_run`]): a write-back of scattered
+    /// small writes is thousands of 4 KiB records. Returns each record's place.
+    pub fn append_sealed(&self, recs: &[&Sealed]) -> Result<Vec<BlockPtr>> {
+        let total: usize = recs.iter().map(|r| r.0.len()).sum();
+        let mut buf = self.run_pool.lock().pop().unwrap_or_default();
+        buf.clear();
+        buf.reserve(total);
+        for r in recs {
+            buf.extend_from_slice(&r.0);
+        }
+        let run = SealedRun {
+            buf,
+            len: total,
+            recs: recs.iter().map(|r| (r.0.len(), r.1, r.2)).collect(),
+        };
+        let out = self.append_run(&run);
+        self.recycle(run);
+        out
+    }
+
     /// Appends a sealed record; returns where it lives.
     pub fn append(&self, rec: &[u8], block_id: [u8; 16], tag: [u8; 16]) -> Result<BlockPtr> {
         let mut w = self.writer.lock();
@@ -846,6 +867,16 @@ impl BlockIo {
         let v = Arc::new(Plain(self.read_block(p, BlockKind::Data)?));
         self.data_cache.insert(id, v.clone());
         Ok(v)
+    }
+
+    /// Data block from the decrypted-block cache when it is there, else read
+    /// and opened without adding it: for blocks about to be replaced (a merge
+    /// of fragments), whose cache entry would only push out live ones.
+    pub fn read_data_once(&self, p: &BlockPtr) -> Result<Arc<Plain>> {
+        if let Some(v) = self.data_cache.get(p.id_u128()) {
+            return Ok(v);
+        }
+        Ok(Arc::new(Plain(self.read_block(p, BlockKind::Data)?)))
     }
 
     /// Copies a record to the current segment unchanged (the cleaner's move).

@@ -3,7 +3,7 @@
 //! volume lock, partial ones buffered), truncate, fallocate, and the
 //! write-back of buffered blocks.
 
-use super::fragments::{DirtyBlock, MAX_FRAGMENTS};
+use super::fragments::{DirtyBlock, Fragment, MAX_FRAGMENTS, SEQ_LIMIT};
 use super::*;
 
 /// The write-back plans, seals and records buffered blocks in batches of about
@@ -85,7 +85,7 @@ impl Volume {
             }
         }
         for f in self.fragments(st, ino, blk, blk + 1)? {
-            self.apply_fragment(ino, &f, from, out)?;
+            self.apply_fragment(ino, &f, from, out, true)?;
         }
         if let Some(d) = dirty {
             d.overlay(from, out);
@@ -212,7 +212,7 @@ impl Volume {
                     .get(&(ino, blk))
                     .is_some_and(|d| d.whole().is_some());
                 if blk == f.blk && !whole_dirty {
-                    self.apply_fragment(ino, f, from, &mut out[o..o + n])?;
+                    self.apply_fragment(ino, f, from, &mut out[o..o + n], true)?;
                 }
             }
         }
@@ -589,17 +589,30 @@ impl Volume {
                     .map(|h| h.join().expect("sealing thread"))
                     .collect()
             });
-            for (job, recs) in jobs.into_iter().zip(sealed.into_iter().flatten()) {
+            let sealed: Vec<Vec<blocks::Sealed>> = sealed.into_iter().flatten().collect();
+            // All records of the batch in one append; on an error nothing of
+            // the batch is recorded and all of it stays buffered.
+            let flat: Vec<&blocks::Sealed> = sealed.iter().flatten().collect();
+            let mut ptrs = match self.io.append_sealed(&flat) {
+                Ok(p) => p.into_iter(),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            drop(flat);
+            for (job, recs) in jobs.into_iter().zip(sealed) {
                 let (ino, blk) = job.key;
+                let placed: Vec<BlockPtr> = ptrs.by_ref().take(recs.len()).collect();
                 if failed.is_some() {
-                    // Keep what could not be written (it stays in the dirty map).
+                    // Keep what could not be recorded (it stays in the dirty map).
                     continue;
                 }
                 let Some(d) = st.dirty.remove(&job.key) else {
                     continue;
                 };
                 st.dirty_bytes -= d.mem();
-                let recorded = self.record_flush_job(st, &job, d, recs, &mut inode_updates);
+                let recorded = self.record_flush_job(st, &job, d, placed, &mut inode_updates);
                 if let Err((e, d)) = recorded {
                     // Put the buffer back so nothing is lost; fragments recorded
                     // before the error are rewritten by the retry, in sequence.
@@ -661,7 +674,6 @@ impl Volume {
             }
         } else {
             let frags = self.fragments(st, ino, blk, blk + 1)?;
-            let have: usize = frags.iter().map(|f| f.v.len as usize).sum();
             let based = self.block_ptr(st, ino, blk)?.is_some();
             let ranges: Vec<(u32, u32)> = d
                 .pieces()
@@ -669,9 +681,27 @@ impl Volume {
                 .map(|(a, p)| (*a, (*a as usize + p.0.len()).min(len) as u32))
                 .filter(|(a, b)| a < b)
                 .collect();
-            if based && frags.len() + ranges.len() <= MAX_FRAGMENTS && have + d.mem() <= bs / 2 {
-                let seq = frags.last().map(|f| f.seq.saturating_add(1)).unwrap_or(0);
-                JobKind::Frags { ranges, seq }
+            // Fragments the new ones cover entirely are dead: dropped, not
+            // counted. Page-sized overwrites then keep at most one fragment per
+            // page, and a burst of them never pays for a merge (the idle
+            // merge folds the block once the mount is quiet).
+            let (dead, live): (Vec<&Fragment>, Vec<&Fragment>) = frags.iter().partition(|f| {
+                ranges
+                    .iter()
+                    .any(|&(a, b)| a <= f.v.offset && f.v.offset + f.v.len <= b)
+            });
+            let have: usize = live.iter().map(|f| f.v.len as usize).sum();
+            let seq = frags.last().map(|f| f.seq.saturating_add(1)).unwrap_or(0);
+            if based
+                && live.len() + ranges.len() <= MAX_FRAGMENTS
+                && have + d.mem() <= bs
+                && seq < SEQ_LIMIT
+            {
+                JobKind::Frags {
+                    ranges,
+                    seq,
+                    dead: dead.iter().map(|f| f.seq).collect(),
+                }
             } else {
                 let mut b = self.stored_block_full(st, ino, blk)?;
                 d.overlay(0, &mut b);
@@ -694,18 +724,14 @@ impl Volume {
         st: &mut State,
         job: &FlushJob,
         d: DirtyBlock,
-        recs: Vec<blocks::Sealed>,
+        placed: Vec<BlockPtr>,
         inode_updates: &mut HashMap<u64, Inode>,
     ) -> std::result::Result<(), (Error, Option<DirtyBlock>)> {
         let (ino, blk) = job.key;
         match &job.kind {
             JobKind::Whole { stored } | JobKind::Merged { stored, .. } => {
-                let Some((rec, id, tag)) = recs.into_iter().next() else {
+                let Some(&ptr) = placed.first() else {
                     return Err((Error::Invalid("nothing sealed".into()), Some(d)));
-                };
-                let ptr = match self.io.append(&rec, id, tag) {
-                    Ok(p) => p,
-                    Err(e) => return Err((e, Some(d))),
                 };
                 let recorded = (|| -> Result<()> {
                     let old = st.tree.insert(
@@ -742,26 +768,36 @@ impl Volume {
                 self.io.data_cache.insert(ptr.id_u128(), Arc::new(plain));
                 Ok(())
             }
-            JobKind::Frags { ranges, seq } => {
-                for (k, ((a, b), (rec, id, tag))) in ranges.iter().zip(recs).enumerate() {
-                    let recorded = self.io.append(&rec, id, tag).and_then(|ptr| {
-                        let v = FragValue {
-                            ptr,
-                            offset: *a,
-                            len: b - a,
-                        };
-                        st.tree.insert(
-                            self.nodes(),
-                            &Self::frag_key(ino, blk, seq.saturating_add(k as u32)),
-                            v.to_bytes(),
-                        )?;
-                        Ok(ptr)
-                    });
+            JobKind::Frags { ranges, seq, dead } => {
+                if placed.len() != ranges.len() {
+                    return Err((Error::Invalid("fragments not all sealed".into()), Some(d)));
+                }
+                for (k, ((a, b), ptr)) in ranges.iter().zip(placed).enumerate() {
+                    let v = FragValue {
+                        ptr,
+                        offset: *a,
+                        len: b - a,
+                    };
+                    let recorded = st.tree.insert(
+                        self.nodes(),
+                        &Self::frag_key(ino, blk, seq.saturating_add(k as u32)),
+                        v.to_bytes(),
+                    );
                     match recorded {
                         // Not cached: a fragment is read back only by a read
                         // of its block before the next merge.
                         Ok(_) => self.note_fragmented(ino, blk),
                         Err(e) => return Err((e, Some(d))),
+                    }
+                }
+                // Only after the new fragments are in: a read between sees
+                // the new bytes either way (higher sequence numbers win).
+                if !dead.is_empty() {
+                    self.freed_since_clean.store(true, Ordering::Relaxed);
+                }
+                for &q in dead {
+                    if let Err(e) = st.tree.remove(self.nodes(), &Self::frag_key(ino, blk, q)) {
+                        return Err((e, Some(d)));
                     }
                 }
                 Ok(())
@@ -781,8 +817,13 @@ enum JobKind {
     Whole { stored: usize },
     /// Stored block, fragments and buffered writes merged into `plain`.
     Merged { plain: Plain, stored: usize },
-    /// Seal these ranges of the dirty buffer as fragments `seq`, `seq + 1`, ...
-    Frags { ranges: Vec<(u32, u32)>, seq: u32 },
+    /// Seal these ranges of the dirty buffer as fragments `seq`, `seq + 1`,
+    /// ..., and remove fragments `dead`, which they cover entirely.
+    Frags {
+        ranges: Vec<(u32, u32)>,
+        seq: u32,
+        dead: Vec<u32>,
+    },
 }
 
 /// A plaintext to seal: borrowed from a buffer, or a padded copy (wiped on drop).

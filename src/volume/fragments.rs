@@ -7,10 +7,13 @@
 //! a write is buffered as the bytes it wrote ([`DirtyBlock::written`]), and the
 //! write-back seals only those bytes as a fragment record, keyed
 //! `ino|FRAG|block|sequence` beside the block's map entry. Reads apply a block's
-//! fragments over it in sequence order. When a block has [`MAX_FRAGMENTS`]
-//! fragments, or they add up to half the block, the next write-back merges them
-//! into a new whole block and drops them, so a read costs at most a bounded
-//! number of records and the space they take stays bounded.
+//! fragments over it in sequence order. A write-back drops the fragments its new
+//! ones cover entirely, so page-sized rewrites keep one fragment per page and a
+//! burst of them never decrypts the block. When a block would have more than
+//! [`MAX_FRAGMENTS`] live fragments, or they would add up to more than the
+//! block, the write-back merges them into a new whole block and drops them, so
+//! a read costs at most a bounded number of records and the space they take
+//! stays bounded.
 //!
 //! A fragmented block costs a cold read one record per fragment it overlaps, so
 //! once the mount has been quiet for a while (no reads or writes), the idle merge
@@ -25,8 +28,14 @@
 
 use super::*;
 
-/// Most fragments over one block before the next write-back merges them.
-pub const MAX_FRAGMENTS: usize = 8;
+/// Most live fragments over one block (together at most the block size)
+/// before the next write-back merges them: one per 4 KiB page of a 64 KiB block.
+pub const MAX_FRAGMENTS: usize = 16;
+/// A block whose next fragment would get this sequence number or more is
+/// merged instead: sequence numbers restart at 0 after a merge, and a block
+/// rewritten page by page for ever (dead fragments are dropped, so it need
+/// never merge otherwise) must not run out of them.
+pub const SEQ_LIMIT: u32 = u32::MAX - 1024;
 
 impl Volume {
     /// Remembers that block `blk` of `ino` carries fragments (for the idle merge).
@@ -122,6 +131,15 @@ impl Volume {
             self.commit()?;
         }
         Ok(merged)
+    }
+
+    /// How many fragments block `blk` of `ino` carries (diagnostics and tests).
+    ///
+    /// # Errors
+    /// A damaged fragment map.
+    pub fn fragment_count(&self, ino: u64, blk: u64) -> Result<usize> {
+        let st = self.st.read();
+        Ok(self.fragments(&st, ino, blk, blk.saturating_add(1))?.len())
     }
 
     /// How many blocks of `ino` carry fragments (diagnostics and tests).
@@ -349,12 +367,18 @@ impl Volume {
         f: &Fragment,
         from: usize,
         out: &mut [u8],
+        cache: bool,
     ) -> Result<()> {
         let (a, b) = (f.v.offset as usize, (f.v.offset + f.v.len) as usize);
         if b <= from || a >= from + out.len() {
             return Ok(());
         }
-        let plain = self.io.read_data(&f.v.ptr).map_err(|e| match e {
+        let plain = if cache {
+            self.io.read_data(&f.v.ptr)
+        } else {
+            self.io.read_data_once(&f.v.ptr)
+        };
+        let plain = plain.map_err(|e| match e {
             Error::Integrity { what, detail } => Error::Integrity {
                 what: format!("inode {ino} block {} fragment {} ({what})", f.blk, f.seq),
                 detail,
@@ -396,11 +420,12 @@ impl Volume {
     }
 
     /// The block as stored (its record, or zeros, with its fragments applied),
-    /// full block size; buffered writes are not included.
+    /// full block size; buffered writes are not included. For a merge: what it
+    /// reads is about to be replaced, so it is not added to the block cache.
     pub(super) fn stored_block_full(&self, st: &State, ino: u64, blk: u64) -> Result<Vec<u8>> {
         let mut b = vec![0u8; self.header.block_size as usize];
         if let Some(p) = self.block_ptr(st, ino, blk)? {
-            let plain = self.io.read_data(&p).map_err(|e| match e {
+            let plain = self.io.read_data_once(&p).map_err(|e| match e {
                 Error::Integrity { what, detail } => Error::Integrity {
                     what: format!("inode {ino} block {blk} ({what})"),
                     detail,
@@ -410,7 +435,7 @@ impl Volume {
             copy_stored(&plain.0, 0, &mut b);
         }
         for f in self.fragments(st, ino, blk, blk + 1)? {
-            self.apply_fragment(ino, &f, 0, &mut b)?;
+            self.apply_fragment(ino, &f, 0, &mut b, false)?;
         }
         Ok(b)
     }
