@@ -291,6 +291,10 @@ fio_run() { # fio_run LOG ARGS... -> terse line
 col_round() {
     local col="$1" d="$BASE/$1-$RUN" m out n r w
     m="$d/mnt"
+    # Every column starts on a clean disk: the previous column's dirty pages
+    # (its volume, just removed, or the plain column's files) are not written
+    # back during this column's first workload.
+    sync
     step create
     fs_create "$col" "$d" || { fail "$(tail -3 "$d/init.log" 2>/dev/null)"; return 1; }
     fs_mount "$col" "$d" || { fail "${LEVER_FAIL:-$(tail -3 "$d/mount.log" 2>/dev/null)}"; return 1; }

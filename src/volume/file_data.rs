@@ -3,7 +3,7 @@
 //! volume lock, partial ones buffered), truncate, fallocate, and the
 //! write-back of buffered blocks.
 
-use super::fragments::{DirtyBlock, Fragment, MAX_FRAGMENTS, SEQ_LIMIT};
+use super::fragments::{Cover, DirtyBlock, MAX_FRAGMENTS, SEQ_LIMIT};
 use super::*;
 
 /// The write-back plans, seals and records buffered blocks in batches of about
@@ -681,15 +681,26 @@ impl Volume {
                 .map(|(a, p)| (*a, (*a as usize + p.0.len()).min(len) as u32))
                 .filter(|(a, b)| a < b)
                 .collect();
-            // Fragments the new ones cover entirely are dead: dropped, not
-            // counted. Page-sized overwrites then keep at most one fragment per
-            // page, and a burst of them never pays for a merge (the idle
-            // merge folds the block once the mount is quiet).
-            let (dead, live): (Vec<&Fragment>, Vec<&Fragment>) = frags.iter().partition(|f| {
-                ranges
-                    .iter()
-                    .any(|&(a, b)| a <= f.v.offset && f.v.offset + f.v.len <= b)
-            });
+            // A fragment that newer ones (and the new bytes) cover entirely
+            // is dead: dropped, not counted, not read by a merge. Page-sized
+            // overwrites then keep at most one fragment per page, and a burst
+            // of them seldom pays for a merge (the idle merge folds the block
+            // once the mount is quiet).
+            let mut cover = Cover::default();
+            for &(a, b) in &ranges {
+                cover.add(a, b);
+            }
+            let (mut live, mut dead) = (Vec::new(), Vec::new());
+            for f in frags.iter().rev() {
+                let (a, b) = (f.v.offset, f.v.offset.saturating_add(f.v.len));
+                if cover.contains(a, b) {
+                    dead.push(f.seq);
+                } else {
+                    live.push(f);
+                }
+                cover.add(a, b);
+            }
+            live.reverse();
             let have: usize = live.iter().map(|f| f.v.len as usize).sum();
             let seq = frags.last().map(|f| f.seq.saturating_add(1)).unwrap_or(0);
             if based
@@ -697,13 +708,11 @@ impl Volume {
                 && have + d.mem() <= bs
                 && seq < SEQ_LIMIT
             {
-                JobKind::Frags {
-                    ranges,
-                    seq,
-                    dead: dead.iter().map(|f| f.seq).collect(),
-                }
+                JobKind::Frags { ranges, seq, dead }
             } else {
-                let mut b = self.stored_block_full(st, ino, blk)?;
+                // The stored block is read only where something shows through.
+                let base = !cover.contains(0, len as u32);
+                let mut b = self.merge_base(st, ino, blk, base, &live)?;
                 d.overlay(0, &mut b);
                 JobKind::Merged {
                     plain: Plain(b),

@@ -419,12 +419,21 @@ impl Volume {
         )
     }
 
-    /// The block as stored (its record, or zeros, with its fragments applied),
-    /// full block size; buffered writes are not included. For a merge: what it
-    /// reads is about to be replaced, so it is not added to the block cache.
-    pub(super) fn stored_block_full(&self, st: &State, ino: u64, blk: u64) -> Result<Vec<u8>> {
+    /// What a merge starts from, full block size: the stored record (when
+    /// `base`; else zeros, for a block whose fragments and new bytes cover it
+    /// all) with the `live` fragments laid over it in order (the dead ones are
+    /// covered by newer bytes). What it reads is about to be replaced, so it is
+    /// not added to the block cache.
+    pub(super) fn merge_base(
+        &self,
+        st: &State,
+        ino: u64,
+        blk: u64,
+        base: bool,
+        live: &[&Fragment],
+    ) -> Result<Vec<u8>> {
         let mut b = vec![0u8; self.header.block_size as usize];
-        if let Some(p) = self.block_ptr(st, ino, blk)? {
+        if base && let Some(p) = self.block_ptr(st, ino, blk)? {
             let plain = self.io.read_data_once(&p).map_err(|e| match e {
                 Error::Integrity { what, detail } => Error::Integrity {
                     what: format!("inode {ino} block {blk} ({what})"),
@@ -434,19 +443,68 @@ impl Volume {
             })?;
             copy_stored(&plain.0, 0, &mut b);
         }
-        for f in self.fragments(st, ino, blk, blk + 1)? {
-            self.apply_fragment(ino, &f, 0, &mut b, false)?;
+        for f in live {
+            self.apply_fragment(ino, f, 0, &mut b, false)?;
         }
         Ok(b)
     }
 }
 
+/// Byte ranges of a block, as sorted, disjoint, non-touching `[a, b)` spans.
+#[derive(Default)]
+pub struct Cover(Vec<(u32, u32)>);
+
+impl Cover {
+    pub fn add(&mut self, a: u32, b: u32) {
+        if a >= b {
+            return;
+        }
+        let (mut lo, mut hi) = (a, b);
+        self.0.retain(|&(x, y)| {
+            if y < lo || x > hi {
+                true
+            } else {
+                lo = lo.min(x);
+                hi = hi.max(y);
+                false
+            }
+        });
+        let at = self.0.partition_point(|&(x, _)| x < lo);
+        self.0.insert(at, (lo, hi));
+    }
+
+    /// Whether every byte of `[a, b)` is covered (an empty span is).
+    pub fn contains(&self, a: u32, b: u32) -> bool {
+        a >= b || self.0.iter().any(|&(x, y)| x <= a && b <= y)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::DirtyBlock;
+    use super::{Cover, DirtyBlock};
 
     fn spans(d: &DirtyBlock) -> Vec<(u32, usize)> {
         d.pieces().iter().map(|(a, p)| (*a, p.0.len())).collect()
+    }
+
+    #[test]
+    fn cover_joins_spans_and_answers_containment() {
+        let mut c = Cover::default();
+        assert!(c.contains(5, 5) && !c.contains(0, 1));
+        c.add(10, 20);
+        c.add(30, 40);
+        assert!(c.contains(10, 20) && c.contains(12, 18));
+        assert!(!c.contains(15, 35) && !c.contains(9, 11));
+        c.add(20, 30); // touches both: one span
+        assert!(c.contains(10, 40) && !c.contains(10, 41));
+        c.add(0, 5);
+        c.add(3, 12);
+        assert!(c.contains(0, 40));
+        c.add(7, 7); // empty: nothing
+        assert_eq!(c.0, vec![(0, 40)]);
+        c.add(50, 60);
+        assert_eq!(c.0, vec![(0, 40), (50, 60)]);
+        assert!(!c.contains(0, 60));
     }
 
     #[test]
