@@ -355,27 +355,6 @@ impl BlockIo {
         Ok(out)
     }
 
-    /// Appends sealed records back to back, with one write when they fit the
-    /// current segment (see [`BlockIo::append_run`]): a write-back of scattered
-    /// small writes is thousands of 4 KiB records. Returns each record's place.
-    pub fn append_sealed(&self, recs: &[&Sealed]) -> Result<Vec<BlockPtr>> {
-        let total: usize = recs.iter().map(|r| r.0.len()).sum();
-        let mut buf = self.run_pool.lock().pop().unwrap_or_default();
-        buf.clear();
-        buf.reserve(total);
-        for r in recs {
-            buf.extend_from_slice(&r.0);
-        }
-        let run = SealedRun {
-            buf,
-            len: total,
-            recs: recs.iter().map(|r| (r.0.len(), r.1, r.2)).collect(),
-        };
-        let out = self.append_run(&run);
-        self.recycle(run);
-        out
-    }
-
     /// Appends a sealed record; returns where it lives.
     pub fn append(&self, rec: &[u8], block_id: [u8; 16], tag: [u8; 16]) -> Result<BlockPtr> {
         let mut w = self.writer.lock();

@@ -580,7 +580,7 @@ impl Volume {
             let chunk = jobs.len().div_ceil(threads).max(1);
             let io = &self.io;
             let dirty = &st.dirty;
-            let sealed: Vec<Vec<Vec<blocks::Sealed>>> = std::thread::scope(|s| {
+            let sealed: Vec<(blocks::SealedRun, Vec<usize>)> = std::thread::scope(|s| {
                 let hs: Vec<_> = jobs
                     .chunks(chunk)
                     .map(|c| s.spawn(move || FlushJob::seal_all(c, io, dirty, bs)))
@@ -589,21 +589,28 @@ impl Volume {
                     .map(|h| h.join().expect("sealing thread"))
                     .collect()
             });
-            let sealed: Vec<Vec<blocks::Sealed>> = sealed.into_iter().flatten().collect();
-            // All records of the batch in one append; on an error nothing of
-            // the batch is recorded and all of it stays buffered.
-            let flat: Vec<&blocks::Sealed> = sealed.iter().flatten().collect();
-            let mut ptrs = match self.io.append_sealed(&flat) {
-                Ok(p) => p.into_iter(),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
+            // Each thread's records in one append; on an error nothing of the
+            // batch is recorded and all of it stays buffered (what was
+            // appended is unreferenced space for the cleaner).
+            let mut placed_all = Vec::new();
+            let mut counts = Vec::with_capacity(jobs.len());
+            for (run, c) in sealed {
+                if failed.is_none() {
+                    match self.io.append_run(&run) {
+                        Ok(p) => placed_all.extend(p),
+                        Err(e) => failed = Some(e),
+                    }
                 }
-            };
-            drop(flat);
-            for (job, recs) in jobs.into_iter().zip(sealed) {
+                self.io.recycle(run);
+                counts.extend(c);
+            }
+            if failed.is_some() {
+                break;
+            }
+            let mut ptrs = placed_all.into_iter();
+            for (job, n) in jobs.into_iter().zip(counts) {
                 let (ino, blk) = job.key;
-                let placed: Vec<BlockPtr> = ptrs.by_ref().take(recs.len()).collect();
+                let placed: Vec<BlockPtr> = ptrs.by_ref().take(n).collect();
                 if failed.is_some() {
                     // Keep what could not be recorded (it stays in the dirty map).
                     continue;
@@ -851,22 +858,22 @@ impl ToSeal<'_> {
 }
 
 impl FlushJob {
-    /// Seals the records of several jobs, in order, with one draw from the OS
-    /// RNG for all their ids and one for all their nonces (a write-back of
-    /// scattered 4 KiB writes is mostly one fragment per job).
+    /// Seals the records of several jobs, in order, back to back into one
+    /// pooled buffer (see [`BlockIo::seal_data_run`]: one draw from the OS RNG
+    /// for all their ids and one for all their nonces, no zeroed buffer per
+    /// record); returns it with the number of records of each job.
     fn seal_all(
         jobs: &[FlushJob],
         io: &BlockIo,
         dirty: &DirtyMap,
         bs: usize,
-    ) -> Vec<Vec<blocks::Sealed>> {
+    ) -> (blocks::SealedRun, Vec<usize>) {
         let plains: Vec<Vec<ToSeal<'_>>> = jobs.iter().map(|j| j.plaintexts(dirty, bs)).collect();
         let flat: Vec<&[u8]> = plains.iter().flatten().map(ToSeal::bytes).collect();
-        let mut sealed = io.seal_many(BlockKind::Data, &flat).into_iter();
-        plains
-            .iter()
-            .map(|p| sealed.by_ref().take(p.len()).collect())
-            .collect()
+        (
+            io.seal_data_run(&flat),
+            plains.iter().map(Vec::len).collect(),
+        )
     }
 
     /// What this job seals, in order: one block, or its fragments.
