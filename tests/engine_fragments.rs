@@ -28,6 +28,33 @@ fn stored_bytes(s: &MemStorage) -> u64 {
         .sum()
 }
 
+/// Each segment file's path and length.
+fn segment_lens(s: &MemStorage) -> Vec<(String, u64)> {
+    s.list(SEGMENT_DIR)
+        .unwrap()
+        .into_iter()
+        .map(|n| {
+            let p = format!("{SEGMENT_DIR}/{n}");
+            let l = s.len(&p).unwrap();
+            (p, l)
+        })
+        .collect()
+}
+
+/// Flips a bit in the first record appended to a segment since `lens` was
+/// taken (in the segment being written, not a node mirror).
+fn damage_first_appended(s: &MemStorage, lens: &[(String, u64)]) {
+    let (seg, at) = lens
+        .iter()
+        .filter(|(p, _)| !p.contains("mirror") && !p.ends_with(".meta"))
+        .find(|(p, l)| s.len(p).unwrap() > *l)
+        .cloned()
+        .expect("a segment grew");
+    let mut bytes = s.read(&seg).unwrap();
+    bytes[at as usize + 200] ^= 0x40;
+    s.write_file(&seg, &bytes).unwrap();
+}
+
 fn new_file(v: &Volume, name: &[u8], len: usize, seed: u64) -> (u64, Vec<u8>) {
     let a = v.create(ROOT_INO, name, 0o644, 0, 0).unwrap();
     let data = pattern(seed, len);
@@ -189,16 +216,7 @@ fn a_merge_of_a_block_its_fragments_cover_does_not_read_the_stored_block() {
     // Something written first, so that the file's blocks go into a segment
     // that exists now (and are the first bytes it gains).
     new_file(&v, b"first", 4096, 30);
-    let lens: Vec<(String, u64)> = s
-        .list(SEGMENT_DIR)
-        .unwrap()
-        .into_iter()
-        .map(|n| {
-            let p = format!("{SEGMENT_DIR}/{n}");
-            let l = s.len(&p).unwrap();
-            (p, l)
-        })
-        .collect();
+    let lens = segment_lens(&s);
     let (ino, mut model) = new_file(&v, b"f", 2 * BS, 31);
     // The first half of every page of block 0, a fragment each.
     for k in 0..BS / 4096 {
@@ -214,15 +232,7 @@ fn a_merge_of_a_block_its_fragments_cover_does_not_read_the_stored_block() {
     assert_eq!(v.fragment_count(ino, 0).unwrap(), BS / 4096);
     drop(v);
     // Damage block 0's stored record: the first thing the file's write appended.
-    let (seg, at) = lens
-        .iter()
-        .filter(|(p, _)| !p.contains("mirror") && !p.ends_with(".meta"))
-        .find(|(p, l)| s.len(p).unwrap() > *l)
-        .cloned()
-        .expect("a segment grew");
-    let mut bytes = s.read(&seg).unwrap();
-    bytes[at as usize + 200] ^= 0x40;
-    s.write_file(&seg, &bytes).unwrap();
+    damage_first_appended(&s, &lens);
     let v = open(&env, storage.clone());
     match v.read(ino, 0, BS as u32) {
         Err(Error::Integrity { .. }) => {}
@@ -395,30 +405,13 @@ fn a_damaged_fragment_is_an_integrity_error() {
     let storage: Arc<dyn Storage> = Arc::new(s.clone());
     let v = init(&env, storage.clone(), &default_opts());
     let (ino, mut model) = new_file(&v, b"f", 2 * BS, 21);
-    let lens: Vec<(String, u64)> = s
-        .list(SEGMENT_DIR)
-        .unwrap()
-        .into_iter()
-        .map(|n| {
-            let p = format!("{SEGMENT_DIR}/{n}");
-            let l = s.len(&p).unwrap();
-            (p, l)
-        })
-        .collect();
+    let lens = segment_lens(&s);
     overwrite(&v, &mut model, ino, 30_000, &pattern(22, 4096));
     v.commit().unwrap();
     drop(v);
     // The fragment's record is the first thing appended after the last commit,
     // in the segment being written (not a node mirror).
-    let (seg, at) = lens
-        .iter()
-        .filter(|(p, _)| !p.contains("mirror") && !p.ends_with(".meta"))
-        .find(|(p, l)| s.len(p).unwrap() > *l)
-        .cloned()
-        .expect("a segment grew");
-    let mut bytes = s.read(&seg).unwrap();
-    bytes[at as usize + 200] ^= 0x40;
-    s.write_file(&seg, &bytes).unwrap();
+    damage_first_appended(&s, &lens);
     let v = open(&env, storage);
     match v.read(ino, 0, 2 * BS as u32) {
         Err(Error::Integrity { .. }) => {}
