@@ -72,6 +72,10 @@ pub struct Weed {
     pub filer_port: u16,
     pub dir: tempfile::TempDir,
     args: Vec<String>,
+    /// The Unix sockets the server makes for its own gRPC traffic: at fixed
+    /// paths in /tmp named by our ports (not under TMPDIR), left behind when it
+    /// stops. Removed by [`Weed::stop`] and [`Weed::kill`].
+    sockets: Vec<PathBuf>,
 }
 
 impl Drop for Weed {
@@ -115,12 +119,23 @@ impl Weed {
                 "-volume.max=100".into(),
                 "-master.volumeSizeLimitMB=64".into(),
             ];
+            let sockets = [
+                format!("s3-{s3}"),
+                format!("s3-grpc-{}", s3 + 10000),
+                format!("master-grpc-{}", master + 10000),
+                format!("volume-grpc-{}", volume + 10000),
+                format!("filer-grpc-{}", filer + 10000),
+            ]
+            .iter()
+            .map(|n| PathBuf::from(format!("/tmp/seaweedfs-{n}.sock")))
+            .collect();
             let mut w = Weed {
                 child: None,
                 s3_port: s3,
                 filer_port: filer,
                 dir,
                 args,
+                sockets,
             };
             // Ready means serving: a bucket is created and takes an object. A
             // server that lost a port to another process (its ports were free
@@ -161,6 +176,8 @@ impl Weed {
         let mut cmd = Command::new(weed_binary());
         cmd.args(&self.args)
             .current_dir(self.dir.path())
+            // Its logs (weed.INFO, ...) go to the temporary directory.
+            .env("TMPDIR", self.dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -191,8 +208,41 @@ impl Weed {
         false
     }
 
+    /// The inodes of our server's sockets, taken while it runs (it holds
+    /// their ports, so nothing else makes sockets of those names meanwhile).
+    fn our_sockets(&self) -> Vec<(PathBuf, u64)> {
+        use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+        if self.child.is_none() {
+            return Vec::new();
+        }
+        self.sockets
+            .iter()
+            .filter_map(|p| {
+                let m = std::fs::symlink_metadata(p).ok()?;
+                m.file_type().is_socket().then(|| (p.clone(), m.ino()))
+            })
+            .collect()
+    }
+
+    /// Removes the sockets of a server that has exited, unless another
+    /// server on the same ports has made its own since.
+    fn remove_sockets(ours: Vec<(PathBuf, u64)>) {
+        use std::os::unix::fs::MetadataExt as _;
+        for (p, ino) in ours {
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.ino() == ino) {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+
     /// Stops the server by PID: SIGTERM, then SIGKILL after a grace period.
     pub fn stop(&mut self) {
+        let ours = self.our_sockets();
+        self.stop_child();
+        Self::remove_sockets(ours);
+    }
+
+    fn stop_child(&mut self) {
         if let Some(mut c) = self.child.take() {
             let pid = c.id() as i32;
             // SAFETY: signalling our own child by its PID.
@@ -211,10 +261,12 @@ impl Weed {
 
     /// Kills the server at once (SIGKILL), as a crash or an outage.
     pub fn kill(&mut self) {
+        let ours = self.our_sockets();
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        Self::remove_sockets(ours);
     }
 
     pub fn endpoint(&self) -> String {
