@@ -580,15 +580,21 @@ impl Volume {
             let chunk = jobs.len().div_ceil(threads).max(1);
             let io = &self.io;
             let dirty = &st.dirty;
-            let sealed: Vec<(blocks::SealedRun, Vec<usize>)> = std::thread::scope(|s| {
+            let sealed: Option<Vec<(blocks::SealedRun, Vec<usize>)>> = std::thread::scope(|s| {
                 let hs: Vec<_> = jobs
                     .chunks(chunk)
                     .map(|c| s.spawn(move || FlushJob::seal_all(c, io, dirty, bs)))
                     .collect();
-                hs.into_iter()
-                    .map(|h| h.join().expect("sealing thread"))
-                    .collect()
+                hs.into_iter().map(|h| h.join().ok()).collect()
             });
+            // A sealing thread that panicked (a bug) fails the write-back with
+            // everything still buffered, instead of taking the mount down.
+            let Some(sealed) = sealed else {
+                failed = Some(Error::Invalid(
+                    "a sealing thread of the write-back failed; the data stays buffered".into(),
+                ));
+                break;
+            };
             // Each thread's records in one append; on an error nothing of the
             // batch is recorded and all of it stays buffered (what was
             // appended is unreferenced space for the cleaner).
