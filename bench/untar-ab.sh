@@ -13,5 +13,6 @@ tar -xf "$tarball" -C "$d/mnt"
 x1=$(cs); c1=$(awk '{print $14 + $15}' /proc/$pid/stat); t1=$(date +%s.%N)
 echo "$(basename "$bin") ${opts:-default}: untar $(echo "$t1 - $t0" | bc) s, daemon CPU $(echo "scale=2; ($c1 - $c0) / $tk" | bc) s, context switches $((x1 - x0))"
 "$bin" umount "$d/mnt" >/dev/null 2>&1 || fusermount3 -u "$d/mnt"
-wait "$pid"; pid=
+wait "$pid"; pid=; t2=$(date +%s.%N)
+echo "  unmount and daemon exit (the flush) $(echo "$t2 - $t1" | bc) s: untar + flush $(echo "$t2 - $t0" | bc) s"
 grep -h "fuse lead" "$d/log" | sed 's/.*fuse lead/fuse lead/'

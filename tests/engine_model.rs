@@ -415,7 +415,7 @@ impl Harness {
                     }
                 }
             }
-            15 => match c % 4 {
+            15 => match c % 5 {
                 0 => {
                     self.v().commit().unwrap();
                     self.committed = self.model.clone();
@@ -434,9 +434,15 @@ impl Harness {
                     self.vol = Some(open(&self.env, Arc::new(self.storage.clone())));
                     self.check("crash");
                 }
-                _ => {
+                3 => {
                     self.v().clean(0.9).unwrap();
                     self.committed = self.model.clone();
+                }
+                _ => {
+                    // Sealed and recorded, not committed: a crash still
+                    // returns to the last commit.
+                    self.v().write_back().unwrap();
+                    self.check("write-back");
                 }
             },
             _ => {}

@@ -75,6 +75,15 @@ impl Committer {
                     }
                 }
             }
+            // New data is sealed beside the writes that keep coming,
+            // without the volume lock while it is sealed.
+            if vol.write_back_due() {
+                Self::contained(vol, "write-back", || {
+                    if let Err(e) = vol.write_back_new_data() {
+                        log::warn!("background write-back failed (will retry): {e}");
+                    }
+                });
+            }
             // A quiet mount folds fragmented blocks into whole ones, a batch
             // per tick, so later cold reads cost one record per block.
             if vol.idle_for().is_none() && vol.quiet_for() >= IDLE_MERGE {

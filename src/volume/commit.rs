@@ -12,6 +12,9 @@ impl Volume {
         if self.read_only {
             return Ok(());
         }
+        // After a write-back under way, not beside it (it would seal the same
+        // buffers again).
+        let _one = self.flush_lock.lock();
         let mut st = self.st.write();
         self.commit_locked(&mut st)
     }

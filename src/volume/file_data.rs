@@ -66,7 +66,7 @@ impl Volume {
         from: usize,
         out: &mut [u8],
     ) -> Result<()> {
-        let dirty = st.dirty.get(&(ino, blk));
+        let dirty = st.dirty.get(&(ino, blk)).map(|d| &**d);
         if let Some(w) = dirty.and_then(DirtyBlock::whole) {
             copy_stored(&w.0, from, out);
             return Ok(());
@@ -135,7 +135,7 @@ impl Volume {
         let mut stored: Vec<(usize, BlockPtr)> = Vec::new();
         let mut partial: Vec<usize> = Vec::new();
         for (k, &(blk, from, n, o)) in pieces.iter().enumerate() {
-            let dirty = st.dirty.get(&(ino, blk));
+            let dirty = st.dirty.get(&(ino, blk)).map(|d| &**d);
             if let Some(w) = dirty.and_then(DirtyBlock::whole) {
                 copy_stored(&w.0, from, &mut out[o..o + n]);
                 continue;
@@ -233,6 +233,22 @@ impl Volume {
     }
 
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let (n, buffered) = self.write_buffered(ino, offset, data)?;
+        // Past the dirty limit the writer pays for a write-back, sealing
+        // without the volume lock (other requests go on meanwhile), or waits
+        // for the one under way: that bounds what is buffered.
+        if buffered > self.dirty_max
+            && let Err(e) = self.write_back()
+        {
+            // The write itself took effect; what could not be sealed stays
+            // buffered and the next commit retries (and reports) it.
+            log::warn!("write-back of buffered data failed, will retry: {e}");
+        }
+        Ok(n)
+    }
+
+    /// The write; returns its length and the bytes buffered after it.
+    fn write_buffered(&self, ino: u64, offset: u64, data: &[u8]) -> Result<(u32, usize)> {
         self.writable()?;
         let end = offset
             .checked_add(data.len() as u64)
@@ -317,7 +333,9 @@ impl Volume {
                 let src = &data[(pos - offset) as usize..(pos - offset) as usize + n];
                 if let Some(d) = st.dirty.get_mut(&(ino, blk)) {
                     let before = d.mem();
-                    d.put(from, src, bs as usize);
+                    // A buffer a write-back is sealing right now is copied
+                    // first: that write-back then leaves this block buffered.
+                    Arc::make_mut(d).put(from, src, bs as usize);
                     let after = d.mem();
                     st.dirty_bytes = st.dirty_bytes + after - before;
                 } else {
@@ -339,7 +357,7 @@ impl Volume {
                         }
                     };
                     st.dirty_bytes += d.mem();
-                    st.dirty.insert((ino, blk), d);
+                    st.dirty.insert((ino, blk), Arc::new(d));
                 }
                 pos += n as u64;
             }
@@ -350,15 +368,8 @@ impl Volume {
             i.mtime = t;
             i.ctime = t;
             self.put_inode(&mut st, ino, &i)?;
-            if st.dirty_bytes > self.dirty_max
-                && let Err(e) = self.flush_data(&mut st)
-            {
-                // The write itself took effect; what could not be sealed stays
-                // buffered and the next commit retries (and reports) it.
-                log::warn!("write-back of buffered data failed, will retry: {e}");
-            }
+            Ok((data.len() as u32, st.dirty_bytes))
         }
-        Ok(data.len() as u32)
     }
 
     pub(super) fn truncate_locked(
@@ -382,7 +393,7 @@ impl Volume {
             if !size.is_multiple_of(bs) && stored {
                 let mut b = self.load_block_full(st, ino, blk)?;
                 b[(size % bs) as usize..].fill(0);
-                if let Some(old) = st.dirty.insert((ino, blk), DirtyBlock::full(b)) {
+                if let Some(old) = st.dirty.insert((ino, blk), Arc::new(DirtyBlock::full(b))) {
                     st.dirty_bytes -= old.mem();
                 }
                 st.dirty_bytes += bs as usize;
@@ -470,7 +481,7 @@ impl Volume {
                 if n as u64 != bs && pos < i.size && stored {
                     let mut b = self.load_block_full(&st, ino, blk)?;
                     b[from..from + n].fill(0);
-                    if let Some(old) = st.dirty.insert((ino, blk), DirtyBlock::full(b)) {
+                    if let Some(old) = st.dirty.insert((ino, blk), Arc::new(DirtyBlock::full(b))) {
                         st.dirty_bytes -= old.mem();
                     }
                     st.dirty_bytes += bs as usize;
@@ -509,144 +520,262 @@ impl Volume {
 
     /// Seals all dirty blocks and records them in the block map (not a commit):
     /// whole blocks as block records, small overwrites of stored blocks as
-    /// fragments (merged into a whole block once a block has too many).
+    /// fragments (merged into a whole block once a block has too many). Holds
+    /// the volume lock throughout (commits); [`Volume::write_back`] does the
+    /// same with the sealing outside it.
     pub(super) fn flush_data(&self, st: &mut State) -> Result<()> {
-        if st.dirty.is_empty() {
-            return Ok(());
-        }
-        let bs = self.header.block_size as usize;
-        // Sizes first, before anything is taken out of the dirty map: an
-        // error here must lose nothing.
-        let mut sizes: HashMap<u64, u64> = HashMap::new();
-        for (ino, _) in st.dirty.keys() {
-            if !sizes.contains_key(ino) {
-                let size = match self.get_inode(st, *ino) {
-                    Ok(i) => i.size,
-                    Err(Error::NotFound) => 0, // destroyed: its blocks go
-                    Err(e) => return Err(e),
-                };
-                sizes.insert(*ino, size);
-            }
-        }
-        // Block by block in (inode, block) order, in batches of about
-        // FLUSH_BATCH bytes: the merged copies and sealed records of one batch
-        // are alive at a time, not those of everything buffered, and a file's
-        // blocks are appended in order.
-        let mut keys: Vec<(u64, u64)> = st
-            .dirty
-            .keys()
-            .filter(|(ino, blk)| blk * (bs as u64) < sizes.get(ino).copied().unwrap_or(0))
-            .copied()
-            .collect();
-        keys.sort_unstable();
-        let mut inode_updates: HashMap<u64, Inode> = HashMap::new();
-        let mut failed = None;
-        let mut next = 0;
-        while next < keys.len() && failed.is_none() {
-            // Plan: a whole block, or fragments over the stored one. Merging
-            // reads the stored block; an error there keeps this batch and the
-            // rest buffered, so nothing is lost.
-            let mut jobs: Vec<FlushJob> = Vec::new();
-            let mut planned = 0;
-            {
-                let st_ro: &State = st;
-                while next < keys.len() && planned < FLUSH_BATCH {
-                    let key = keys[next];
-                    next += 1;
-                    let Some(d) = st_ro.dirty.get(&key) else {
-                        continue;
-                    };
-                    let size = sizes.get(&key.0).copied().unwrap_or(0);
-                    match self.plan_flush(st_ro, key, d, size, bs) {
-                        Ok(job) => {
-                            planned += bs.min(d.mem().max(1));
-                            jobs.push(job);
-                        }
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    }
-                }
-            }
-            if failed.is_some() {
-                break;
-            }
-            // Seal in parallel (AEAD is the cost), append in order.
-            let threads = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                .min(4);
-            let chunk = jobs.len().div_ceil(threads).max(1);
-            let io = &self.io;
-            let dirty = &st.dirty;
-            let sealed: Option<Vec<(blocks::SealedRun, Vec<usize>)>> = std::thread::scope(|s| {
-                let hs: Vec<_> = jobs
-                    .chunks(chunk)
-                    .map(|c| s.spawn(move || FlushJob::seal_all(c, io, dirty, bs)))
-                    .collect();
-                hs.into_iter().map(|h| h.join().ok()).collect()
-            });
-            // A sealing thread that panicked (a bug) fails the write-back with
-            // everything still buffered, instead of taking the mount down.
-            let Some(sealed) = sealed else {
-                failed = Some(Error::Invalid(
-                    "a sealing thread of the write-back failed; the data stays buffered".into(),
-                ));
+        let mut after = None;
+        loop {
+            let batch = self.plan_batch(st, after, (u64::MAX, u64::MAX), false)?;
+            let Some(last) = batch.last_key else {
                 break;
             };
-            // Each thread's records in one append; on an error nothing of the
-            // batch is recorded and all of it stays buffered (what was
-            // appended is unreferenced space for the cleaner).
-            let mut placed_all = Vec::new();
-            let mut counts = Vec::with_capacity(jobs.len());
-            for (run, c) in sealed {
-                if failed.is_none() {
-                    match self.io.append_run(&run) {
-                        Ok(p) => placed_all.extend(p),
-                        Err(e) => failed = Some(e),
-                    }
-                }
-                self.io.recycle(run);
-                counts.extend(c);
+            after = Some(last);
+            let placed = self.seal_batch(&batch.jobs)?;
+            self.record_batch(st, batch, placed)?;
+        }
+        st.changed = true;
+        Ok(())
+    }
+
+    /// The write-back without holding the volume lock while sealing: one pass
+    /// over the blocks buffered now, in (inode, block) order and batches of
+    /// about [`FLUSH_BATCH`] bytes, each planned under the lock, sealed and
+    /// appended without it (reads and writes go on meanwhile) and recorded
+    /// under it. A block written again, truncated or flushed by a commit in
+    /// the meantime no longer holds the buffer its batch sealed: that record
+    /// is dropped (unreferenced space for the cleaner) and the block stays
+    /// buffered. One write-back at a time; a commit waits for it.
+    ///
+    /// # Errors
+    /// A damaged tree, a failing append or a full store: what was not
+    /// recorded stays buffered, as with a commit.
+    pub fn write_back(&self) -> Result<()> {
+        self.write_back_pass(false)
+    }
+
+    /// [`Volume::write_back`] of new data only: blocks buffered whole, and
+    /// new blocks written up to the end of their file (new files, appends).
+    /// Small overwrites of stored blocks stay buffered: waiting lets more of
+    /// a block's pages gather into one fragment or merge, and lets later
+    /// writes replace them. The mount's committer runs this once a quarter
+    /// of the dirty limit is buffered ([`Volume::write_back_due`]), so new
+    /// data is sealed beside the writes that follow it, not left for the
+    /// writer that reaches the limit or for the unmount.
+    ///
+    /// # Errors
+    /// As [`Volume::write_back`].
+    pub fn write_back_new_data(&self) -> Result<()> {
+        self.write_back_pass(true)
+    }
+
+    fn write_back_pass(&self, new_only: bool) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _one = self.flush_lock.lock();
+        // Records appended and not yet in the tree must not look dead to the
+        // cleaner (it takes the gate exclusively; order: gate, then volume lock).
+        let _gate = self.append_gate.read();
+        // What is buffered now: blocks buffered later wait for the next pass,
+        // so a steady stream of writes cannot keep this one going.
+        let Some(upto) = self.st.read().dirty.keys().next_back().copied() else {
+            return Ok(());
+        };
+        let mut after = None;
+        loop {
+            let batch = self.plan_batch(&self.st.read(), after, upto, new_only)?;
+            let Some(last) = batch.last_key else {
+                return Ok(());
+            };
+            after = Some(last);
+            let placed = self.seal_batch(&batch.jobs)?;
+            let hook = self.write_back_hook.lock().clone();
+            if let Some(h) = hook {
+                h();
             }
-            if failed.is_some() {
+            let mut st = self.st.write();
+            self.record_batch(&mut st, batch, placed)?;
+            st.changed = true;
+        }
+    }
+
+    /// Bytes of file data buffered and not yet sealed.
+    pub fn dirty_bytes(&self) -> usize {
+        self.st.read().dirty_bytes
+    }
+
+    /// Whether enough is buffered for a background write-back of new data
+    /// ([`Volume::write_back_new_data`]): a quarter of the dirty limit.
+    pub fn write_back_due(&self) -> bool {
+        self.dirty_bytes() >= self.dirty_max / 4
+    }
+
+    /// Plans the next batch of the write-back: the buffered blocks after
+    /// `after` up to `upto`, about [`FLUSH_BATCH`] bytes of them (with
+    /// `new_only`, only whole blocks and those written up to the end of their
+    /// file). Blocks past the end of their file (truncated or destroyed
+    /// meanwhile) are listed to be dropped.
+    fn plan_batch(
+        &self,
+        st: &State,
+        after: Option<(u64, u64)>,
+        upto: (u64, u64),
+        new_only: bool,
+    ) -> Result<FlushBatch> {
+        use std::ops::Bound;
+        let bs = self.header.block_size as usize;
+        let from = match after {
+            Some(k) => Bound::Excluded(k),
+            None => Bound::Unbounded,
+        };
+        let mut batch = FlushBatch {
+            jobs: Vec::new(),
+            gone: Vec::new(),
+            last_key: None,
+        };
+        let mut size: Option<(u64, u64)> = None;
+        let mut planned = 0;
+        for (&key, d) in st.dirty.range((from, Bound::Included(upto))) {
+            if planned >= FLUSH_BATCH {
                 break;
             }
-            let mut ptrs = placed_all.into_iter();
-            for (job, n) in jobs.into_iter().zip(counts) {
-                let (ino, blk) = job.key;
-                let placed: Vec<BlockPtr> = ptrs.by_ref().take(n).collect();
-                if failed.is_some() {
-                    // Keep what could not be recorded (it stays in the dirty map).
-                    continue;
+            batch.last_key = Some(key);
+            let (ino, blk) = key;
+            let file_size = match size {
+                Some((i, s)) if i == ino => s,
+                _ => {
+                    let s = match self.get_inode(st, ino) {
+                        Ok(i) => i.size,
+                        Err(Error::NotFound) => 0, // destroyed: its blocks go
+                        Err(e) => return Err(e),
+                    };
+                    size = Some((ino, s));
+                    s
                 }
-                let Some(d) = st.dirty.remove(&job.key) else {
+            };
+            if blk.saturating_mul(bs as u64) >= file_size {
+                batch.gone.push((key, d.clone()));
+                continue;
+            }
+            if new_only && d.whole().is_none() {
+                let len = (file_size - blk * bs as u64).min(bs as u64) as usize;
+                if !d.covers(len) {
                     continue;
-                };
-                st.dirty_bytes -= d.mem();
-                let recorded = self.record_flush_job(st, &job, d, placed, &mut inode_updates);
-                if let Err((e, d)) = recorded {
-                    // Put the buffer back so nothing is lost; fragments recorded
-                    // before the error are rewritten by the retry, in sequence.
-                    if let Some(d) = d {
-                        st.dirty_bytes += d.mem();
-                        st.dirty.insert((ino, blk), d);
-                    }
-                    failed = Some(e);
                 }
             }
+            // Merging reads the stored block; an error there keeps this batch
+            // and the rest buffered, so nothing is lost.
+            let kind = self.plan_flush(st, key, d, file_size, bs)?;
+            planned += bs.min(d.mem().max(1));
+            batch.jobs.push(FlushJob {
+                key,
+                kind,
+                src: d.clone(),
+            });
         }
-        // Blocks past the end of their file (truncated or destroyed meanwhile).
-        let gone: Vec<(u64, u64)> = st
-            .dirty
-            .keys()
-            .filter(|(ino, blk)| blk * bs as u64 >= sizes.get(ino).copied().unwrap_or(0))
-            .copied()
-            .collect();
+        Ok(batch)
+    }
+
+    /// Seals a batch's records in parallel (AEAD is the cost) and appends
+    /// each sealing thread's records with one write, in order; returns each
+    /// job's records. Needs no volume lock: the jobs own what they seal. On
+    /// an error nothing is recorded (what was appended is unreferenced space
+    /// for the cleaner).
+    fn seal_batch(&self, jobs: &[FlushJob]) -> Result<Vec<Vec<BlockPtr>>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bs = self.header.block_size as usize;
+        let chunk = jobs.len().div_ceil(sealing_threads()).max(1);
+        let io = &self.io;
+        let sealed: Option<Vec<(blocks::SealedRun, Vec<usize>)>> = std::thread::scope(|s| {
+            let hs: Vec<_> = jobs
+                .chunks(chunk)
+                .map(|c| s.spawn(move || FlushJob::seal_all(c, io, bs)))
+                .collect();
+            hs.into_iter().map(|h| h.join().ok()).collect()
+        });
+        // A sealing thread that panicked (a bug) fails the write-back with
+        // everything still buffered, instead of taking the mount down.
+        let Some(sealed) = sealed else {
+            return Err(Error::Invalid(
+                "a sealing thread of the write-back failed; the data stays buffered".into(),
+            ));
+        };
+        let mut placed_all = Vec::new();
+        let mut counts = Vec::with_capacity(jobs.len());
+        let mut failed = None;
+        for (run, c) in sealed {
+            if failed.is_none() {
+                match self.io.append_run(&run) {
+                    Ok(p) => placed_all.extend(p),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            self.io.recycle(run);
+            counts.extend(c);
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let mut ptrs = placed_all.into_iter();
+        Ok(counts
+            .into_iter()
+            .map(|n| ptrs.by_ref().take(n).collect())
+            .collect())
+    }
+
+    /// Records a sealed batch in the tree: each job whose block still holds
+    /// the very buffer it sealed (nothing wrote, truncated or flushed it
+    /// since); the others stay buffered and their records unreferenced.
+    fn record_batch(
+        &self,
+        st: &mut State,
+        batch: FlushBatch,
+        placed: Vec<Vec<BlockPtr>>,
+    ) -> Result<()> {
+        let bs = self.header.block_size as u64;
+        st.changed = true;
+        let mut inode_updates: HashMap<u64, Inode> = HashMap::new();
+        let mut failed = None;
+        for (job, placed) in batch.jobs.into_iter().zip(placed) {
+            let unchanged = st
+                .dirty
+                .get(&job.key)
+                .is_some_and(|d| Arc::ptr_eq(d, &job.src));
+            if !unchanged {
+                continue;
+            }
+            let Some(d) = st.dirty.remove(&job.key) else {
+                continue;
+            };
+            st.dirty_bytes -= d.mem();
+            let key = job.key;
+            if let Err((e, d)) = self.record_flush_job(st, job, d, placed, &mut inode_updates) {
+                // Put the buffer back so nothing is lost; fragments recorded
+                // before the error are rewritten by the retry, in sequence.
+                if let Some(d) = d {
+                    st.dirty_bytes += d.mem();
+                    st.dirty.insert(key, d);
+                }
+                failed = Some(e);
+                break;
+            }
+        }
         if failed.is_none() {
-            for k in gone {
-                if let Some(d) = st.dirty.remove(&k) {
+            for (key, d) in batch.gone {
+                let (ino, blk) = key;
+                let still = st.dirty.get(&key).is_some_and(|now| Arc::ptr_eq(now, &d));
+                let size = match self.get_inode(st, ino) {
+                    Ok(i) => i.size,
+                    Err(Error::NotFound) => 0,
+                    Err(e) => return Err(e),
+                };
+                if still
+                    && blk.saturating_mul(bs) >= size
+                    && let Some(d) = st.dirty.remove(&key)
+                {
                     st.dirty_bytes -= d.mem();
                 }
             }
@@ -654,7 +783,6 @@ impl Volume {
         for (ino, i) in inode_updates {
             self.put_inode(st, ino, &i)?;
         }
-        st.changed = true;
         match failed {
             Some(e) => Err(e),
             None => Ok(()),
@@ -670,7 +798,7 @@ impl Volume {
         d: &DirtyBlock,
         size: u64,
         bs: usize,
-    ) -> Result<FlushJob> {
+    ) -> Result<JobKind> {
         let start = blk * bs as u64;
         let len = (size.saturating_sub(start)).min(bs as u64) as usize;
         let stored = format::round_up(len, format::PAD_QUANTUM).min(bs);
@@ -733,10 +861,7 @@ impl Volume {
                 }
             }
         };
-        Ok(FlushJob {
-            key: (ino, blk),
-            kind,
-        })
+        Ok(kind)
     }
 
     /// Appends a flush job's sealed records and records them in the tree. On
@@ -744,13 +869,17 @@ impl Volume {
     fn record_flush_job(
         &self,
         st: &mut State,
-        job: &FlushJob,
-        d: DirtyBlock,
+        job: FlushJob,
+        d: Arc<DirtyBlock>,
         placed: Vec<BlockPtr>,
         inode_updates: &mut HashMap<u64, Inode>,
-    ) -> std::result::Result<(), (Error, Option<DirtyBlock>)> {
+    ) -> std::result::Result<(), (Error, Option<Arc<DirtyBlock>>)> {
         let (ino, blk) = job.key;
-        match &job.kind {
+        let FlushJob { kind, src, .. } = job;
+        // The job's own reference: `d` is then the buffer's last one, and a
+        // whole block's plaintext moves into the cache without a copy.
+        drop(src);
+        match &kind {
             JobKind::Whole { stored } | JobKind::Merged { stored, .. } => {
                 let Some(&ptr) = placed.first() else {
                     return Err((Error::Invalid("nothing sealed".into()), Some(d)));
@@ -779,13 +908,19 @@ impl Volume {
                     return Err((e, Some(d)));
                 }
                 // Cache exactly what was stored (a short copy frees the full buffer).
-                let plain = match (&job.kind, d) {
+                let plain = match (&kind, d) {
                     (JobKind::Merged { plain, .. }, _) => Plain(plain.0[..*stored].to_vec()),
-                    (_, DirtyBlock::Whole(p)) if *stored < p.0.len() => {
-                        Plain(p.0[..*stored].to_vec())
-                    }
-                    (_, DirtyBlock::Whole(p)) => p,
-                    (_, DirtyBlock::Pieces(_)) => return Ok(()),
+                    (_, d) => match Arc::try_unwrap(d) {
+                        Ok(DirtyBlock::Whole(p)) if *stored < p.0.len() => {
+                            Plain(p.0[..*stored].to_vec())
+                        }
+                        Ok(DirtyBlock::Whole(p)) => p,
+                        Err(d) => match d.whole() {
+                            Some(p) => Plain(p.0[..(*stored).min(p.0.len())].to_vec()),
+                            None => return Ok(()),
+                        },
+                        Ok(DirtyBlock::Pieces(_)) => return Ok(()),
+                    },
                 };
                 self.io.data_cache.insert(ptr.id_u128(), Arc::new(plain));
                 Ok(())
@@ -832,6 +967,29 @@ impl Volume {
 struct FlushJob {
     key: (u64, u64),
     kind: JobKind,
+    /// The buffer planned from: sealed without the volume lock, and recorded
+    /// only if the block still holds this very buffer.
+    src: Arc<DirtyBlock>,
+}
+
+/// One batch of the write-back: its jobs, the buffered blocks found past the
+/// end of their file, and the last block looked at (where the next starts).
+struct FlushBatch {
+    jobs: Vec<FlushJob>,
+    gone: Vec<((u64, u64), Arc<DirtyBlock>)>,
+    last_key: Option<(u64, u64)>,
+}
+
+/// Threads that seal a write-back batch: the CPUs this process may use (read
+/// once: finding out reads cgroup files), at most 4.
+fn sealing_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
+    })
 }
 
 enum JobKind {
@@ -868,13 +1026,8 @@ impl FlushJob {
     /// pooled buffer (see [`BlockIo::seal_data_run`]: one draw from the OS RNG
     /// for all their ids and one for all their nonces, no zeroed buffer per
     /// record); returns it with the number of records of each job.
-    fn seal_all(
-        jobs: &[FlushJob],
-        io: &BlockIo,
-        dirty: &DirtyMap,
-        bs: usize,
-    ) -> (blocks::SealedRun, Vec<usize>) {
-        let plains: Vec<Vec<ToSeal<'_>>> = jobs.iter().map(|j| j.plaintexts(dirty, bs)).collect();
+    fn seal_all(jobs: &[FlushJob], io: &BlockIo, bs: usize) -> (blocks::SealedRun, Vec<usize>) {
+        let plains: Vec<Vec<ToSeal<'_>>> = jobs.iter().map(|j| j.plaintexts(bs)).collect();
         let flat: Vec<&[u8]> = plains.iter().flatten().map(ToSeal::bytes).collect();
         (
             io.seal_data_run(&flat),
@@ -883,17 +1036,15 @@ impl FlushJob {
     }
 
     /// What this job seals, in order: one block, or its fragments.
-    fn plaintexts<'a>(&'a self, dirty: &'a DirtyMap, bs: usize) -> Vec<ToSeal<'a>> {
+    fn plaintexts(&self, bs: usize) -> Vec<ToSeal<'_>> {
         match &self.kind {
             JobKind::Merged { plain, stored } => vec![ToSeal::Borrowed(&plain.0[..*stored])],
-            JobKind::Whole { stored } => match dirty.get(&self.key).and_then(DirtyBlock::whole) {
+            JobKind::Whole { stored } => match self.src.whole() {
                 Some(w) => vec![ToSeal::Borrowed(&w.0[..*stored])],
                 None => Vec::new(),
             },
             JobKind::Frags { ranges, .. } => {
-                let Some(d) = dirty.get(&self.key) else {
-                    return Vec::new();
-                };
+                let d = &self.src;
                 // Ranges are the pieces, in order, clipped to the file's end.
                 ranges
                     .iter()

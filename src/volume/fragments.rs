@@ -118,7 +118,7 @@ impl Volume {
                 self.check_space(st.dirty_bytes as u64 + bs)?;
                 let d = DirtyBlock::full(self.load_block_full(&st, ino, blk)?);
                 st.dirty_bytes += d.mem();
-                st.dirty.insert((ino, blk), d);
+                st.dirty.insert((ino, blk), Arc::new(d));
                 merged += 1;
             }
             Ok(())
@@ -158,7 +158,8 @@ impl Volume {
     }
 }
 
-/// A block waiting to be sealed (its buffers are wiped on drop).
+/// A block waiting to be sealed (its buffers are wiped on drop). Cloned only
+/// when a write changes a buffer that a write-back is sealing.
 pub enum DirtyBlock {
     /// The block's whole content, full block size.
     Whole(Plain),
@@ -167,6 +168,17 @@ pub enum DirtyBlock {
     /// the rest comes from the stored block and its fragments (zeros for a
     /// hole). Only pieces over a stored block may become fragments.
     Pieces(Vec<(u32, Plain)>),
+}
+
+impl Clone for DirtyBlock {
+    fn clone(&self) -> Self {
+        match self {
+            DirtyBlock::Whole(p) => DirtyBlock::Whole(Plain(p.0.clone())),
+            DirtyBlock::Pieces(ps) => {
+                DirtyBlock::Pieces(ps.iter().map(|(a, p)| (*a, Plain(p.0.clone()))).collect())
+            }
+        }
+    }
 }
 
 impl DirtyBlock {

@@ -248,7 +248,8 @@ pub type WriteHook = Arc<dyn Fn() + Send + Sync>;
 pub type CleanHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Blocks waiting to be sealed (see [`fragments::DirtyBlock`]).
-type DirtyMap = BTreeMap<(u64, u64), fragments::DirtyBlock>;
+/// Shared with a write-back that seals them outside the volume lock.
+type DirtyMap = BTreeMap<(u64, u64), Arc<fragments::DirtyBlock>>;
 
 struct State {
     tree: Tree,
@@ -313,8 +314,14 @@ pub struct Volume {
     /// Test hook: runs in `write` between appending whole blocks and recording
     /// them, so tests can make other operations happen exactly there.
     write_hook: parking_lot::Mutex<Option<WriteHook>>,
+    /// Test hook: runs in `write_back` between sealing a batch (without the
+    /// volume lock) and recording it.
+    write_back_hook: parking_lot::Mutex<Option<WriteHook>>,
     /// One cleaner (or repair) at a time; see `cleaner`.
     clean_lock: parking_lot::Mutex<()>,
+    /// One write-back ([`Volume::write_back`]) at a time, and a commit
+    /// waits for it rather than sealing the same buffers again.
+    flush_lock: parking_lot::Mutex<()>,
     clean_hook: parking_lot::Mutex<Option<CleanHook>>,
     /// The writer lock, or a reader's pin.
     _lock: Option<Box<dyn std::any::Any + Send + Sync>>,
@@ -864,7 +871,9 @@ impl Volume {
             frag_blocks: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             freed_since_clean: AtomicBool::new(false),
             append_gate: parking_lot::RwLock::new(()),
+            flush_lock: parking_lot::Mutex::new(()),
             write_hook: parking_lot::Mutex::new(None),
+            write_back_hook: parking_lot::Mutex::new(None),
             clean_lock: parking_lot::Mutex::new(()),
             clean_hook: parking_lot::Mutex::new(None),
             _lock: lock,
@@ -876,6 +885,14 @@ impl Volume {
     #[doc(hidden)]
     pub fn set_write_hook(&self, hook: Option<WriteHook>) {
         *self.write_hook.lock() = hook;
+    }
+
+    /// Installs a hook that `write_back` runs after sealing and appending a
+    /// batch without the volume lock, before recording it (tests use it to
+    /// race reads, writes and truncates there).
+    #[doc(hidden)]
+    pub fn set_write_back_hook(&self, hook: Option<WriteHook>) {
+        *self.write_back_hook.lock() = hook;
     }
 
     pub fn volume_id(&self) -> [u8; 16] {
