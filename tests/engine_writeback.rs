@@ -1,8 +1,8 @@
 //! The write-back that seals without the volume lock (`Volume::write_back`,
-//! run by the mount's committer once a quarter of the dirty limit is buffered,
-//! and by a writer past the limit): requests go on while it seals, and a
-//! block written, truncated or deleted meanwhile keeps what the user did last,
-//! through commits, reopens, crashes and fsck.
+//! run by a writer past the dirty limit, and `write_back_new_data`, run by
+//! the mount's committer once a quarter of the limit is buffered): requests
+//! go on while it seals, and a block written, truncated or deleted meanwhile
+//! keeps what the user did last, through commits, reopens, crashes and fsck.
 
 mod engine_common;
 
@@ -301,6 +301,58 @@ fn writers_racing_write_backs_and_commits_lose_nothing() {
     check(&v);
     v.commit().unwrap();
     check(&v);
+    assert!(v.fsck().unwrap().is_clean());
+    drop(v);
+    let v2 = reopen(&env, &storage);
+    check(&v2);
+    assert!(v2.fsck().unwrap().is_clean());
+}
+
+#[test]
+fn the_background_write_back_seals_new_data_and_leaves_small_overwrites_buffered() {
+    let env = env();
+    let storage = MemStorage::new();
+    let v = new_volume(&env, &storage);
+    let old = file(&v, "old", &pattern(8, 256 * 1024));
+    v.commit().unwrap();
+    // Small overwrites of stored blocks: worth keeping buffered (later pages
+    // of the same block join them in one fragment, or replace them).
+    v.write(old, 4096, &[1; 4096]).unwrap();
+    v.write(old, 70_000, &[2; 4096]).unwrap();
+    let overwrites = v.dirty_bytes();
+    assert_eq!(overwrites, 2 * 4096);
+    // New data: small files, and an append in pieces past the old end.
+    let news: Vec<(u64, Vec<u8>)> = (0..50u64)
+        .map(|i| {
+            let d = pattern(100 + i, 500 + 97 * i as usize);
+            (file(&v, &format!("new{i}"), &d), d)
+        })
+        .collect();
+    for k in 0..10u64 {
+        v.write(old, 256 * 1024 + k * 3000, &[3; 3000]).unwrap();
+    }
+    assert!(v.dirty_bytes() > overwrites + 50 * 500);
+    v.write_back_new_data().unwrap();
+    assert_eq!(
+        v.dirty_bytes(),
+        overwrites,
+        "new data sealed, the overwrites of stored blocks still buffered"
+    );
+    let mut want = pattern(8, 256 * 1024);
+    want[4096..8192].fill(1);
+    want[70_000..74_096].fill(2);
+    want.resize(256 * 1024 + 30_000, 3);
+    let check = |v: &Volume| {
+        assert_eq!(v.read(old, 0, 1 << 20).unwrap(), want);
+        for (ino, d) in &news {
+            assert_eq!(&v.read(*ino, 0, 1 << 16).unwrap(), d);
+        }
+    };
+    check(&v);
+    v.write_back().unwrap();
+    assert_eq!(v.dirty_bytes(), 0);
+    check(&v);
+    v.commit().unwrap();
     assert!(v.fsck().unwrap().is_clean());
     drop(v);
     let v2 = reopen(&env, &storage);
