@@ -21,6 +21,9 @@ const COMMITTER_TICK: Duration = Duration::from_millis(100);
 /// merged, and how many blocks a committer tick merges.
 const IDLE_MERGE: Duration = Duration::from_secs(2);
 const MERGE_BATCH: usize = 256;
+/// How long the committer waits after a failed background write-back
+/// before it tries again (commits and writers past the limit still do).
+const WRITE_BACK_RETRY: Duration = Duration::from_secs(1);
 /// How often the committer runs the segment cleaner.
 pub const CLEAN_INTERVAL: Duration = Duration::from_secs(300);
 /// Segments whose live share is below this are compacted by the cleaner.
@@ -49,6 +52,9 @@ impl Committer {
         let mut last_clean = Instant::now();
         // When the committer first saw the changes now pending.
         let mut pending_since: Option<Instant> = None;
+        // After a failed background write-back (a full store, say), the next
+        // try waits a while, and the failure is logged once per streak.
+        let mut wb_retry_at: Option<Instant> = None;
         let mut stopped = stop.0.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if !*stopped {
@@ -77,10 +83,18 @@ impl Committer {
             }
             // New data is sealed beside the writes that keep coming,
             // without the volume lock while it is sealed.
-            if vol.write_back_due() {
-                Self::contained(vol, "write-back", || {
-                    if let Err(e) = vol.write_back_new_data() {
-                        log::warn!("background write-back failed (will retry): {e}");
+            if wb_retry_at.is_none_or(|t| Instant::now() >= t) && vol.write_back_due() {
+                Self::contained(vol, "write-back", || match vol.write_back_new_data() {
+                    Ok(()) => wb_retry_at = None,
+                    Err(e) => {
+                        if wb_retry_at.is_none() {
+                            log::warn!(
+                                "background write-back failed (the data stays buffered; \
+                                 retrying every {} s): {e}",
+                                WRITE_BACK_RETRY.as_secs()
+                            );
+                        }
+                        wb_retry_at = Some(Instant::now() + WRITE_BACK_RETRY);
                     }
                 });
             }

@@ -573,6 +573,7 @@ impl Volume {
         if self.read_only {
             return Ok(());
         }
+        self.healthy()?;
         let _one = self.flush_lock.lock();
         // Records appended and not yet in the tree must not look dead to the
         // cleaner (it takes the gate exclusively; order: gate, then volume lock).
@@ -589,6 +590,9 @@ impl Volume {
                 return Ok(());
             };
             after = Some(last);
+            if batch.jobs.is_empty() && batch.gone.is_empty() {
+                continue;
+            }
             let placed = self.seal_batch(&batch.jobs)?;
             let hook = self.write_back_hook.lock().clone();
             if let Some(h) = hook {
@@ -596,7 +600,6 @@ impl Volume {
             }
             let mut st = self.st.write();
             self.record_batch(&mut st, batch, placed)?;
-            st.changed = true;
         }
     }
 

@@ -89,17 +89,7 @@ impl Volume {
         let res = (|| -> Result<()> {
             // Not `writable()`: a merge is no change of the user's, and must not
             // hold off the next quiet period.
-            if let Some(why) = &*self.degraded.lock() {
-                return Err(Error::ReadOnly(why.clone()));
-            }
-            if self.poisoned.load(Ordering::Relaxed) {
-                return Err(Error::Io {
-                    what: "volume".into(),
-                    source: std::io::Error::other(
-                        "an earlier write to the backing store failed; unmount and mount again",
-                    ),
-                });
-            }
+            self.healthy()?;
             for &(ino, blk) in &todo {
                 if st.dirty.contains_key(&(ino, blk)) {
                     continue;

@@ -924,11 +924,18 @@ impl Volume {
                 None => "the volume is mounted read-only".into(),
             }));
         }
+        self.last_change_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.healthy()
+    }
+
+    /// Fails when a bug left the volume degraded or a failed write to the
+    /// backing store poisoned it: no more changes then, not even background
+    /// ones (which do not count as the user's changes, see `writable`).
+    fn healthy(&self) -> Result<()> {
         if let Some(why) = &*self.degraded.lock() {
             return Err(Error::ReadOnly(why.clone()));
         }
-        self.last_change_ms
-            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
         if self.poisoned.load(Ordering::Relaxed) {
             return Err(Error::Io {
                 what: "volume".into(),
