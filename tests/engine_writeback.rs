@@ -44,6 +44,25 @@ fn once_in_write_back(v: &Arc<Volume>, f: impl Fn(&Volume) + Send + Sync + 'stat
     })));
 }
 
+/// `check` holds now, after a commit and after a reopen from what is
+/// durable, and fsck finds both clean.
+fn survives_commit_and_reopen(
+    v: Arc<Volume>,
+    env: &Env,
+    storage: &MemStorage,
+    check: impl Fn(&Volume),
+) {
+    check(&v);
+    v.commit().unwrap();
+    check(&v);
+    let r = v.fsck().unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    drop(v);
+    let v2 = reopen(env, storage);
+    check(&v2);
+    assert!(v2.fsck().unwrap().is_clean());
+}
+
 fn file(v: &Volume, name: &str, data: &[u8]) -> u64 {
     let f = v.create(ROOT_INO, name.as_bytes(), 0o644, 0, 0).unwrap();
     if !data.is_empty() {
@@ -92,14 +111,7 @@ fn reads_writes_and_creates_go_on_while_a_write_back_seals() {
         let c = v.lookup(ROOT_INO, b"c").unwrap().ino;
         assert_eq!(v.read(c, 0, 100).unwrap(), b"created meanwhile");
     };
-    check(&v);
-    v.commit().unwrap();
-    check(&v);
-    assert!(v.fsck().unwrap().is_clean());
-    drop(v);
-    let v2 = reopen(&env, &storage);
-    check(&v2);
-    assert!(v2.fsck().unwrap().is_clean());
+    survives_commit_and_reopen(v, &env, &storage, check);
 }
 
 #[test]
@@ -144,15 +156,9 @@ fn a_block_written_while_its_write_back_seals_keeps_the_newer_bytes() {
     drop(crashed);
     v.commit().unwrap();
     assert_eq!(v.dirty_bytes(), 0);
-    check(&v);
-    assert!(v.fsck().unwrap().is_clean());
     // The records sealed for nothing are garbage the cleaner may take.
     v.clean(0.99).unwrap();
-    check(&v);
-    drop(v);
-    let v2 = reopen(&env, &storage);
-    check(&v2);
-    assert!(v2.fsck().unwrap().is_clean());
+    survives_commit_and_reopen(v, &env, &storage, check);
 }
 
 #[test]
@@ -194,15 +200,7 @@ fn a_file_truncated_or_deleted_while_its_write_back_seals_stays_so() {
         assert!(v.lookup(ROOT_INO, b"gone").is_err());
         assert!(v.getattr(gone).is_err(), "the deleted file's inode is gone");
     };
-    check(&v);
-    v.commit().unwrap();
-    check(&v);
-    let r = v.fsck().unwrap();
-    assert!(r.is_clean(), "{r:?}");
-    drop(v);
-    let v2 = reopen(&env, &storage);
-    check(&v2);
-    assert!(v2.fsck().unwrap().is_clean());
+    survives_commit_and_reopen(v, &env, &storage, check);
 }
 
 #[test]
@@ -231,13 +229,7 @@ fn a_write_back_that_runs_out_of_space_loses_nothing() {
     storage.set_capacity(None);
     v.write_back().unwrap();
     assert_eq!(v.dirty_bytes(), 0);
-    v.commit().unwrap();
-    check(&v);
-    assert!(v.fsck().unwrap().is_clean());
-    drop(v);
-    let v2 = reopen(&env, &storage);
-    check(&v2);
-    assert!(v2.fsck().unwrap().is_clean());
+    survives_commit_and_reopen(v, &env, &storage, check);
 }
 
 #[test]
@@ -298,14 +290,7 @@ fn writers_racing_write_backs_and_commits_lose_nothing() {
             assert_eq!(v.read(*ino, 0, SIZE as u32).unwrap(), *model, "inode {ino}");
         }
     };
-    check(&v);
-    v.commit().unwrap();
-    check(&v);
-    assert!(v.fsck().unwrap().is_clean());
-    drop(v);
-    let v2 = reopen(&env, &storage);
-    check(&v2);
-    assert!(v2.fsck().unwrap().is_clean());
+    survives_commit_and_reopen(v, &env, &storage, check);
 }
 
 #[test]
@@ -351,11 +336,5 @@ fn the_background_write_back_seals_new_data_and_leaves_small_overwrites_buffered
     check(&v);
     v.write_back().unwrap();
     assert_eq!(v.dirty_bytes(), 0);
-    check(&v);
-    v.commit().unwrap();
-    assert!(v.fsck().unwrap().is_clean());
-    drop(v);
-    let v2 = reopen(&env, &storage);
-    check(&v2);
-    assert!(v2.fsck().unwrap().is_clean());
+    survives_commit_and_reopen(v, &env, &storage, check);
 }
