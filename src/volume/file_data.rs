@@ -534,7 +534,6 @@ impl Volume {
             let placed = self.seal_batch(&batch.jobs)?;
             self.record_batch(st, batch, placed)?;
         }
-        st.changed = true;
         Ok(())
     }
 
@@ -648,11 +647,7 @@ impl Volume {
             let file_size = match size {
                 Some((i, s)) if i == ino => s,
                 _ => {
-                    let s = match self.get_inode(st, ino) {
-                        Ok(i) => i.size,
-                        Err(Error::NotFound) => 0, // destroyed: its blocks go
-                        Err(e) => return Err(e),
-                    };
+                    let s = self.size_or_gone(st, ino)?;
                     size = Some((ino, s));
                     s
                 }
@@ -678,6 +673,16 @@ impl Volume {
             });
         }
         Ok(batch)
+    }
+
+    /// A file's size for the write-back; 0 for a destroyed inode, whose
+    /// buffered blocks are then dropped.
+    fn size_or_gone(&self, st: &State, ino: u64) -> Result<u64> {
+        match self.get_inode(st, ino) {
+            Ok(i) => Ok(i.size),
+            Err(Error::NotFound) => Ok(0),
+            Err(e) => Err(e),
+        }
     }
 
     /// Seals a batch's records in parallel (AEAD is the cost) and appends
@@ -770,13 +775,8 @@ impl Volume {
             for (key, d) in batch.gone {
                 let (ino, blk) = key;
                 let still = st.dirty.get(&key).is_some_and(|now| Arc::ptr_eq(now, &d));
-                let size = match self.get_inode(st, ino) {
-                    Ok(i) => i.size,
-                    Err(Error::NotFound) => 0,
-                    Err(e) => return Err(e),
-                };
                 if still
-                    && blk.saturating_mul(bs) >= size
+                    && blk.saturating_mul(bs) >= self.size_or_gone(st, ino)?
                     && let Some(d) = st.dirty.remove(&key)
                 {
                     st.dirty_bytes -= d.mem();
@@ -910,20 +910,16 @@ impl Volume {
                 if let Err(e) = recorded {
                     return Err((e, Some(d)));
                 }
-                // Cache exactly what was stored (a short copy frees the full buffer).
-                let plain = match (&kind, d) {
+                // Cache exactly what was stored (a short copy frees the full
+                // buffer). `d` is the buffer's last reference (the job's is
+                // dropped above); were it shared, the cache just goes without.
+                let plain = match (&kind, Arc::try_unwrap(d)) {
                     (JobKind::Merged { plain, .. }, _) => Plain(plain.0[..*stored].to_vec()),
-                    (_, d) => match Arc::try_unwrap(d) {
-                        Ok(DirtyBlock::Whole(p)) if *stored < p.0.len() => {
-                            Plain(p.0[..*stored].to_vec())
-                        }
-                        Ok(DirtyBlock::Whole(p)) => p,
-                        Err(d) => match d.whole() {
-                            Some(p) => Plain(p.0[..(*stored).min(p.0.len())].to_vec()),
-                            None => return Ok(()),
-                        },
-                        Ok(DirtyBlock::Pieces(_)) => return Ok(()),
-                    },
+                    (_, Ok(DirtyBlock::Whole(p))) if *stored < p.0.len() => {
+                        Plain(p.0[..*stored].to_vec())
+                    }
+                    (_, Ok(DirtyBlock::Whole(p))) => p,
+                    (_, Ok(DirtyBlock::Pieces(_)) | Err(_)) => return Ok(()),
                 };
                 self.io.data_cache.insert(ptr.id_u128(), Arc::new(plain));
                 Ok(())
