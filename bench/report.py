@@ -74,7 +74,7 @@ CPU_UNIT = {"gib": "CPU-s/GiB", "op": "CPU-µs/op", "s": "CPU-s"}
 
 def collect(rows):
     """values[(col, metric)] = [(run, value)], cpu[(col, metric)] = [(run, normalized cpu)]."""
-    values, cpu, notes, cold = {}, {}, [], {}
+    values, cpu, notes, cold, busy = {}, {}, [], {}, {}
     cpu_kind = {}
     for run, col, metric, value, cpus, work in rows:
         if metric.startswith("#:"):
@@ -83,6 +83,9 @@ def collect(rows):
         try:
             v = float(value)
         except ValueError:
+            continue
+        if metric.startswith("busy:"):
+            busy.setdefault((col, metric[5:]), []).append((run, v))
             continue
         if metric.startswith("cold:"):
             try:
@@ -107,7 +110,7 @@ def collect(rows):
             for run, v in values.get((col, src), []):
                 if one.get(run):
                     values.setdefault((col, dst), []).append((run, v / one[run]))
-    return values, cpu, notes, cold
+    return values, cpu, notes, cold, busy
 
 
 def norm_cpu(kind, c, w):
@@ -158,7 +161,7 @@ def main():
     base = {c: meta.get(f"base:{c}", c) for c in cols}
     mains = [c for c in cols if not meta.get(f"levers:{c}")]
     variants = [c for c in cols if meta.get(f"levers:{c}")]
-    values, cpu, notes, cold = collect(rows)
+    values, cpu, notes, cold, busy = collect(rows)
     mets = metrics(meta)
     na = {}
     for run, col, kind, why in notes:
@@ -251,6 +254,31 @@ def main():
         lab = label.replace(": reads", ": reads + writes")
         L.append(f"| {lab} | {CPU_UNIT[kind]} | " + " | ".join(cells) + f" | {rb} | {ratio(k, cpu_med('bindfs', key, kind))} |")
     L.append("")
+
+    # ---- room on the machine
+    if busy:
+        L.append("## Room on the machine")
+        L.append("")
+        L.append("The share of the whole machine's CPU time (all CPUs, every process and the kernel; "
+                 "from /proc/stat, idle and iowait counted as free, steal as busy) that was busy "
+                 "during the workload. A second reader can add at most what one reader left free: "
+                 "the ceiling row is 1 / (busy share of one reader), at most 2.")
+        L.append("")
+        L.append("| workload | unit | " + " | ".join(mains) + " |")
+        L.append("|---|---|" + "---:|" * len(mains))
+        bmets = [("write", "machine busy during the write"), ("read", "machine busy during 1 cold reader"),
+                 ("read2diff", "machine busy during 2 readers, 2 files")]
+        for key, label in bmets:
+            if not any((c, key) in busy for c in mains):
+                continue
+            cells = [summary([x * 100 for _, x in busy.get((c, key), [])], 0) for c in mains]
+            L.append(f"| {label} | % | " + " | ".join(cells) + " |")
+        cells = []
+        for c in mains:
+            ceil = [min(2.0, 1 / x) for _, x in busy.get((c, "read"), []) if x > 0]
+            cells.append(summary(ceil, 2))
+        L.append("| ceiling of 2 readers / 1 reader, 2 files | x | " + " | ".join(cells) + " |")
+        L.append("")
 
     # ---- variants
     if variants:

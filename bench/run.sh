@@ -235,9 +235,22 @@ rec() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$RUN" "$1" "$2" "$3" "${4:-}" "${5:-}
 # note COL KIND TEXT: a remark (kind: na, fail, cold).
 note() { printf '%s\t%s\t#:%s\t\t\t%s\n' "$RUN" "$1" "$2" "$3" >>"$RAW"; }
 
-T0="" C0="" DT="" DCPU=""
-m_start() { C0="$(cpu_now)"; T0="$(now)"; }
-m_stop() { local t1; t1="$(now)"; DT="$(elapsed "$T0" "$t1")"; DCPU="$(diffcpu "$C0" "$(cpu_now)")"; }
+# machine_ticks: "busy total" clock ticks of all CPUs so far (/proc/stat; idle and
+# iowait count as not busy: a CPU waiting for the disk could have run something).
+# Steal counts as busy (the CPU was not there to use); guest time is already in user.
+machine_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= 9 && i <= NF; i++) t += $i; print t - $5 - $6, t; exit }' /proc/stat; }
+T0="" C0="" M0="" DT="" DCPU="" MBUSY=""
+m_start() { C0="$(cpu_now)"; M0="$(machine_ticks)"; T0="$(now)"; }
+m_stop() {
+    local t1
+    t1="$(now)"
+    DT="$(elapsed "$T0" "$t1")"
+    DCPU="$(diffcpu "$C0" "$(cpu_now)")"
+    # The share of the whole machine's CPU time that was busy (every process, the
+    # kernel's too) during the workload: how much room a second reader had.
+    MBUSY="$(awk -v a="$M0" -v b="$(machine_ticks)" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        if (y[2] > x[2]) printf "%.3f", (y[1] - x[1]) / (y[2] - x[2]) }')"
+}
 
 STEP="" WHY=""
 # step NAME: the step being run (for failure reasons; logged with BENCH_VERBOSE=1).
@@ -305,12 +318,14 @@ col_round() {
     dd if="$DATA/random.bin" of="$m/big" bs=1M conv=fsync status=none || { fail "dd failed"; return 1; }
     m_stop
     rec "$col" write "$(mbps "$DT" "$SIZE_MB")" "$DCPU" "$(gib "$SIZE_MB")"
+    rec "$col" busy:write "$MBUSY"
     dd if="$DATA/random2.bin" of="$m/big2" bs=1M conv=fsync status=none || { fail "dd of the second file failed"; return 1; }
 
     step read
     cold "$col" "$d" read || return 1
     dd_read "$m/big" || { fail "dd failed"; return 1; }
     rec "$col" read "$(mbps "$DT" "$SIZE_MB")" "$DCPU" "$(gib "$SIZE_MB")"
+    rec "$col" busy:read "$MBUSY"
     if [ "$RUN" = 1 ]; then
         cmp -s "$DATA/random.bin" "$m/big" || { fail "the file reads back WRONG"; return 1; }
         cmp -s "$DATA/random2.bin" "$m/big2" || { fail "the second file reads back WRONG"; return 1; }
@@ -319,6 +334,7 @@ col_round() {
     cold "$col" "$d" read2diff || return 1
     dd_read "$m/big" "$m/big2" || { fail "dd failed"; return 1; }
     rec "$col" read2diff "$(mbps "$DT" $((2 * SIZE_MB)))" "$DCPU" "$(gib $((2 * SIZE_MB)))"
+    rec "$col" busy:read2diff "$MBUSY"
     step read2same
     cold "$col" "$d" read2same || return 1
     dd_read "$m/big" "$m/big" || { fail "dd failed"; return 1; }
