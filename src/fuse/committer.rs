@@ -54,7 +54,7 @@ impl Committer {
         let mut pending_since: Option<Instant> = None;
         // After a failed background write-back (a full store, say), the next
         // try waits a while, and the failure is logged once per streak.
-        let mut wb_retry_at: Option<Instant> = None;
+        let mut wb_retry = Retry::default();
         let mut stopped = stop.0.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if !*stopped {
@@ -83,18 +83,17 @@ impl Committer {
             }
             // New data is sealed beside the writes that keep coming,
             // without the volume lock while it is sealed.
-            if wb_retry_at.is_none_or(|t| Instant::now() >= t) && vol.write_back_due() {
+            if wb_retry.due(Instant::now()) && vol.write_back_due() {
                 Self::contained(vol, "write-back", || match vol.write_back_new_data() {
-                    Ok(()) => wb_retry_at = None,
+                    Ok(()) => wb_retry.succeeded(),
                     Err(e) => {
-                        if wb_retry_at.is_none() {
+                        if wb_retry.failed(Instant::now(), WRITE_BACK_RETRY) {
                             log::warn!(
                                 "background write-back failed (the data stays buffered; \
                                  retrying every {} s): {e}",
                                 WRITE_BACK_RETRY.as_secs()
                             );
                         }
-                        wb_retry_at = Some(Instant::now() + WRITE_BACK_RETRY);
                     }
                 });
             }
@@ -146,5 +145,66 @@ impl Committer {
         if self.handle.join().is_err() {
             log::error!("the commit thread panicked");
         }
+    }
+}
+
+/// When a background job that failed may run again: a while after its last
+/// failure, and the failure is worth a log line only as the first of a streak.
+#[derive(Debug, Default)]
+struct Retry {
+    at: Option<Instant>,
+}
+
+impl Retry {
+    /// Whether the job may run at `now`.
+    fn due(&self, now: Instant) -> bool {
+        self.at.is_none_or(|t| now >= t)
+    }
+
+    /// A failure at `now`: the next try waits `wait`. True for the first
+    /// failure since the last success (the one to log).
+    fn failed(&mut self, now: Instant, wait: Duration) -> bool {
+        let first = self.at.is_none();
+        self.at = Some(now + wait);
+        first
+    }
+
+    fn succeeded(&mut self) {
+        self.at = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_job_waits_before_it_runs_again_and_is_logged_once_per_streak() {
+        let t0 = Instant::now();
+        let wait = Duration::from_secs(1);
+        let mut r = Retry::default();
+        assert!(r.due(t0), "a job that never failed runs at once");
+        assert!(r.failed(t0, wait), "the first failure is logged");
+        assert!(!r.due(t0), "not again at once");
+        assert!(!r.due(t0 + wait / 2), "nor before the wait is over");
+        assert!(r.due(t0 + wait), "again once it is over");
+        assert!(
+            !r.failed(t0 + wait, wait),
+            "a failure in the same streak is not logged again"
+        );
+        assert!(
+            !r.due(t0 + wait + wait / 2),
+            "each failure restarts the wait"
+        );
+        assert!(r.due(t0 + 2 * wait));
+        r.succeeded();
+        assert!(
+            r.due(t0 + 2 * wait),
+            "after a success it runs at every tick"
+        );
+        assert!(
+            r.failed(t0 + 3 * wait, wait),
+            "the first failure after a success starts a new streak, logged"
+        );
     }
 }
