@@ -52,8 +52,7 @@ impl Committer {
         let mut last_clean = Instant::now();
         // When the committer first saw the changes now pending.
         let mut pending_since: Option<Instant> = None;
-        // After a failed background write-back (a full store, say), the next
-        // try waits a while, and the failure is logged once per streak.
+        // A background write-back that failed (a full store, say) waits.
         let mut wb_retry = Retry::default();
         let mut stopped = stop.0.lock().unwrap_or_else(|p| p.into_inner());
         loop {
